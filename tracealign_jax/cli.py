@@ -1,0 +1,48 @@
+"""The ``tracealign`` command: parse, call, print. Each subsystem registers its own subcommands.
+
+A module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds its
+subcommands with ``set_defaults(run=callable(args) -> int)``. Modules are listed only once their
+commands work end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+COMMAND_MODULES: tuple[str, ...] = (
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tracealign",
+        description="Trace unsafe completions to their training data; defend with that provenance.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    from tracealign_jax.atomic_io import IntegrityError
+    from tracealign_jax.config import ConfigError
+    from tracealign_jax.records import RecordError
+
+    try:
+        return int(args.run(args) or 0)
+    except (ConfigError, RecordError, IntegrityError, FileNotFoundError, FileExistsError) as err:
+        print(f"tracealign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Typed, frozen run configuration: dataclasses are the schema, YAML sets values, CLI overrides are dotted.
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["train.learning_rate=1e-4", "loss.beta=0.2"])
+
+Unknown keys and values of the wrong type raise ``ConfigError`` naming the dotted key and the file.
+Every section below documents its fields; sections are plain dataclasses so a subsystem takes only
+the one it needs (``train_step`` gets ``cfg.loss``, the mesh builder gets ``cfg.mesh``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Run-time model options. The architecture itself comes from a HF ``config.json``.
+
+    hf_dir: a Hugging Face checkpoint directory (config.json + safetensors) to load weights from.
+    arch: HF ``config.json`` fields used when there is no ``hf_dir`` (random init), or to override it.
+    dtype: compute dtype of activations (float32 | bfloat16); param_dtype: master weight dtype.
+    remat: activation checkpointing per decoder layer: none | full | dots (save matmul outputs only).
+    """
+
+    hf_dir: str = ""
+    arch: dict = dataclasses.field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh with named axes (data, fsdp, tensor); -1 on one axis means "all remaining devices".
+
+    rules: the logical-axis -> mesh-axis table: a preset name from ``sharding.RULE_PRESETS`` or an
+      explicit list of ``[logical_name, mesh_axis_or_list_or_null]`` pairs.
+    coordinator/num_processes/process_id: multi-process launch; empty coordinator with
+      num_processes > 1 lets ``jax.distributed.initialize()`` auto-detect (Cloud TPU, SLURM).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: Any = "fsdp_tp"
+    coordinator: str = ""
+    num_processes: int = 1
+    process_id: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Preference data: JSONL/Parquet with prompt/chosen/rejected (strings or chat conversations).
+
+    truncation: keep_end keeps the end of an over-long prompt; keep_start keeps a response's start.
+    buckets: allowed padded total lengths (prompt + response); a batch pads to the smallest that fits.
+    bci_path / ref_logps_path: tensorstore stores streamed next to the tokens ("" = none).
+    """
+
+    train_path: str = ""
+    tokenizer_dir: str = ""
+    max_prompt_len: int = 64
+    max_response_len: int = 64
+    truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    buckets: tuple[int, ...] = (128,)
+    shuffle_seed: int = 0
+    skip_malformed: bool = False
+    cache_dir: str = ""
+    bci_path: str = ""
+    ref_logps_path: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """DPO-family loss and the Contrastive Belief Deconfliction (CBD) terms.
+
+    type: sigmoid | ipo | hinge | robust (label-smoothed cDPO uses sigmoid + label_smoothing).
+    beta: inverse temperature on log-ratio margins (nats^-1). rpo_alpha: weight of chosen NLL.
+    cbd_data_weight / cbd_margin: term (a), hinge on high-BCI response tokens (margin in nats).
+    cbd_cont_weight: term (b), expected veto-table BCI penalty of the policy's next-token distribution.
+    reference: in_step (frozen copy in the step) | precomputed (streamed reference log-probs).
+    """
+
+    type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+    cbd_data_weight: float = 0.0
+    cbd_margin: float = 1.0
+    cbd_cont_weight: float = 0.0
+    reference: Literal["in_step", "precomputed"] = "in_step"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule and loop. batch_size counts preference pairs per optimizer step (global)."""
+
+    seed: int = 0
+    steps: int = 100
+    batch_size: int = 8
+    micro_batches: int = 1
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    end_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    logprob_chunk: int = 0
+    max_nonfinite_in_row: int = 5
+    log_every: int = 1
+    output_dir: str = "runs/train"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing: save every ``every_steps`` (0 = only final), keep the last ``keep_last``."""
+
+    dir: str = ""
+    every_steps: int = 0
+    keep_last: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Decoding (beam search, greedy, sampling) and the provenance veto applied inside it.
+
+    veto: off | soft (subtract gamma x penalty from candidate scores) | hard (forbid penalty > tau).
+    min_prefix: the veto starts once the running suffix matches this many tokens of a high-BCI span.
+    refusal: text emitted when every candidate of a row is vetoed ("" = end the row with EOS).
+    prompt_buckets: padded prompt lengths, so a run compiles once per bucket.
+    """
+
+    method: Literal["beam", "greedy", "sample"] = "beam"
+    num_beams: int = 4
+    max_new_tokens: int = 32
+    length_penalty: float = 0.6
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    prompt_buckets: tuple[int, ...] = (16, 32, 64, 128)
+    batch_size: int = 8
+    veto: Literal["off", "soft", "hard"] = "off"
+    gamma: float = 1.0
+    tau: float = 0.0
+    min_prefix: int = 1
+    refusal: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProvenanceConfig:
+    """BCI scoring and the precomputed provenance arrays.
+
+    bci: conflict_x_rarity (default) | rarity (the paper's raw BCI over verbatim matches).
+    max_support: with ``rarity``, only spans occurring at most this often score (0 = no limit).
+    sample_size: occurrences sampled (deterministically) to estimate a span's conflict share.
+    conflict_prior: Beta(a, a) smoothing of the conflict share: (n_conflict + a) / (n + 2a).
+    min_span / max_span: lengths of the maximal spans scored and of the veto-table spans.
+    max_entries: most next-token entries kept per veto-table context.
+    target_fpr: false-positive rate the calibrated threshold tau aims for on compliant text.
+    """
+
+    bci: Literal["conflict_x_rarity", "rarity"] = "conflict_x_rarity"
+    max_support: int = 0
+    sample_size: int = 64
+    conflict_prior: float = 0.5
+    min_span: int = 4
+    max_span: int = 12
+    max_entries: int = 16
+    target_fpr: float = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run: every section has defaults, a YAML file sets what differs."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+    provenance: ProvenanceConfig = dataclasses.field(default_factory=ProvenanceConfig)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks/converts one YAML value to the annotated type ``tp``; raises ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}: {errors}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp}")
+
+
+def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from a nested dict, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown config key '{where}' (known: {sorted(names)})")
+    kwargs = {}
+    for name, value in values.items():
+        where = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], where)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The plain-dict (YAML-ready) form of a config dataclass; tuples become lists."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
+    """Applies ``a.b.c=yaml_value`` strings to a nested dict (the value is parsed as YAML)."""
+    out = yaml.safe_load(yaml.safe_dump(values)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls: type = Config) -> Any:
+    """Loads YAML ``path`` (or defaults when None), applies dotted overrides, returns a typed config."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    values = apply_overrides(values, overrides)
+    try:
+        return from_dict(cls, values)
+    except ConfigError as err:
+        raise ConfigError(f"{path or '<defaults>'}: {err}") from None
