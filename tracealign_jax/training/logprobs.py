@@ -1,0 +1,102 @@
+"""Per-token log-probabilities in sequence chunks, so the [B, L, V] logits never exist at once.
+
+Alignment: ``token_logps_BxL[:, t] = log p(tokens[t] | tokens[:t])`` (nats); position 0 has no
+prefix and gets 0 (it is never a response token). The logits that score token t come from the final
+hidden state at t-1; all arrays here are returned in the token frame (already shifted).
+
+Memory: the loop over sequence chunks is a ``lax.scan`` whose body is rematerialized
+(``jax.checkpoint``), so forward and backward hold one ``[B, chunk, V]`` logits block at a time
+(float32) instead of ``[B, L, V]``. With tensor parallelism the vocabulary axis of the unembedding
+is sharded, so each device holds ``[B, chunk, V / tensor]``: vocabulary chunking comes from the mesh.
+CBD term (b) needs the policy's log-prob of a few sparse veto tokens per position; they are gathered
+from the same logits block, which costs E extra gathers per position and no extra matmul.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _shift_to_token_frame(x_BxL: jax.Array) -> jax.Array:
+    """Values computed at hidden position s (about token s+1) moved to position s+1; position 0 = 0."""
+    pad = [(0, 0)] * x_BxL.ndim
+    pad[1] = (1, 0)
+    return jnp.pad(x_BxL[:, :-1], pad)
+
+
+def chunked_token_logprobs(
+    h_BxLxD: jax.Array,
+    unembed_DxV: jax.Array,
+    tokens_BxL: jax.Array,
+    *,
+    chunk: int = 0,
+    entry_ids_BxLxE: jax.Array | None = None,
+    compute_dtype: jnp.dtype = jnp.float32,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Log-probs of each token and (optionally) of veto-entry tokens, from final hidden states.
+
+    h_BxLxD: hidden states after the final norm; unembed_DxV: the output projection (tied or not);
+    tokens_BxL int32. chunk: sequence positions per logits block (0 = all L at once; L is padded up
+    to a multiple). entry_ids_BxLxE int32: token ids whose log-prob is wanted at each position, in
+    the token frame (entry e at position t is a candidate for token t). The matmul runs in
+    ``compute_dtype`` with float32 accumulation; log-softmax is float32.
+    Returns ``(token_logps_BxL float32, entry_logps_BxLxE float32 | None)``.
+    """
+    b, l, d = h_BxLxD.shape
+    next_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))  # target of hidden s is token s+1
+    entries = None
+    if entry_ids_BxLxE is not None:
+        # Entries for token t are scored by hidden t-1: move them to the hidden frame.
+        entries = jnp.pad(entry_ids_BxLxE[:, 1:], ((0, 0), (0, 1), (0, 0)))
+    c = l if chunk <= 0 or chunk >= l else chunk
+    n_chunks = -(-l // c)
+    pad = n_chunks * c - l
+    w = unembed_DxV.astype(compute_dtype)
+
+    def to_chunks(x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape((b, n_chunks, c) + x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    @jax.checkpoint
+    def block(h_BxCxD: jax.Array, tgt_BxC: jax.Array, ent_BxCxE: jax.Array | None):
+        logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(compute_dtype), w, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, tgt_BxC[..., None], axis=-1)[..., 0] - lse
+        if ent_BxCxE is None:
+            return tgt, None
+        ent = jnp.take_along_axis(logits, ent_BxCxE, axis=-1) - lse[..., None]
+        return tgt, ent
+
+    xs = (to_chunks(h_BxLxD), to_chunks(next_BxL), None if entries is None else to_chunks(entries))
+    if n_chunks == 1:
+        tgt, ent = block(xs[0][0], xs[1][0], None if entries is None else xs[2][0])
+        tgt, ent = tgt[None], None if ent is None else ent[None]
+    else:
+        _, (tgt, ent) = jax.lax.scan(lambda carry, x: (carry, block(*x)), None, xs)
+
+    def from_chunks(x: jax.Array) -> jax.Array:
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape((b, n_chunks * c) + x.shape[3:])[:, :l]
+
+    token_logps = _shift_to_token_frame(from_chunks(tgt))
+    entry_logps = None if ent is None else _shift_to_token_frame(from_chunks(ent))
+    return token_logps, entry_logps
+
+
+def veto_contexts(tokens_BxL: jax.Array, context_len: int) -> tuple[jax.Array, jax.Array]:
+    """For every position t, the ``context_len`` tokens before it, right-aligned: ``[B, L, C]`` int32.
+
+    ``context_BxLxC[b, t, C-1]`` is token t-1 (the most recent), ``[..., C-k]`` token t-k; slots before
+    the row start hold 0 and ``length_BxL = min(t, C)`` says how many are real. This is the prefix
+    whose veto entries are the candidates for token t.
+    """
+    b, l = tokens_BxL.shape
+    offsets_C = jnp.arange(context_len, dtype=jnp.int32) - context_len  # -C .. -1
+    pos_LxC = jnp.arange(l, dtype=jnp.int32)[:, None] + offsets_C[None, :]
+    ok_LxC = pos_LxC >= 0
+    ctx = jnp.take(tokens_BxL, jnp.clip(pos_LxC, 0, l - 1), axis=1)  # [B, L, C]
+    ctx = jnp.where(ok_LxC[None], ctx, 0).astype(jnp.int32)
+    length_L = jnp.minimum(jnp.arange(l, dtype=jnp.int32), context_len)
+    return ctx, jnp.broadcast_to(length_L[None], (b, l))

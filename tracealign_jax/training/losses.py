@@ -1,0 +1,228 @@
+"""DPO-family preference losses, the SFT objective and the two CBD terms, as pure functions of arrays.
+
+Every function takes log-probabilities (nats) that a caller computed (``training.logprobs``), masks
+and BCI arrays, and returns ``(loss, metrics)``. Nothing here touches a model.
+
+Normalisation and gradient accumulation. Each term is a SUM over pairs / tokens divided by a count
+that the caller passes in (``num_pairs``, ``num_tokens``, ``num_chosen_tokens``); by default the
+count of the arrays at hand. The train step passes the counts of the whole global batch to every
+micro-batch, so summing micro-batch losses (and gradients, and metrics) gives exactly the big-batch
+value: a token-weighted mean, not a mean of micro-batch means (the TRL gradient-accumulation bug).
+
+Conventions: ``logratio = log pi(y|x) - log pi_ref(y|x)`` summed over response tokens;
+``margin_B = logratio(chosen) - logratio(rejected)`` (the "logits" of TRL). Rewards are
+``beta * logratio``.
+
+Loss types (TRL's formulas, ``ls`` = label_smoothing):
+  sigmoid  -(1-ls) log s(beta m) - ls log s(-beta m)            (DPO; ls > 0 is conservative cDPO)
+  robust   (-(1-ls) log s(beta m) + ls log s(-beta m)) / (1-2ls) (unbiased under label noise)
+  hinge    max(0, 1 - beta m)                                   (SLiC)
+  ipo      (m_avg - 1/(2 beta))^2, with m_avg from per-token-averaged logps (as TRL does)
+
+CBD (Contrastive Belief Deconfliction). The TraceAlign paper does not publish a formula; its reference
+code adds ``0.01 * sum max(0, BCI - tau)`` over spans of argmax-decoded tokens as a constant, so it
+has no gradient. Ours, both differentiable:
+  (a) data term, over response tokens t of both responses with per-token BCI b_t (nats):
+      L_a = sum_t b_t * max(0, logp_t - logp_ref_t + margin) / num_tokens
+      pushes the policy's log-prob of high-BCI tokens at least ``margin`` nats below the reference's;
+      tokens with b_t = 0 contribute nothing; b_t weights how strongly.
+  (b) continuation term, over every response position t (the model predicting token t from its
+      prefix) with the sparse veto entries (token v_e, penalty r_e) of that prefix:
+      L_b = sum_t sum_e p_theta(v_e | prefix_t) * r_e / num_tokens
+      the expected BCI penalty of the policy's own next-token distribution; its gradient lowers the
+      probability of continuations that would extend a high-BCI span.
+Total: L = L_pref + rpo_alpha * NLL(chosen) + cbd_data_weight * L_a + cbd_cont_weight * L_b.
+Terms with weight 0 are not traced at all, so CBD with both weights 0 is bit-for-bit plain DPO.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tracealign_jax.config import LossConfig
+
+Metrics = dict[str, jax.Array]
+
+
+def _count(mask: jax.Array, given: Any) -> jax.Array:
+    """The normaliser: ``given`` if the caller passed one, else the number of True/1 entries (>= 1)."""
+    if given is not None:
+        return jnp.asarray(given, jnp.float32)
+    return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+
+def masked_sum(token_logps_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+    """Per-row sum of token log-probs over masked positions: float32[B] (nats)."""
+    return jnp.sum(token_logps_BxL * mask_BxL.astype(token_logps_BxL.dtype), axis=-1)
+
+
+def preference_loss(
+    policy_chosen_B: jax.Array,
+    policy_rejected_B: jax.Array,
+    ref_chosen_B: jax.Array,
+    ref_rejected_B: jax.Array,
+    *,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chosen_len_B: jax.Array | None = None,
+    rejected_len_B: jax.Array | None = None,
+    num_pairs: Any = None,
+) -> tuple[jax.Array, Metrics]:
+    """DPO-family loss over B pairs from sequence log-probs (float32[B], nats, summed over responses).
+
+    ``chosen_len_B``/``rejected_len_B`` (response token counts) are needed by ``ipo``, which compares
+    per-token-averaged log-ratios. Returns the loss SUM over pairs / ``num_pairs`` and metrics in the
+    same normalisation: rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected}.
+    """
+    n = _count(jnp.ones_like(policy_chosen_B), num_pairs)
+    chosen_ratio = policy_chosen_B - ref_chosen_B
+    rejected_ratio = policy_rejected_B - ref_rejected_B
+    margin = chosen_ratio - rejected_ratio
+    ls = label_smoothing
+    if loss_type == "sigmoid":
+        per_pair = -(1.0 - ls) * jax.nn.log_sigmoid(beta * margin) - ls * jax.nn.log_sigmoid(-beta * margin)
+    elif loss_type == "robust":
+        if not 0.0 <= ls < 0.5:
+            raise ValueError(f"loss.label_smoothing must be in [0, 0.5) for robust DPO, got {ls}")
+        per_pair = (-(1.0 - ls) * jax.nn.log_sigmoid(beta * margin) + ls * jax.nn.log_sigmoid(-beta * margin)) / (
+            1.0 - 2.0 * ls
+        )
+    elif loss_type == "hinge":
+        per_pair = jax.nn.relu(1.0 - beta * margin)
+    elif loss_type == "ipo":
+        if chosen_len_B is None or rejected_len_B is None:
+            raise ValueError("ipo needs chosen_len_B and rejected_len_B (per-token averaged log-ratios)")
+        avg_margin = chosen_ratio / jnp.maximum(chosen_len_B, 1.0) - rejected_ratio / jnp.maximum(rejected_len_B, 1.0)
+        per_pair = (avg_margin - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss.type '{loss_type}' (known: sigmoid, robust, hinge, ipo)")
+    chosen_reward = beta * jax.lax.stop_gradient(chosen_ratio)
+    rejected_reward = beta * jax.lax.stop_gradient(rejected_ratio)
+    metrics = {
+        "rewards/chosen": jnp.sum(chosen_reward) / n,
+        "rewards/rejected": jnp.sum(rejected_reward) / n,
+        "rewards/margins": jnp.sum(chosen_reward - rejected_reward) / n,
+        "rewards/accuracies": jnp.sum((chosen_reward > rejected_reward).astype(jnp.float32)) / n,
+        "logps/chosen": jnp.sum(jax.lax.stop_gradient(policy_chosen_B)) / n,
+        "logps/rejected": jnp.sum(jax.lax.stop_gradient(policy_rejected_B)) / n,
+    }
+    loss = jnp.sum(per_pair) / n
+    metrics["loss/pref"] = jax.lax.stop_gradient(loss)
+    return loss, metrics
+
+
+def nll_loss(token_logps_BxL: jax.Array, mask_BxL: jax.Array, num_tokens: Any = None) -> tuple[jax.Array, Metrics]:
+    """Token-averaged negative log-likelihood of masked tokens (the SFT objective; RPO's chosen term)."""
+    n = _count(mask_BxL, num_tokens)
+    loss = -jnp.sum(token_logps_BxL * mask_BxL.astype(jnp.float32)) / n
+    return loss, {"loss/nll": jax.lax.stop_gradient(loss)}
+
+
+def cbd_data_loss(
+    policy_logps_BxL: jax.Array,
+    ref_logps_BxL: jax.Array,
+    mask_BxL: jax.Array,
+    bci_BxL: jax.Array,
+    margin: float,
+    num_tokens: Any = None,
+) -> tuple[jax.Array, Metrics]:
+    """CBD term (a): ``sum b_t max(0, logp_t - logp_ref_t + margin) / num_tokens`` over masked tokens.
+
+    bci_BxL: float32 per-token BCI (nats, >= 0) of the response tokens; the reference is constant.
+    """
+    n = _count(mask_BxL, num_tokens)
+    m = mask_BxL.astype(jnp.float32)
+    gap = policy_logps_BxL - jax.lax.stop_gradient(ref_logps_BxL) + margin
+    hinge = jax.nn.relu(gap) * bci_BxL * m
+    loss = jnp.sum(hinge) / n
+    flagged = (bci_BxL > 0).astype(jnp.float32) * m
+    metrics = {
+        "loss/cbd_data": jax.lax.stop_gradient(loss),
+        "bci/mean": jnp.sum(bci_BxL * m) / n,
+        "bci/flagged_frac": jnp.sum(flagged) / n,
+        "bci/active_frac": jnp.sum((gap > 0).astype(jnp.float32) * flagged) / n,
+    }
+    return loss, metrics
+
+
+def cbd_continuation_loss(
+    entry_logps_BxLxE: jax.Array,
+    penalties_BxLxE: jax.Array,
+    valid_BxLxE: jax.Array,
+    mask_BxL: jax.Array,
+    num_tokens: Any = None,
+) -> tuple[jax.Array, Metrics]:
+    """CBD term (b): expected veto penalty ``sum_t sum_e p(v_e|prefix_t) r_e / num_tokens``.
+
+    entry_logps_BxLxE: the policy's log-prob (nats) of each veto entry's token at each position;
+    penalties_BxLxE: its penalty (BCI, nats); valid_BxLxE: real entries; mask_BxL: positions that count.
+    """
+    n = _count(mask_BxL, num_tokens)
+    w = valid_BxLxE.astype(jnp.float32) * mask_BxL.astype(jnp.float32)[..., None]
+    # exp of a masked-out entry may be anything (padding ids); where() keeps its gradient exactly 0.
+    probs = jnp.where(w > 0, jnp.exp(entry_logps_BxLxE), 0.0)
+    expected = jnp.sum(probs * penalties_BxLxE * w)
+    loss = expected / n
+    return loss, {
+        "loss/cbd_cont": jax.lax.stop_gradient(loss),
+        "bci/veto_mass": jax.lax.stop_gradient(jnp.sum(probs * w) / n),
+    }
+
+
+def dpo_objective(
+    cfg: LossConfig,
+    policy_logps_2BxL: jax.Array,
+    ref_logps_2BxL: jax.Array,
+    loss_mask_2BxL: jax.Array,
+    bci_2BxL: jax.Array | None = None,
+    veto: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    num_pairs: Any = None,
+    num_tokens: Any = None,
+    num_chosen_tokens: Any = None,
+) -> tuple[jax.Array, Metrics]:
+    """The full training loss on 2B rows: rows [0, B) are chosen responses, [B, 2B) rejected.
+
+    policy/ref_logps_2BxL: per-token log-probs of each row's tokens (nats; position t scores token t);
+    loss_mask_2BxL: 1 on response tokens. bci_2BxL: per-token BCI for CBD (a). veto: the CBD (b)
+    arrays ``(entry_logps_2BxLxE, penalties_2BxLxE, valid_2BxLxE)``. Counts default to the arrays'
+    own; the step passes the global batch's. Returns ``(loss, metrics)`` with every term reported.
+    """
+    b = policy_logps_2BxL.shape[0] // 2
+    mask = loss_mask_2BxL.astype(jnp.float32)
+    seq_policy = masked_sum(policy_logps_2BxL, mask)
+    seq_ref = masked_sum(jax.lax.stop_gradient(ref_logps_2BxL), mask)
+    lens = jnp.sum(mask, axis=-1)
+    loss, metrics = preference_loss(
+        seq_policy[:b], seq_policy[b:], seq_ref[:b], seq_ref[b:],
+        loss_type=cfg.type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+        chosen_len_B=lens[:b], rejected_len_B=lens[b:], num_pairs=num_pairs,
+    )  # fmt: skip
+    if cfg.rpo_alpha:
+        nll, m = nll_loss(policy_logps_2BxL[:b], mask[:b], num_chosen_tokens)
+        loss = loss + cfg.rpo_alpha * nll
+        metrics.update(m)
+    if cfg.cbd_data_weight:
+        if bci_2BxL is None:
+            raise ValueError("loss.cbd_data_weight > 0 needs per-token BCI arrays (data.bci_path)")
+        term, m = cbd_data_loss(policy_logps_2BxL, ref_logps_2BxL, mask, bci_2BxL, cfg.cbd_margin, num_tokens)
+        loss = loss + cfg.cbd_data_weight * term
+        metrics.update(m)
+    if cfg.cbd_cont_weight:
+        if veto is None:
+            raise ValueError("loss.cbd_cont_weight > 0 needs a provenance veto table (provenance.veto_table)")
+        term, m = cbd_continuation_loss(*veto, mask, num_tokens)
+        loss = loss + cfg.cbd_cont_weight * term
+        metrics.update(m)
+    metrics["loss/total"] = jax.lax.stop_gradient(loss)
+    return loss, metrics
+
+
+def sft_objective(policy_logps_BxL: jax.Array, loss_mask_BxL: jax.Array, num_tokens: Any = None) -> tuple[jax.Array, Metrics]:
+    """Supervised fine-tuning (used to train the reference model): token-mean NLL of the responses."""
+    loss, metrics = nll_loss(policy_logps_BxL, loss_mask_BxL, num_tokens)
+    metrics["loss/total"] = jax.lax.stop_gradient(loss)
+    return loss, metrics
