@@ -47,6 +47,8 @@ class MeshConfig:
       explicit list of ``[logical_name, mesh_axis_or_list_or_null]`` pairs.
     coordinator/num_processes/process_id: multi-process launch; empty coordinator with
       num_processes > 1 lets ``jax.distributed.initialize()`` auto-detect (Cloud TPU, SLURM).
+    topology: the TPU slice a pod config is written for (e.g. ``v5p:4x4x2``); ``tracealign
+      compile-check`` compiles for it when no ``--topology`` is given ("" = not a pod config).
     """
 
     data: int = -1
@@ -56,6 +58,7 @@ class MeshConfig:
     coordinator: str = ""
     num_processes: int = 1
     process_id: int = -1
+    topology: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
