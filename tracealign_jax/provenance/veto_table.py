@@ -1,0 +1,259 @@
+"""The provenance veto table: compiled once on the host, looked up under ``jax.jit`` with no callback.
+
+For every high-BCI corpus span ``s = (s_1..s_m)`` (n_min <= m <= n_max) and every k = 1..m-1, the
+context ``(s_1..s_k)`` maps to the next token ``s_{k+1}`` with penalty BCI(s) (nats): a generation
+whose last k tokens equal that context would extend the span with that token. Duplicate
+(context, next token) pairs keep the largest penalty; each context keeps at most ``max_entries``
+next tokens (the highest penalties).
+
+Layout (flat, device-ready, sorted lexicographically by ``(hi, lo, chk)``):
+  ctx_hi_N, ctx_lo_N, ctx_chk_N   uint32[N]   the three context hashes (see ``context_hash``)
+  offsets_N1                      int32[N+1]  CSR row pointers into the entry arrays
+  next_tokens_M                   int32[M]    next-token ids
+  penalties_M                     float32[M]  penalties, BCI in nats (> 0)
+plus static ints ``context_len`` (= n_max - 1), ``max_entries`` and ``hi_run`` (the longest run of
+equal ``hi`` values, so a lookup inspects a fixed window after ``jnp.searchsorted``). A lookup acts
+on a context only if all three 32-bit hashes match.
+
+Lookups take RIGHT-ALIGNED contexts: ``context_BxC`` int32 holds each row's most recent token in
+column C-1; ``context_len_B`` int32 says how many trailing columns are real (the rest is padding).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from tracealign_jax.atomic_io import IntegrityError, atomic_directory, verify_manifest, write_manifest
+from tracealign_jax.provenance import context_hash
+
+_ARRAYS = {
+    "ctx_hi": np.uint32, "ctx_lo": np.uint32, "ctx_chk": np.uint32,
+    "offsets": np.int32, "next_tokens": np.int32, "penalties": np.float32,
+}
+FORMAT = "tracealign-veto-table-v1"
+
+
+class VetoTable(struct.PyTreeNode):
+    """Device arrays of the veto table (see module docstring); static ints live in the treedef."""
+
+    ctx_hi: jax.Array
+    ctx_lo: jax.Array
+    ctx_chk: jax.Array
+    offsets: jax.Array
+    next_tokens: jax.Array
+    penalties: jax.Array
+    context_len: int = struct.field(pytree_node=False, default=1)
+    max_entries: int = struct.field(pytree_node=False, default=1)
+    hi_run: int = struct.field(pytree_node=False, default=1)
+
+    @property
+    def num_contexts(self) -> int:
+        return int(self.ctx_hi.shape[0])
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.offsets[-1])
+
+    def nbytes(self) -> int:
+        return sum(int(np.asarray(getattr(self, n)).nbytes) for n in _ARRAYS)
+
+
+def compile_veto_table(spans: Sequence[tuple[Sequence[int], float]] | tuple[np.ndarray, np.ndarray, np.ndarray],
+                       *, max_span: int, max_entries: int) -> VetoTable:
+    """Compiles (span tokens, BCI) pairs into a ``VetoTable`` of NumPy arrays (host, vectorized).
+
+    spans: a list of ``(tokens, bci)`` pairs, or the packed form ``(tokens_NxL int, lengths_N int,
+      bci_N float)`` (faster for millions of spans). Spans longer than ``max_span`` are cut to it.
+    Raises IntegrityError if two different contexts share all 96 hash bits (never observed; checked
+    so it can never be silent).
+    """
+    if isinstance(spans, tuple) and len(spans) == 3 and isinstance(spans[0], np.ndarray):
+        tokens_NxL, lengths_N, bci_N = spans
+        tokens_NxL = np.asarray(tokens_NxL, dtype=np.int64)[:, :max_span]
+        lengths_N = np.minimum(np.asarray(lengths_N, dtype=np.int64), max_span)
+        bci_N = np.asarray(bci_N, dtype=np.float32)
+    else:
+        n = len(spans)
+        tokens_NxL = np.zeros((n, max_span), dtype=np.int64)
+        lengths_N = np.zeros((n,), dtype=np.int64)
+        bci_N = np.zeros((n,), dtype=np.float32)
+        for i, (toks, bci) in enumerate(spans):
+            toks = np.asarray(toks, dtype=np.int64)[:max_span]
+            tokens_NxL[i, : len(toks)] = toks
+            lengths_N[i] = len(toks)
+            bci_N[i] = bci
+    context_len = max(max_span - 1, 1)
+    parts = {"hi": [], "lo": [], "chk": [], "ident": [], "next": [], "pen": []}
+    for k in range(1, max_span):
+        rows = np.nonzero(lengths_N > k)[0]
+        if rows.size == 0:
+            continue
+        ctx = tokens_NxL[rows, :k]
+        hi, lo, chk = context_hash.hash_contexts_np(ctx)
+        for key, val in (("hi", hi), ("lo", lo), ("chk", chk), ("ident", _identity_u64(ctx)),
+                         ("next", tokens_NxL[rows, k]), ("pen", bci_N[rows])):
+            parts[key].append(val)
+    if not parts["hi"]:
+        return _from_sorted_entries(*(np.zeros(0, t) for t in (np.uint32,) * 3), np.zeros(0, np.int32),
+                                    np.zeros(0, np.float32), context_len, max_entries)
+    hi, lo, chk, ident, nxt, pen = (np.concatenate(parts[n]) for n in ("hi", "lo", "chk", "ident", "next", "pen"))
+    # Sort by context key, then next token, then penalty descending: first of each (ctx, next) is the max.
+    order = np.lexsort((-pen, nxt, chk, lo, hi))
+    hi, lo, chk, ident, nxt, pen = (a[order] for a in (hi, lo, chk, ident, nxt, pen))
+    new_ctx = np.ones(hi.size, dtype=bool)
+    new_ctx[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1]) | (chk[1:] != chk[:-1])
+    if np.any(~new_ctx[1:] & (ident[1:] != ident[:-1])):
+        raise IntegrityError("veto table: two different contexts share all 96 hash bits; cannot build safely")
+    keep = new_ctx.copy()
+    keep[1:] |= nxt[1:] != nxt[:-1]
+    hi, lo, chk, nxt, pen, new_ctx = (a[keep] for a in (hi, lo, chk, nxt, pen, new_ctx))
+    # Cap entries per context at the `max_entries` highest penalties.
+    group = np.cumsum(new_ctx) - 1
+    order = np.lexsort((-pen, group))
+    hi, lo, chk, nxt, pen, group = (a[order] for a in (hi, lo, chk, nxt, pen, group))
+    starts = np.searchsorted(group, np.arange(group[-1] + 1))
+    rank = np.arange(group.size) - starts[group]
+    cap = rank < max_entries
+    return _from_sorted_entries(hi[cap], lo[cap], chk[cap], nxt[cap].astype(np.int32), pen[cap],
+                                context_len, max_entries)
+
+
+def _from_sorted_entries(hi: np.ndarray, lo: np.ndarray, chk: np.ndarray, nxt: np.ndarray, pen: np.ndarray,
+                         context_len: int, max_entries: int) -> VetoTable:
+    """Entries sorted by (hi, lo, chk) -> CSR table; pads so every array is non-empty for gathers."""
+    new_ctx = np.ones(hi.size, dtype=bool)
+    if hi.size:
+        new_ctx[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1]) | (chk[1:] != chk[:-1])
+    first = np.nonzero(new_ctx)[0]
+    offsets = np.concatenate([first, [hi.size]]).astype(np.int32)
+    ctx_hi, ctx_lo, ctx_chk = hi[first], lo[first], chk[first]
+    if ctx_hi.size == 0:  # a sentinel context with no entries keeps searchsorted/gather shapes valid
+        ctx_hi = ctx_lo = ctx_chk = np.full(1, 0xFFFFFFFF, np.uint32)
+        offsets = np.zeros(2, np.int32)
+    # One trailing dummy entry (outside every CSR range) so gathers never index an empty array.
+    nxt = np.concatenate([nxt, np.zeros(1, np.int32)]).astype(np.int32)
+    pen = np.concatenate([pen, np.zeros(1, np.float32)]).astype(np.float32)
+    run = _longest_run(ctx_hi)
+    return VetoTable(ctx_hi=ctx_hi.astype(np.uint32), ctx_lo=ctx_lo.astype(np.uint32),
+                     ctx_chk=ctx_chk.astype(np.uint32), offsets=offsets, next_tokens=nxt, penalties=pen,
+                     context_len=int(context_len), max_entries=int(max_entries), hi_run=run)
+
+
+def _identity_u64(ctx_NxK: np.ndarray) -> np.ndarray:
+    """A host-only 64-bit polynomial identity of each context (with its length), to prove keys unique."""
+    n, k = ctx_NxK.shape
+    h = np.full(n, k, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(k):
+            h = h * np.uint64(0x100000001B3) + ctx_NxK[:, j].astype(np.uint64) + np.uint64(1)
+    return h
+
+
+def _longest_run(sorted_u32: np.ndarray) -> int:
+    if sorted_u32.size == 0:
+        return 1
+    change = np.nonzero(np.diff(sorted_u32.astype(np.int64)) != 0)[0]
+    bounds = np.concatenate([[-1], change, [sorted_u32.size - 1]])
+    return int(np.max(np.diff(bounds)))
+
+
+def veto_entries(table: VetoTable, context_BxC: jax.Array, context_len_B: jax.Array,
+                 min_prefix: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Vetoed next tokens of each row: the union over suffix lengths k = min_prefix..min(C, context_len).
+
+    context_BxC int32 right-aligned, context_len_B int32 real tokens per row (see module docstring).
+    Returns ``(token_ids_BxE int32, penalties_BxE float32, valid_BxE bool)`` with
+    E = (number of suffix lengths) x max_entries; a token vetoed by several suffixes appears once
+    (valid) with the max penalty. Jittable; ``min_prefix`` is static.
+    """
+    c = min(context_BxC.shape[1], table.context_len)
+    context_BxC = context_BxC[:, context_BxC.shape[1] - c:].astype(jnp.int32)
+    ks = list(range(max(min_prefix, 1), c + 1))
+    b = context_BxC.shape[0]
+    if not ks:
+        z = jnp.zeros((b, 0))
+        return z.astype(jnp.int32), z.astype(jnp.float32), z.astype(bool)
+    hi_BxC, lo_BxC, chk_BxC = context_hash.suffix_hashes(context_BxC)
+    sel = np.asarray(ks) - 1
+    q_hi, q_lo, q_chk = hi_BxC[:, sel], lo_BxC[:, sel], chk_BxC[:, sel]  # [B, K]
+    k_ok = jnp.asarray(ks, jnp.int32)[None, :] <= context_len_B.astype(jnp.int32)[:, None]
+    n_ctx = table.ctx_hi.shape[0]
+    pos = jnp.searchsorted(table.ctx_hi, q_hi, side="left").astype(jnp.int32)
+    found = jnp.zeros(q_hi.shape, bool)
+    row = jnp.zeros(q_hi.shape, jnp.int32)
+    for w in range(table.hi_run):  # equal-`hi` runs are at most hi_run long: a fixed window finds the key
+        idx = jnp.minimum(pos + w, n_ctx - 1)
+        hit = (pos + w < n_ctx) & (table.ctx_hi[idx] == q_hi) & (table.ctx_lo[idx] == q_lo) & (table.ctx_chk[idx] == q_chk)
+        found = found | hit
+        row = jnp.where(hit, idx, row)
+    found = found & k_ok
+    start = table.offsets[row]
+    stop = jnp.where(found, table.offsets[row + 1], start)
+    e = jnp.arange(table.max_entries, dtype=jnp.int32)
+    ent = start[..., None] + e  # [B, K, E]
+    valid = ent < stop[..., None]
+    ent = jnp.where(valid, ent, table.next_tokens.shape[0] - 1)
+    tok = jnp.where(valid, table.next_tokens[ent], 0).reshape(b, -1)
+    pen = jnp.where(valid, table.penalties[ent], 0.0).reshape(b, -1)
+    valid = valid.reshape(b, -1)
+    # Deduplicate across suffix lengths: keep the first valid copy of each token, carrying the max penalty.
+    same = (tok[:, :, None] == tok[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    pen = jnp.max(jnp.where(same, pen[:, None, :], 0.0), axis=2)
+    earlier = jnp.tril(jnp.ones((tok.shape[1], tok.shape[1]), bool), k=-1)
+    dup = jnp.any(same & earlier[None], axis=2)
+    valid = valid & ~dup
+    return tok, jnp.where(valid, pen, 0.0), valid
+
+
+def veto_penalties(table: VetoTable, context_BxC: jax.Array, context_len_B: jax.Array, vocab_size: int,
+                   min_prefix: int = 1) -> jax.Array:
+    """Dense penalties ``float32[B, vocab_size]`` (0 where nothing is vetoed); jittable, static vocab_size."""
+    tok, pen, valid = veto_entries(table, context_BxC, context_len_B, min_prefix)
+    b = context_BxC.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], tok.shape)
+    out = jnp.zeros((b, vocab_size), jnp.float32)
+    return out.at[rows, tok].max(jnp.where(valid, pen, 0.0), mode="drop")
+
+
+def save_veto_table(table: VetoTable, out_dir: str | Path, *, meta: dict | None = None,
+                    overwrite: bool = False) -> Path:
+    """Writes raw little-endian arrays + ``table.json`` + checksummed manifest (no pickle, no npz)."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        shapes = {}
+        for name, dtype in _ARRAYS.items():
+            arr = np.ascontiguousarray(np.asarray(getattr(table, name)).astype(np.dtype(dtype).newbyteorder("<")))
+            (tmp / f"{name}.bin").write_bytes(arr.tobytes())
+            shapes[name] = list(arr.shape)
+        info = {"format": FORMAT, "context_len": table.context_len, "max_entries": table.max_entries,
+                "hi_run": table.hi_run, "shapes": shapes, "meta": meta or {}}
+        (tmp / "table.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+        write_manifest(tmp, {"format": FORMAT})
+    return out_dir
+
+
+def load_veto_table(path: str | Path, *, checksums: bool = True, device: bool = True) -> tuple[VetoTable, dict]:
+    """Reads a saved table (verifying the manifest); returns (table on device or as NumPy, meta dict)."""
+    path = Path(path)
+    verify_manifest(path, checksums=checksums)
+    info = json.loads((path / "table.json").read_text())
+    if info.get("format") != FORMAT:
+        raise IntegrityError(f"{path / 'table.json'}: format {info.get('format')!r}, expected {FORMAT!r}")
+    arrays = {}
+    for name, dtype in _ARRAYS.items():
+        raw = np.frombuffer((path / f"{name}.bin").read_bytes(), dtype=np.dtype(dtype).newbyteorder("<"))
+        shape = tuple(info["shapes"][name])
+        if raw.size != int(np.prod(shape)):
+            raise IntegrityError(f"{path / (name + '.bin')}: {raw.size} values, table.json says shape {shape}")
+        arr = raw.reshape(shape).astype(dtype)
+        arrays[name] = jnp.asarray(arr) if device else arr
+    table = VetoTable(**arrays, context_len=int(info["context_len"]), max_entries=int(info["max_entries"]),
+                      hi_run=int(info["hi_run"]))
+    return table, info.get("meta", {})
