@@ -184,7 +184,7 @@ def dpo_objective(
     num_tokens: Any = None,
     num_chosen_tokens: Any = None,
 ) -> tuple[jax.Array, Metrics]:
-    """The full training loss on 2B rows: rows [0, B) are chosen responses, [B, 2B) rejected.
+    """The full training loss on 2B interleaved rows: row 2i is pair i's chosen response, 2i+1 its rejected.
 
     policy/ref_logps_2BxL: per-token log-probs of each row's tokens (nats; position t scores token t);
     loss_mask_2BxL: 1 on response tokens. bci_2BxL: per-token BCI for CBD (a). veto: the CBD (b)
@@ -193,16 +193,16 @@ def dpo_objective(
     """
     b = policy_logps_2BxL.shape[0] // 2
     mask = loss_mask_2BxL.astype(jnp.float32)
-    seq_policy = masked_sum(policy_logps_2BxL, mask)
-    seq_ref = masked_sum(jax.lax.stop_gradient(ref_logps_2BxL), mask)
-    lens = jnp.sum(mask, axis=-1)
+    seq_policy = masked_sum(policy_logps_2BxL, mask).reshape(b, 2)
+    seq_ref = masked_sum(jax.lax.stop_gradient(ref_logps_2BxL), mask).reshape(b, 2)
+    lens = jnp.sum(mask, axis=-1).reshape(b, 2)
     loss, metrics = preference_loss(
-        seq_policy[:b], seq_policy[b:], seq_ref[:b], seq_ref[b:],
+        seq_policy[:, 0], seq_policy[:, 1], seq_ref[:, 0], seq_ref[:, 1],
         loss_type=cfg.type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-        chosen_len_B=lens[:b], rejected_len_B=lens[b:], num_pairs=num_pairs,
+        chosen_len_B=lens[:, 0], rejected_len_B=lens[:, 1], num_pairs=num_pairs,
     )  # fmt: skip
     if cfg.rpo_alpha:
-        nll, m = nll_loss(policy_logps_2BxL[:b], mask[:b], num_chosen_tokens)
+        nll, m = nll_loss(policy_logps_2BxL[0::2], mask[0::2], num_chosen_tokens)
         loss = loss + cfg.rpo_alpha * nll
         metrics.update(m)
     if cfg.cbd_data_weight:
