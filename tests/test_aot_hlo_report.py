@@ -1,0 +1,136 @@
+"""AOT machinery on small jitted functions compiled for real TPU topologies (needs libtpu: tpu-aot extra).
+
+Checks numbers against hand counts: dense-layer FLOPs = 2*M*N*K, a scanned stack weighted by its
+trip count, an all-gather's bytes = the gathered array, and an oversized argument reported as
+"does not fit" naming that argument as the largest buffer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tracealign_jax.aot import hardware, hlo_report
+from tracealign_jax.aot.compile_check import StepSpec, check_step
+
+pytestmark = pytest.mark.skipif(not hardware.libtpu_available(), reason="libtpu missing: pip install '.[tpu-aot]'")
+
+
+@pytest.fixture(scope="module")
+def v5p8():
+    devices = hardware.tpu_topology("v5p:2x2x2")
+    return Mesh(np.asarray(devices).reshape(8), ("fsdp",))
+
+
+def _sds(shape, dtype, mesh, spec):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def test_topology_parsing_and_chip_table():
+    chip, dims = hardware.parse_topology("v5p:4x4x2")
+    assert chip.name == "v5p" and dims == (4, 4, 2) and hardware.num_chips("v5p:4x4x2") == 32
+    assert hardware.parse_topology("v6e:4x4")[0].hbm_bytes == 32 * 10**9
+    assert hardware.parse_topology("v5e:2x2")[0].hbm_bytes == 16 * 10**9
+    assert hardware.parse_topology("v4:2x2x2")[0].hbm_bytes == 32 * 10**9
+    with pytest.raises(ValueError, match="unknown chip"):
+        hardware.parse_topology("v9z:2x2")
+    with pytest.raises(ValueError, match="expected CHIP"):
+        hardware.parse_topology("v5p-64")
+    assert len(hardware.tpu_topology("v5p:2x2x2")) == 8
+
+
+def test_dense_layer_flops_match_analytic_count(v5p8):
+    m, k, n = 512, 256, 384
+    x = _sds((m, k), jnp.bfloat16, v5p8, P("fsdp", None))
+    w = _sds((k, n), jnp.bfloat16, v5p8, P(None, None))
+    compiled = jax.jit(lambda a, b: a @ b).lower(x, w).compile()
+    costs = hlo_report.hlo_costs(compiled.as_text())
+    # Rows are split over 8 devices: each device does 1/8 of the 2*M*N*K multiply-adds.
+    assert costs.matmul_flops * 8 == 2 * m * n * k
+    assert costs.collective_count == 0  # batch-sharded matmul with replicated weights talks to no one
+
+
+def test_scanned_layers_weighted_by_trip_count(v5p8):
+    layers, m, k = 5, 256, 512
+    x = _sds((m, k), jnp.bfloat16, v5p8, P("fsdp", None))
+    w = _sds((layers, k, k), jnp.bfloat16, v5p8, P())
+
+    def loss(w_LxKxK, x_MxK):
+        def body(h, w_KxK):
+            return jnp.tanh(h @ w_KxK), None
+
+        return jnp.sum(jax.lax.scan(body, x_MxK, w_LxKxK)[0].astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(loss)).lower(w, x).compile()
+    costs = hlo_report.hlo_costs(compiled.as_text())
+    # forward h@w, backward dh and dw: 3 matmuls of 2*M*K*K per layer, rows split over 8 devices.
+    assert costs.matmul_flops * 8 == 3 * 2 * m * k * k * layers
+    assert costs.unknown_trip_loops == 0
+    # XLA's own cost analysis counts each loop body once: it must be well below the weighted count.
+    assert compiled.cost_analysis()["flops"] < costs.matmul_flops / 2
+
+
+def test_all_gather_bytes_are_the_gathered_array(v5p8):
+    x = _sds((1024, 512), jnp.float32, v5p8, P("fsdp", None))
+    replicated = NamedSharding(v5p8, P())
+    compiled = jax.jit(lambda a: a * 2.0, out_shardings=replicated).lower(x).compile()
+    stats = hlo_report.hlo_costs(compiled.as_text()).collectives
+    assert stats["all-gather"].count == 1
+    assert stats["all-gather"].bytes == 1024 * 512 * 4
+
+
+def test_parser_on_handwritten_hlo_with_loop_and_async_collectives():
+    hlo = """HloModule m
+
+%cond (p: (s32[], bf16[128,256])) -> pred[] {
+  %p = (s32[], bf16[128,256]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p.1: (s32[], bf16[128,256])) -> (s32[], bf16[128,256]) {
+  %p.1 = (s32[], bf16[128,256]) parameter(0)
+  %x = bf16[16,256]{1,0} get-tuple-element(%p.1), index=1
+  %ag = bf16[128,256]{1,0:T(8,128)(2,1)} all-gather(%x), dimensions={0}
+  %ars = (f32[64]{0}, f32[64]{0}) all-reduce-start(%y, %z), to_apply=%add
+  %ard = (f32[64]{0}, f32[64]{0}) all-reduce-done(%ars)
+  %cps = (bf16[8,8]{1,0}, bf16[8,8]{1,0}, u32[], u32[]) collective-permute-start(%x), source_target_pairs={{0,1}}
+  %d = f32[128,32]{1,0} dot(%ag, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], bf16[128,256]) tuple(%i, %ag)
+}
+
+ENTRY %main (a: bf16[128,256]) -> bf16[128,256] {
+  %a = bf16[128,256]{1,0} parameter(0)
+  %w = bf16[256,32]{1,0} parameter(1)
+  %loop = (s32[], bf16[128,256]) while(%init), condition=%cond, body=%body
+  ROOT %rs = bf16[16,256]{1,0} reduce-scatter(%a), dimensions={0}, to_apply=%add
+}
+"""
+    costs = hlo_report.hlo_costs(hlo)
+    c = costs.collectives
+    assert (c["all-gather"].count, c["all-gather"].bytes) == (4, 4 * 128 * 256 * 2)
+    assert (c["all-reduce"].count, c["all-reduce"].bytes) == (4, 4 * 2 * 64 * 4)  # -done not double counted
+    assert (c["collective-permute"].count, c["collective-permute"].bytes) == (4, 4 * 8 * 8 * 2)
+    assert (c["reduce-scatter"].count, c["reduce-scatter"].bytes) == (1, 16 * 256 * 2)
+    assert costs.matmul_flops == 4 * 2 * 128 * 32 * 256
+
+
+def test_oversized_argument_does_not_fit_and_is_named_largest():
+    devices = hardware.tpu_topology("v5e:2x2")
+    mesh = Mesh(np.asarray(devices).reshape(4), ("fsdp",))
+    # 18 GB of bf16 replicated on every 16 GB v5e chip.
+    big = _sds((9 * 2**15, 2**15), jnp.bfloat16, mesh, P())
+    small = _sds((8, 128), jnp.float32, mesh, P())
+    spec = StepSpec(name="oversized", jitted=jax.jit(lambda w, x: (w[:8, :128] * x).sum()), args=(big, small),
+                    tokens=8, model_flops=0.0)
+    report, _ = check_step(spec, topology="v5e:2x2", chip=hardware.CHIPS["v5e"], num_devices=4)
+    assert not report.fits
+    assert report.memory.argument_bytes >= 9 * 2**30 * 2
+    largest = report.buffers[0]
+    assert largest.kind == "parameter" and largest.bytes >= 9 * 2**31 and "bf16[294912,32768]" in largest.shape
+    text = "\n".join(report.summary_lines())
+    assert "DOES NOT FIT" in text and "bf16[294912,32768]" in text

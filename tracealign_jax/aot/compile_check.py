@@ -1,0 +1,237 @@
+"""Compile a jitted step for a TPU slice on a machine without one, and report whether it fits.
+
+``check_step(spec, devices, chip)`` lowers ``spec.jitted`` with abstract arguments
+(``jax.ShapeDtypeStruct``s carrying ``NamedSharding``s on a mesh over the slice's devices), compiles
+it with libtpu's compiler for exactly that slice, and returns a ``StepReport``: per-device memory
+against the chip's HBM, matmul FLOPs and collectives per step (``hlo_report``), and the analytic
+model FLOPs with the step time they imply at a target MFU. Nothing is allocated: no weights exist.
+
+The FLOP model (``model_flops_per_token``) is the PaLM convention (Chowdhery et al. 2022, App. B):
+6 N per trained token plus 12 x layers x heads x head_dim x L for attention (causal masking not
+discounted), with N the matmul parameters (the input embedding is a gather, the unembedding a matmul).
+A forward-only token (frozen reference model, decoding) costs a third of that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+from tracealign_jax.aot import hlo_report
+from tracealign_jax.aot.hardware import ChipSpec
+
+DEFAULT_HEADROOM = 0.10
+"""Fraction of HBM kept free: runtime allocations outside the step (input prefetch, checkpoint
+staging, libtpu's own reservations) and fragmentation. A step using more than 90% does not "fit"."""
+
+TARGET_MFU = 0.40
+
+
+def matmul_params(arch: Any) -> int:
+    """Parameters that take part in a matmul per token: every projection and the unembedding."""
+    d, f, e = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    h, g = arch.num_attention_heads, arch.num_key_value_heads
+    layer = d * e * (h + 2 * g) + h * e * d + 3 * d * f
+    return arch.num_hidden_layers * layer + d * arch.vocab_size
+
+
+def model_flops_per_token(arch: Any, context_len: int, *, train: bool) -> float:
+    """Model FLOPs of one token at context ``context_len``: training (fwd+bwd) or forward only."""
+    attn = 12.0 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * context_len
+    full = 6.0 * matmul_params(arch) + attn
+    return full if train else full / 3.0
+
+
+@dataclasses.dataclass
+class StepSpec:
+    """One step to compile. args: ShapeDtypeStructs (with shardings) in call order.
+
+    tokens: tokens the step processes (global, per call); model_flops: analytic FLOPs of the call
+    (global). declared: optional pytree of NamedShardings the step's first argument must have.
+    """
+
+    name: str
+    jitted: Any
+    args: tuple
+    tokens: int
+    model_flops: float
+    declared: Any = None
+    notes: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """Measured facts of one compiled step on one slice (bytes and FLOPs per device unless global)."""
+
+    name: str
+    topology: str
+    chip: str
+    num_devices: int
+    hbm_per_device: int
+    headroom: float
+    compile_seconds: float
+    memory: hlo_report.MemoryReport
+    costs: hlo_report.HloCosts
+    xla_flops: float
+    tokens: int
+    model_flops: float
+    buffers: tuple[hlo_report.Buffer, ...]
+    peak_flops_per_device: float
+    notes: str = ""
+    compiler_refused: bool = False
+
+    @property
+    def budget_bytes(self) -> float:
+        return self.hbm_per_device * (1.0 - self.headroom)
+
+    @property
+    def fits(self) -> bool:
+        return not self.compiler_refused and self.memory.used_bytes <= self.budget_bytes
+
+    @property
+    def step_seconds_at_target_mfu(self) -> float:
+        return self.model_flops / (self.num_devices * self.peak_flops_per_device * TARGET_MFU)
+
+    def summary_lines(self) -> list[str]:
+        m, c = self.memory, self.costs
+        gb = 1e9
+        lines = [
+            f"[{self.name}] {self.topology} ({self.num_devices} x {self.chip}), compiled in {self.compile_seconds:.1f} s",
+            f"  HBM per device: {m.used_bytes / gb:.2f} GB used of {self.hbm_per_device / gb:.1f} GB "
+            f"({100 * m.used_bytes / self.hbm_per_device:.1f}%; budget {self.budget_bytes / gb:.1f} GB "
+            f"with {100 * self.headroom:.0f}% headroom) -> {'FITS' if self.fits else 'DOES NOT FIT'}",
+            f"    arguments {m.argument_bytes / gb:.2f} GB, outputs {m.output_bytes / gb:.2f} GB "
+            f"(aliased {m.alias_bytes / gb:.2f} GB), temporaries {m.temp_bytes / gb:.2f} GB, "
+            f"code {m.generated_code_bytes / 1e6:.1f} MB, peak {m.peak_bytes / gb:.2f} GB",
+            f"  tokens/step {self.tokens:,}; model FLOPs/step {self.model_flops:.3e} "
+            f"({self.model_flops / max(self.tokens, 1):.3e}/token); step time at {TARGET_MFU:.0%} MFU "
+            f"{self.step_seconds_at_target_mfu * 1e3:.1f} ms",
+            f"  compiled matmul FLOPs/step {c.matmul_flops * self.num_devices:.3e} "
+            f"({c.matmul_flops:.3e}/device; XLA cost analysis, loop bodies once: {self.xla_flops:.3e}/device)",
+            f"  collectives/step per device: {c.collective_count} ops, {hlo_report.human_bytes(c.collective_bytes)}",
+        ]
+        for kind, stats in c.collectives.items():
+            if stats.count:
+                lines.append(f"    {kind:<19} {stats.count:>6} x  {hlo_report.human_bytes(stats.bytes)}")
+        if c.unknown_trip_loops:
+            lines.append(f"  note: {c.unknown_trip_loops} while loop(s) with unknown trip count counted once")
+        if self.notes:
+            lines.append(f"  note: {self.notes}")
+        if not self.fits:
+            lines.append("  largest buffers per device:")
+            lines += [f"    {line}" for line in hlo_report.describe_buffers(self.buffers)]
+        return lines
+
+
+def compile_with_dump(jitted: Any, args: Sequence[Any], dump_dir: str) -> tuple[Any, float, str]:
+    """Lowers and compiles ``jitted(*args)``; XLA writes its buffer assignment into ``dump_dir``.
+
+    Returns (compiled or None, seconds, compiler error). The TPU compiler itself refuses a program
+    whose buffers exceed HBM (RESOURCE_EXHAUSTED); that is a measured "does not fit", not a crash.
+    """
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    try:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": dump_dir})
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        return None, time.perf_counter() - start, str(err).strip()
+    return compiled, time.perf_counter() - start, ""
+
+
+def check_step(
+    spec: StepSpec,
+    *,
+    topology: str,
+    chip: ChipSpec,
+    num_devices: int,
+    devices_per_chip: int = 1,
+    headroom: float = DEFAULT_HEADROOM,
+) -> tuple[StepReport, Any]:
+    """Compiles ``spec`` and measures it. Returns (report, the jax.stages.Compiled or None if the
+    compiler ran out of HBM; the report then comes from XLA's buffer-assignment dump)."""
+    with tempfile.TemporaryDirectory(prefix="tracealign_aot_") as dump_dir:
+        compiled, seconds, error = compile_with_dump(spec.jitted, spec.args, dump_dir)
+        buffers = tuple(hlo_report.largest_buffers(dump_dir))
+        if compiled is None:
+            memory = hlo_report.dump_memory_report(dump_dir)
+            hlo_text = hlo_report.dump_hlo_text(dump_dir)
+            if memory is None or hlo_text is None:
+                raise RuntimeError(f"[{spec.name}] compile failed and XLA left no buffer assignment: {error}")
+    if compiled is not None:
+        memory = hlo_report.memory_report(compiled)
+        hlo_text = compiled.as_text()
+        cost = compiled.cost_analysis() or {}
+        if isinstance(cost, (list, tuple)):  # older jax returned one dict per module
+            cost = cost[0] if cost else {}
+    else:
+        cost = {}
+    notes = "; ".join(n for n in (spec.notes, f"compiler: {error}" if error else "") if n)
+    report = StepReport(
+        name=spec.name,
+        topology=topology,
+        chip=chip.name,
+        num_devices=num_devices,
+        hbm_per_device=chip.hbm_bytes // devices_per_chip,
+        headroom=headroom,
+        compile_seconds=seconds,
+        memory=memory,
+        costs=hlo_report.hlo_costs(hlo_text),
+        xla_flops=float(cost.get("flops", 0.0)),
+        tokens=spec.tokens,
+        model_flops=spec.model_flops,
+        buffers=buffers,
+        peak_flops_per_device=chip.peak_bf16_flops / devices_per_chip,
+        notes=notes,
+        compiler_refused=compiled is None,
+    )
+    return report, compiled
+
+
+def sharding_mismatches(declared: Any, actual: Any, abstract: Any) -> list[str]:
+    """Paths where the compiled input sharding differs from the declared one ([] when all match).
+
+    ``abstract`` supplies each leaf's rank, so P('fsdp', None) and P('fsdp') compare equal.
+    """
+    flat_declared = jax.tree_util.tree_flatten_with_path(declared)[0]
+    flat_actual = jax.tree.leaves(actual)
+    flat_abstract = jax.tree.leaves(abstract)
+    if not (len(flat_declared) == len(flat_actual) == len(flat_abstract)):
+        return [f"leaf counts differ: declared {len(flat_declared)}, compiled {len(flat_actual)}"]
+    bad = []
+    for (path, want), got, leaf in zip(flat_declared, flat_actual, flat_abstract):
+        if not got.is_equivalent_to(want, len(leaf.shape)):
+            bad.append(f"{jax.tree_util.keystr(path)}: declared {want.spec}, compiled {got.spec}")
+    return bad
+
+
+def run_checks(
+    specs: Sequence[StepSpec],
+    *,
+    topology: str,
+    chip: ChipSpec,
+    num_devices: int,
+    devices_per_chip: int = 1,
+    headroom: float = DEFAULT_HEADROOM,
+    on_report: Callable[[StepReport], None] | None = None,
+) -> list[StepReport]:
+    """``check_step`` over several specs, verifying declared shardings where a spec gives them."""
+    reports = []
+    for spec in specs:
+        report, compiled = check_step(
+            spec, topology=topology, chip=chip, num_devices=num_devices,
+            devices_per_chip=devices_per_chip, headroom=headroom,
+        )
+        if spec.declared is not None and compiled is not None:
+            bad = sharding_mismatches(spec.declared, compiled.input_shardings[0][0], spec.args[0])
+            if bad:
+                raise AssertionError(f"[{spec.name}] compiled shardings differ from the config's: " + "; ".join(bad[:5]))
+        reports.append(report)
+        if on_report is not None:
+            on_report(report)
+    return reports

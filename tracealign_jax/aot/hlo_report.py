@@ -1,0 +1,427 @@
+"""What a compiled step costs per device: memory, matmul FLOPs and collectives, read from XLA's output.
+
+Three sources, all per device (the HLO after SPMD partitioning is one device's program):
+- ``memory_report(compiled)``: ``compiled.memory_analysis()`` (argument, output, alias, temporary,
+  generated-code bytes, and the buffer assignment's peak).
+- ``hlo_costs(hlo_text)``: parses ``compiled.as_text()``. Collectives (all-gather, reduce-scatter,
+  all-reduce, all-to-all, collective-permute: count and bytes of their result shapes) and
+  dot/convolution FLOPs, each weighted by how often its computation runs: a collective inside the
+  ``while`` body of a scan over 32 layers counts 32 times. XLA's own ``cost_analysis()`` counts a
+  loop body once, which under-reports a layer-scanned model by the layer count.
+- ``largest_buffers(dump_dir)``: the biggest allocations from XLA's buffer-assignment dump, named by
+  the JAX op (or argument path) that produced them, for the "does not fit" message.
+
+Bytes are bytes of the on-device array (elements x dtype size), not counting tile padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+DTYPE_BYTES: dict[str, float] = {
+    "pred": 1, "s8": 1, "u8": 1, "s4": 0.5, "u4": 0.5, "s2": 0.25, "u2": 0.25,
+    "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e4m3b11fnuz": 1,
+    "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+    "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_ARRAY_RE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_HEADER_RE = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\{\s*$")
+_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>.+?)\s(?P<op>[a-z][\w\-]*)\((?P<rest>.*)$")
+_CALLEE_RE = re.compile(r"\b(condition|body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Per-device bytes of one compiled executable (from ``compiled.memory_analysis()``).
+
+    used_bytes: what the executable needs resident on the device: the buffer assignment's peak
+    (arguments + outputs + temporaries live at once, donated inputs aliased) plus generated code.
+    """
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    generated_code_bytes: int
+    peak_bytes: int
+
+    @property
+    def used_bytes(self) -> int:
+        live = self.peak_bytes or (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes)
+        return live + self.generated_code_bytes
+
+
+def memory_report(compiled: Any) -> MemoryReport:
+    """MemoryReport of a ``jax.stages.Compiled`` (raises if the backend gives no memory analysis)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        raise RuntimeError("this backend returned no memory analysis for the compiled step")
+    return MemoryReport(
+        argument_bytes=int(stats.argument_size_in_bytes),
+        output_bytes=int(stats.output_size_in_bytes),
+        alias_bytes=int(stats.alias_size_in_bytes),
+        temp_bytes=int(stats.temp_size_in_bytes),
+        generated_code_bytes=int(stats.generated_code_size_in_bytes),
+        peak_bytes=int(getattr(stats, "peak_memory_in_bytes", 0) or 0),
+    )
+
+
+def shape_bytes(type_str: str) -> float:
+    """Bytes of every array in an HLO type string (a tuple sums its elements)."""
+    total = 0.0
+    for dtype, dims in _ARRAY_RE.findall(type_str):
+        if dtype not in DTYPE_BYTES:
+            continue
+        total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _dims(type_str: str) -> list[int]:
+    """Dimensions of the first array in an HLO type string."""
+    match = _ARRAY_RE.search(type_str)
+    if not match:
+        return []
+    return [int(d) for d in match.group(2).split(",") if d]
+
+
+def _top_level_elements(type_str: str) -> list[str]:
+    """Top-level elements of a tuple type ``(a, (b, c), d)``; a non-tuple is its own single element."""
+    text = re.sub(r"/\*.*?\*/", "", type_str.strip())
+    if not text.startswith("("):
+        return [text]
+    depth, start, out = 0, 1, []
+    for i, ch in enumerate(text):
+        if ch in "({[":
+            depth += 1
+        elif ch in ")}]":
+            depth -= 1
+            if depth == 0:
+                out.append(text[start:i])
+        elif ch == "," and depth == 1:
+            out.append(text[start:i])
+            start = i + 1
+    return [e.strip() for e in out if e.strip()]
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    type_str: str
+    op: str
+    rest: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveStats:
+    """One collective kind per device per step: executions and bytes of their results."""
+
+    count: int
+    bytes: float
+
+
+@dataclasses.dataclass(frozen=True)
+class HloCosts:
+    """Per-device costs of one step from the optimized HLO, loop bodies weighted by trip count.
+
+    matmul_flops: 2 x multiply-adds of every dot/convolution (elementwise work not included).
+    unknown_trip_loops: while loops whose trip count could not be read (counted once).
+    """
+
+    matmul_flops: float
+    collectives: dict[str, CollectiveStats]
+    unknown_trip_loops: int
+
+    @property
+    def collective_bytes(self) -> float:
+        return sum(c.bytes for c in self.collectives.values())
+
+    @property
+    def collective_count(self) -> int:
+        return sum(c.count for c in self.collectives.values())
+
+
+def parse_computations(hlo_text: str) -> tuple[dict[str, list[Instr]], str]:
+    """(computation name -> instructions, entry computation name) of an HLO module's text."""
+    comps: dict[str, list[Instr]] = {}
+    entry = ""
+    current: list[Instr] | None = None
+    for line in hlo_text.splitlines():
+        if not line or line.startswith(("HloModule", "//")):
+            continue
+        if not line[0].isspace() and line.rstrip().endswith("{"):
+            match = _HEADER_RE.match(line)
+            if match:
+                current = comps.setdefault(match["name"], [])
+                if line.startswith("ENTRY"):
+                    entry = match["name"]
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        if current is None:
+            continue
+        match = _INSTR_RE.match(line)
+        if match:
+            current.append(Instr(match["name"], match["type"], match["op"], match["rest"]))
+    if not entry:
+        raise ValueError("HLO text has no ENTRY computation")
+    return comps, entry
+
+
+def _trip_count(instr: Instr, comps: dict[str, list[Instr]]) -> int | None:
+    """Iterations of a ``while``: XLA's known_trip_count, else ``i < N`` read off the condition."""
+    known = _TRIP_RE.search(instr.rest)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"\bcondition=%?([\w.\-]+)", instr.rest)
+    if not cond or cond.group(1) not in comps:
+        return None
+    body = comps[cond.group(1)]
+    constants = {i.name: i for i in body if i.op == "constant"}
+    for i in body:
+        if i.op != "compare":
+            continue
+        operands = re.findall(r"%([\w.\-]+)", i.rest.split(")")[0])
+        direction = re.search(r"direction=(\w+)", i.rest)
+        if len(operands) != 2 or not direction:
+            continue
+        lhs, rhs = operands
+        if rhs in constants and direction.group(1) in ("LT", "LE"):
+            value = re.search(r"constant\((-?\d+)\)", f"constant({constants[rhs].rest}")
+            if value:
+                return int(value.group(1)) + (direction.group(1) == "LE")
+        if lhs in constants and direction.group(1) in ("GT", "GE"):
+            value = re.search(r"constant\((-?\d+)\)", f"constant({constants[lhs].rest}")
+            if value:
+                return int(value.group(1)) + (direction.group(1) == "GE")
+    return None
+
+
+def execution_counts(comps: dict[str, list[Instr]], entry: str) -> tuple[dict[str, float], int]:
+    """How many times each computation runs per step (while bodies x trip count), and #unknown loops."""
+    edges: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    unknown = 0
+    for name, instrs in comps.items():
+        for instr in instrs:
+            trip = _trip_count(instr, comps) if instr.op == "while" else None
+            if instr.op == "while" and trip is None:
+                unknown += 1
+            for role, callee in _CALLEE_RE.findall(instr.rest):
+                factor = float(trip or 1) if role == "body" else 1.0
+                if role == "condition":
+                    factor = float(trip or 0) + 1.0
+                edges[name].append((callee, factor))
+            branches = _BRANCHES_RE.search(instr.rest)
+            if branches:
+                for callee in re.findall(r"%?([\w.\-]+)", branches.group(1)):
+                    edges[name].append((callee, 1.0))
+    # Topological order from the entry (call graphs are acyclic), then push counts down.
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(node: str) -> None:
+        stack = [(node, iter(edges.get(node, ())))]
+        seen.add(node)
+        while stack:
+            current, children = stack[-1]
+            for child, _ in children:
+                if child not in seen and child in comps:
+                    seen.add(child)
+                    stack.append((child, iter(edges.get(child, ()))))
+                    break
+            else:
+                order.append(current)
+                stack.pop()
+
+    visit(entry)
+    counts: dict[str, float] = defaultdict(float)
+    counts[entry] = 1.0
+    for name in reversed(order):
+        for child, factor in edges.get(name, ()):
+            counts[child] += counts[name] * factor
+    return dict(counts), unknown
+
+
+def _matmul_flops(instr: Instr, shapes: dict[str, str]) -> float:
+    """2 x output elements x contraction size of a dot or convolution."""
+    out = math.prod(_dims(instr.type_str))
+    operands = re.findall(r"%([\w.\-]+)", instr.rest.split("),")[0])
+    if instr.op == "dot":
+        lhs_dims = _dims(shapes.get(operands[0], "")) if operands else []
+        contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.rest)
+        if not contracting or not lhs_dims:
+            return 0.0
+        k = math.prod(lhs_dims[int(d)] for d in contracting.group(1).split(",") if d)
+        return 2.0 * out * k
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.rest)
+    if not labels or len(operands) < 2:
+        return 0.0
+    rhs_dims = _dims(shapes.get(operands[1], ""))
+    rhs_labels = labels.group(2)
+    if len(rhs_dims) != len(rhs_labels):
+        return 0.0
+    # Per output element: input features of one group x every kernel spatial position.
+    k = math.prod(d for d, lab in zip(rhs_dims, rhs_labels) if lab != "o")
+    return 2.0 * out * k
+
+
+def _collective_kind(op: str) -> str | None:
+    for kind in COLLECTIVES:
+        if op == kind or op == f"{kind}-start":
+            return kind
+    return None
+
+
+def _collective_result_bytes(instr: Instr, kind: str) -> float:
+    """Bytes the collective produces. Async ``-start`` ops return (operands, results[, contexts])."""
+    if not instr.op.endswith("-start"):
+        return shape_bytes(instr.type_str)
+    elements = [e for e in _top_level_elements(instr.type_str) if _ARRAY_RE.search(e)]
+    elements = [e for e in elements if not re.fullmatch(r"[us]32\[\]\S*", e)]
+    if kind == "all-reduce" or len(elements) < 2:
+        return sum(shape_bytes(e) for e in elements)
+    return shape_bytes(elements[1])
+
+
+def hlo_costs(hlo_text: str) -> HloCosts:
+    """Per-device matmul FLOPs and collectives of one execution of the compiled module."""
+    comps, entry = parse_computations(hlo_text)
+    counts, unknown = execution_counts(comps, entry)
+    flops = 0.0
+    stats: dict[str, list[float]] = {kind: [0, 0.0] for kind in COLLECTIVES}
+    for name, instrs in comps.items():
+        runs = counts.get(name, 0.0)
+        if not runs:
+            continue
+        shapes = {i.name: i.type_str for i in instrs}
+        for instr in instrs:
+            if instr.op in ("dot", "convolution"):
+                flops += runs * _matmul_flops(instr, shapes)
+                continue
+            kind = _collective_kind(instr.op)
+            if kind:
+                stats[kind][0] += runs
+                stats[kind][1] += runs * _collective_result_bytes(instr, kind)
+    collectives = {k: CollectiveStats(int(v[0]), v[1]) for k, v in stats.items()}
+    return HloCosts(matmul_flops=flops, collectives=collectives, unknown_trip_loops=unknown)
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """One allocation of the buffer assignment: bytes per device and who produced it."""
+
+    bytes: int
+    kind: str  # parameter | output | temp
+    shape: str
+    source: str
+
+
+def _op_names(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> the JAX op_name in its metadata (argument paths for parameters)."""
+    out = {}
+    for match in re.finditer(r"%([\w.\-]+) = [^\n]*?metadata=\{[^}]*?op_name=\"([^\"]+)\"", hlo_text):
+        out[match.group(1)] = match.group(2)
+    return out
+
+
+def _dump_file(dump_dir: str | Path, suffix: str) -> Path | None:
+    """The file ``*<suffix>`` of the step's module in an XLA dump (the largest module: jit may also
+    dump small helper modules)."""
+    found = sorted(Path(dump_dir).glob(f"*{suffix}"))
+    return max(found, key=lambda p: p.stat().st_size) if found else None
+
+
+def _allocations(dump_dir: str | Path) -> tuple[list[dict[str, Any]], Path | None]:
+    """Allocations of the buffer-assignment dump: bytes, kind (parameter|output|temp|skip), values."""
+    assignment = _dump_file(dump_dir, "after_optimizations-buffer-assignment.txt")
+    if assignment is None:
+        return [], None
+    allocs: list[dict[str, Any]] = []
+    for line in assignment.read_text().splitlines():
+        head = re.match(r"allocation \d+: size (\d+)(.*)$", line)
+        if head:
+            info = head.group(2)
+            kind = "parameter" if "parameter" in info else "output" if "output" in info else "temp"
+            if "thread-local" in info or re.search(r"color [1-9]", info):
+                kind = "skip"  # scalars in registers, on-chip VMEM/SMEM: not HBM
+            allocs.append({"bytes": int(head.group(1)), "kind": kind, "values": []})
+            continue
+        value = re.match(r"\s*value: <\d+ ([\w.\-]+)[^>]*> \(size=(\d+)[^)]*\): (.*)$", line)
+        if value and allocs:
+            allocs[-1]["values"].append((int(value.group(2)), value.group(1), value.group(3)))
+    return allocs, assignment
+
+
+def largest_buffers(dump_dir: str | Path, top: int = 8) -> list[Buffer]:
+    """The ``top`` largest HBM allocations in an XLA dump directory (``xla_dump_to``) of one module.
+
+    Reads ``*after_optimizations-buffer-assignment.txt`` (allocation sizes, whether each is a
+    parameter, a live-out output or a temporary) and ``*after_optimizations.txt`` (op_name metadata,
+    which for parameters is the argument's path). XLA writes both even when compilation then fails
+    for lack of memory, which is when they are needed most.
+    """
+    allocs, assignment = _allocations(dump_dir)
+    if assignment is None:
+        return []
+    prefix = assignment.name[: -len("-buffer-assignment.txt")]
+    hlo_path = assignment.parent / f"{prefix}.txt"
+    names = _op_names(hlo_path.read_text()) if hlo_path.exists() else {}
+    buffers = [_to_buffer(a, names) for a in allocs if a["kind"] != "skip"]
+    return sorted(buffers, key=lambda b: -b.bytes)[:top]
+
+
+def dump_memory_report(dump_dir: str | Path) -> MemoryReport | None:
+    """Per-device memory from the buffer-assignment dump (for steps the compiler refused as too big).
+
+    Arguments, outputs and temporaries are the summed HBM allocations of each kind; the peak is the
+    assignment's total for the default memory space (allocations that are never live together
+    share offsets, so it can be below the sum).
+    """
+    allocs, _ = _allocations(dump_dir)
+    if not allocs:
+        return None
+    total = {k: sum(a["bytes"] for a in allocs if a["kind"] == k) for k in ("parameter", "output", "temp")}
+    peak = sum(total.values())
+    report = _dump_file(dump_dir, "after_optimizations-memory-usage-report.txt")
+    if report is not None:
+        match = re.search(r"Memory Space: default \(color=0\)\s*\nTotal bytes: (\d+)", report.read_text())
+        if match:
+            peak = int(match.group(1))
+    return MemoryReport(total["parameter"], total["output"], 0, total["temp"], 0, peak)
+
+
+def dump_hlo_text(dump_dir: str | Path) -> str | None:
+    """The optimized HLO text of the step's module from an XLA dump."""
+    path = _dump_file(dump_dir, "after_optimizations.txt")
+    return path.read_text() if path is not None else None
+
+
+def _to_buffer(alloc: dict[str, Any], names: dict[str, str]) -> Buffer:
+    if not alloc["values"]:
+        return Buffer(alloc["bytes"], alloc["kind"], "", "")
+    size, instr, shape = max(alloc["values"], key=lambda v: v[0])
+    shape = re.sub(r"\{[^}]*\}", "", shape)
+    return Buffer(alloc["bytes"], alloc["kind"], shape, names.get(instr, instr))
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB' (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def describe_buffers(buffers: Iterable[Buffer]) -> list[str]:
+    """One line per buffer: size, kind, shape, producing op / argument path."""
+    return [f"{human_bytes(b.bytes):>11}  {b.kind:<9} {b.shape:<28} {b.source}" for b in buffers]
