@@ -1,0 +1,303 @@
+"""TraceIndex: memory-mapped, read-only queries over a built index; every shard in one compiled call.
+
+Spans are sequences (or 1-D arrays) of token ids; batched forms take lists of spans. A span with a
+token outside ``[0, vocab_size)`` never occurs (count 0). The empty span occurs at every token
+position (count = ``num_tokens``), the infini-gram convention. Positions are token offsets.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, NamedTuple, Sequence
+
+import numpy as np
+
+from tracealign_jax.atomic_io import IntegrityError, manifest_hash, verify_manifest
+from tracealign_jax.index import format as fmt
+from tracealign_jax.index import kernels as K
+
+SpanLike = Sequence[int] | np.ndarray
+
+
+class Span(NamedTuple):
+    """A maximal matching span ``tokens[start:end]`` (end exclusive) of a query.
+
+    count: corpus occurrences; unigram_logprob: sum of log P_train(t) over the span, nats."""
+
+    start: int
+    end: int
+    count: int
+    unigram_logprob: float
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    tokens: np.ndarray
+    sa_u8: np.ndarray
+    width: int
+    shard_starts_S1: np.ndarray
+    shard_seps_S: np.ndarray
+    doc_starts_D1: np.ndarray
+    sep: int
+
+
+def _flatten(spans: Sequence[SpanLike], vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenates spans into (q_flat int64, q_offsets_N1 int64, valid_N bool: all ids in vocab)."""
+    arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in spans]
+    lengths = np.fromiter((len(a) for a in arrays), np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    bad = (flat < 0) | (flat >= vocab_size)
+    valid = np.ones(len(arrays), bool)
+    if bad.any():
+        owner = np.repeat(np.arange(len(arrays)), lengths)
+        valid[owner[bad]] = False
+    return flat, offsets, valid
+
+
+class TraceIndex:
+    """A read-only, memory-mapped suffix-array index (see ``format.py`` for the files).
+
+    Attributes: ``vocab_size, num_tokens, num_docs, num_shards, manifest, manifest_hash``,
+    ``tokenizer_dir`` (Path of the bundled tokenizer, or None), ``path``."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], layout: fmt.Layout):
+        self.path = path
+        self.manifest = manifest
+        self.manifest_hash = manifest_hash(manifest)
+        self.vocab_size = layout.vocab_size
+        self.num_tokens = layout.num_tokens
+        self.num_docs = layout.num_docs
+        self.num_shards = layout.num_shards
+        self.tokenizer_name = manifest.get("tokenizer_name", "none")
+        self.tokenizer_hash = manifest.get("tokenizer_hash", "none")
+        tok_dir = path / fmt.TOKENIZER_DIR
+        self.tokenizer_dir: Path | None = tok_dir if tok_dir.is_dir() else None
+        starts = np.asarray(layout.shard_starts, np.int64)
+        doc_starts = fmt.memmap(path / fmt.DOC_STARTS_FILE, "<i8", layout.num_docs + 1)
+        # separators per shard = documents whose separator (at starts[d+1] - 1) lies in the shard
+        shard_seps = np.diff(np.searchsorted(doc_starts[1:] - 1, starts, side="left")).astype(np.int64)
+        self._a = _Arrays(
+            tokens=fmt.memmap(path / fmt.TOKENS_FILE, layout.dtype, layout.num_positions),
+            sa_u8=fmt.memmap(path / fmt.SA_FILE, np.uint8, layout.num_positions * layout.sa_width),
+            width=layout.sa_width,
+            shard_starts_S1=starts,
+            shard_seps_S=shard_seps,
+            doc_starts_D1=np.ascontiguousarray(doc_starts),
+            sep=layout.vocab_size,
+        )
+        self._unigram_counts = fmt.memmap(path / fmt.UNIGRAM_FILE, "<i8", layout.vocab_size)
+        self._logprobs_V: np.ndarray | None = None
+        self._meta_table = None
+        self._risk_D: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, *, expected_tokenizer_hash: str | None = None,
+             verify: Literal["size", "full"] = "size") -> "TraceIndex":
+        """Opens an index, checking the manifest: every file present with its size ("size"), or also
+        its SHA-256 ("full"); a tokenizer hash other than ``expected_tokenizer_hash`` is refused.
+        Raises IntegrityError naming the file and the reason."""
+        path = Path(path)
+        if verify not in ("size", "full"):
+            raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
+        manifest = verify_manifest(path, checksums=verify == "full")
+        layout = fmt.layout_from_manifest(manifest, path)
+        if expected_tokenizer_hash is not None and manifest.get("tokenizer_hash") != expected_tokenizer_hash:
+            raise IntegrityError(
+                f"{path / 'manifest.json'}: index was built with tokenizer {manifest.get('tokenizer_name')!r} "
+                f"(hash {manifest.get('tokenizer_hash')}), the caller's tokenizer has hash {expected_tokenizer_hash}")
+        return cls(path, manifest, layout)
+
+    def __repr__(self) -> str:
+        return (f"TraceIndex({str(self.path)!r}, tokens={self.num_tokens}, docs={self.num_docs}, "
+                f"shards={self.num_shards}, vocab={self.vocab_size})")
+
+    # ---- counting -----------------------------------------------------------------------------
+
+    def _valid_query(self, span: SpanLike) -> np.ndarray | None:
+        q = np.asarray(span, dtype=np.int64).reshape(-1)
+        if q.size and (q.min() < 0 or q.max() >= self.vocab_size):
+            return None
+        return q
+
+    def count(self, span: SpanLike) -> int:
+        """Number of occurrences of ``span`` in the corpus (never across documents)."""
+        q = self._valid_query(span)
+        if q is None:
+            return 0
+        a = self._a
+        return int(K.count_one(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, q))
+
+    def count_batch(self, spans: Sequence[SpanLike]) -> np.ndarray:
+        """int64[N] counts of N spans, searched in parallel inside one compiled call."""
+        flat, offsets, valid = _flatten(spans, self.vocab_size)
+        a = self._a
+        return K.count_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets, valid)
+
+    def _ranges(self, spans: Sequence[SpanLike]) -> tuple[np.ndarray, np.ndarray]:
+        flat, offsets, valid = _flatten(spans, self.vocab_size)
+        a = self._a
+        return K.ranges_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets, valid)
+
+    def _gather(self, lo_NxS: np.ndarray, hi_NxS: np.ndarray, take_N: np.ndarray, seed: int,
+                want_offsets: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out_offsets = np.zeros(len(take_N) + 1, np.int64)
+        np.cumsum(take_N, out=out_offsets[1:])
+        seed_frac = float(np.random.default_rng(seed).random()) if seed else 0.0
+        a = self._a
+        docs, offs = K.gather_positions(a.sa_u8, a.width, a.shard_starts_S1, a.doc_starts_D1, lo_NxS, hi_NxS,
+                                        take_N.astype(np.int64), seed_frac, out_offsets, want_offsets)
+        return out_offsets, docs, offs
+
+    # ---- occurrences --------------------------------------------------------------------------
+
+    def locate_batch(self, spans: Sequence[SpanLike], limit: int) -> list[list[tuple[int, int]]]:
+        """For each span, up to ``limit`` occurrences as (doc_id, offset_in_doc), sorted."""
+        lo, hi = self._ranges(spans)
+        take = np.minimum((hi - lo).sum(axis=1), max(int(limit), 0))
+        out_offsets, docs, offs = self._gather(lo, hi, take, 0, True)
+        result = []
+        for i in range(len(take)):
+            d, o = docs[out_offsets[i]:out_offsets[i + 1]], offs[out_offsets[i]:out_offsets[i + 1]]
+            order = np.lexsort((o, d))
+            result.append(list(zip(d[order].tolist(), o[order].tolist())))
+        return result
+
+    def locate(self, span: SpanLike, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` occurrences of ``span`` as (doc_id, offset_in_doc), sorted; metadata of the
+        documents via ``doc_metadata``."""
+        return self.locate_batch([span], limit)[0]
+
+    def occurrence_docs_batch(self, spans: Sequence[SpanLike], max_samples: int, seed: int = 0
+                              ) -> list[tuple[np.ndarray, int]]:
+        """Per span ``(doc_ids int64[k], total_count)``: every occurrence's doc id (one per occurrence,
+        ascending) when total <= max_samples, else a deterministic stratified sample of
+        ``max_samples`` ranks of the suffix-array range (the same for the same seed)."""
+        lo, hi = self._ranges(spans)
+        totals = (hi - lo).sum(axis=1)
+        take = np.minimum(totals, max(int(max_samples), 0))
+        out_offsets, docs, _ = self._gather(lo, hi, take, seed, False)
+        result = []
+        for i in range(len(take)):
+            d = docs[out_offsets[i]:out_offsets[i + 1]]
+            result.append((np.sort(d) if take[i] == totals[i] else d, int(totals[i])))
+        return result
+
+    def occurrence_docs(self, span: SpanLike, max_samples: int, seed: int = 0) -> tuple[np.ndarray, int]:
+        return self.occurrence_docs_batch([span], max_samples, seed)[0]
+
+    # ---- matching a generation ----------------------------------------------------------------
+
+    def longest_matches_batch(self, token_lists: Sequence[SpanLike]) -> list[np.ndarray]:
+        """For each token list, int32[L]: length of the longest corpus match starting at each position."""
+        flat, offsets, _ = _flatten(token_lists, self.vocab_size)
+        a = self._a
+        out = K.longest_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, flat, offsets)
+        return [out[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+    def longest_matches(self, tokens: SpanLike) -> np.ndarray:
+        return self.longest_matches_batch([tokens])[0]
+
+    def maximal_spans_batch(self, token_lists: Sequence[SpanLike], min_len: int = 1,
+                            max_count: int | None = None) -> list[list[Span]]:
+        """Maximal matching spans (not contained in another matching span) of each token list with
+        length >= min_len and, if given, count <= max_count; ranked by span unigram log-prob,
+        rarest (most negative) first, ties by start."""
+        flat, offsets, _ = _flatten(token_lists, self.vocab_size)
+        a = self._a
+        span_len, span_count = K.maximal_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S,
+                                               a.sep, flat, offsets, max(int(min_len), 1))
+        logp_V = self.unigram_logprobs()
+        result = []
+        for i in range(len(offsets) - 1):
+            s0, s1 = offsets[i], offsets[i + 1]
+            starts = np.flatnonzero(span_len[s0:s1])
+            lens, counts = span_len[s0:s1][starts], span_count[s0:s1][starts]
+            keep = np.ones(len(starts), bool) if max_count is None else counts <= max_count
+            starts, lens, counts = starts[keep], lens[keep], counts[keep]
+            cum = np.concatenate([[0.0], np.cumsum(logp_V[flat[s0:s1].clip(0, self.vocab_size - 1)])])
+            logps = cum[starts + lens] - cum[starts]
+            order = np.lexsort((starts, logps))
+            result.append([Span(int(starts[j]), int(starts[j] + lens[j]), int(counts[j]), float(logps[j]))
+                           for j in order])
+        return result
+
+    def maximal_spans(self, tokens: SpanLike, min_len: int = 1, max_count: int | None = None) -> list[Span]:
+        return self.maximal_spans_batch([tokens], min_len, max_count)[0]
+
+    def next_token_counts_batch(self, contexts: Sequence[SpanLike]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Exact counts of every token that follows each context in the corpus (no sampling):
+        per context ``(token_ids int64[M] ascending, counts int64[M])``; document ends are not tokens."""
+        flat, offsets, valid = _flatten(contexts, self.vocab_size)
+        a = self._a
+        out_off, toks, cnts = K.next_counts_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S,
+                                                  a.sep, self.vocab_size, flat, offsets, valid)
+        return [(toks[out_off[i]:out_off[i + 1]], cnts[out_off[i]:out_off[i + 1]]) for i in range(len(valid))]
+
+    def next_token_counts(self, context: SpanLike) -> tuple[np.ndarray, np.ndarray]:
+        q = self._valid_query(context)
+        if q is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        a = self._a
+        return K.next_counts_one(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, a.sep,
+                                 self.vocab_size, q)
+
+    # ---- corpus statistics and documents ------------------------------------------------------
+
+    def unigram_counts(self) -> np.ndarray:
+        """int64[V] corpus count of each token."""
+        return self._unigram_counts
+
+    def unigram_logprobs(self) -> np.ndarray:
+        """float64[V] log P_train(t) in nats, add-0.5 smoothed: log((c_t + 0.5) / (N + 0.5 V))."""
+        if self._logprobs_V is None:
+            c = self._unigram_counts.astype(np.float64)
+            self._logprobs_V = np.log(c + 0.5) - np.log(self.num_tokens + 0.5 * self.vocab_size)
+        return self._logprobs_V
+
+    def _table(self):
+        if self._meta_table is None:
+            import pyarrow.parquet as pq
+
+            self._meta_table = pq.read_table(self.path / fmt.METADATA_FILE, memory_map=True)
+            if self._meta_table.num_rows != self.num_docs:
+                raise IntegrityError(f"{self.path / fmt.METADATA_FILE}: {self._meta_table.num_rows} rows for "
+                                     f"{self.num_docs} documents")
+        return self._meta_table
+
+    def _check_docs(self, doc_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(doc_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_docs):
+            raise IndexError(f"doc ids must lie in [0, {self.num_docs}), got [{ids.min()}, {ids.max()}]")
+        return ids
+
+    def doc_metadata(self, doc_ids: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
+        """The record metadata of each document, plus ``doc_id``, ``risk`` and ``category``."""
+        ids = self._check_docs(doc_ids)
+        rows = self._table().take(ids).to_pydict()
+        return [dict(json.loads(m), doc_id=int(d), risk=r, category=c)
+                for d, r, c, m in zip(ids, rows["risk"], rows["category"], rows["meta_json"])]
+
+    def doc_unsafe(self, doc_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float64[k] risk in [0, 1] of each document (``unsafe`` labels read as 0 / 1)."""
+        if self._risk_D is None:
+            self._risk_D = self._table().column("risk").to_numpy()
+        return self._risk_D[self._check_docs(doc_ids)]
+
+    def doc_tokens(self, doc_id: int) -> np.ndarray:
+        """The token ids of one document (a read-only view into the memory map)."""
+        d = int(self._check_docs([doc_id])[0])
+        s = self._a.doc_starts_D1
+        return self._a.tokens[s[d]:s[d + 1] - 1]
+
+    def iter_doc_tokens(self, unsafe_only: bool = False, min_risk: float = 0.5) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields ``(doc_id, tokens)`` for every document, or only those with risk >= min_risk."""
+        ids = np.arange(self.num_docs)
+        if unsafe_only:
+            ids = ids[self.doc_unsafe(ids) >= min_risk]
+        s = self._a.doc_starts_D1
+        for d in ids.tolist():
+            yield d, self._a.tokens[s[d]:s[d + 1] - 1]
