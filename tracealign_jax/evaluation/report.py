@@ -1,0 +1,168 @@
+"""The ADB report: ``report.json`` (everything), ``report.md`` (tables for people) and PNG plots.
+
+The report dict (built by ``evaluation.adb``) has:
+  defenses: {name: metrics.summarize(...) + perplexity, perplexity_delta, benign_accuracy,
+             relative_drift_reduction}, in the order the defenses ran ("none" first);
+  bound:    {"rows": [{"group", "bound", "measured", "n"}]}: the drift bound next to measured drift
+            of the undefended model (per attack and overall);
+  bci:      {"unsafe": [max BCI per unsafe completion], "safe": [...]} (nats), undefended model;
+  meta:     free-form run description (models, data, timings).
+Plots: drift_by_defense.png (grouped bars: drift per attack for each defense), bci_histogram.png
+(max-BCI distribution of unsafe vs safe completions), bound_vs_measured.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tracealign_jax.atomic_io import atomic_write_json, atomic_write_text
+
+TABLE_COLUMNS = (
+    ("drift_rate", "drift", "pct"),
+    ("relative_drift_reduction", "reduction vs none", "pct"),
+    ("attack_success_rate.overall", "attack success", "pct"),
+    ("refusal_quality", "refusal quality (1-5)", "num"),
+    ("over_refusal", "over-refusal", "pct"),
+    ("benign_accuracy", "benign accuracy", "pct"),
+    ("perplexity", "perplexity", "num"),
+    ("perplexity_delta", "perplexity delta", "signed"),
+)
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "signed":
+        return f"{value:+.3f}"
+    return f"{value:.3f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main_table(report: dict[str, Any]) -> str:
+    """The headline Markdown table: one row per defense."""
+    rows = [[name] + [_fmt(_get(m, key), kind) for key, _, kind in TABLE_COLUMNS]
+            for name, m in report["defenses"].items()]
+    return _table(["defense"] + [title for _, title, _ in TABLE_COLUMNS], rows)
+
+
+def _breakdown(report: dict[str, Any], field: str) -> str:
+    groups = sorted({g for m in report["defenses"].values() for g in (m.get(field) or {})})
+    rows = [[name] + [_fmt((m.get(field) or {}).get(g), "pct") for g in groups]
+            for name, m in report["defenses"].items()]
+    return _table(["defense"] + groups, rows)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    parts = ["# Alignment Drift Benchmark report", "", main_table(report), "",
+             "## Drift by attack", "", _breakdown(report, "drift_by_attack"), "",
+             "## Drift by category", "", _breakdown(report, "drift_by_category"), ""]
+    fpr = {n: m.get("shield_false_positive_rate") for n, m in report["defenses"].items()
+           if m.get("shield_false_positive_rate") is not None}
+    if fpr:
+        parts += ["## TraceShield false-positive rate (safe completions flagged)", "",
+                  _table(["defense", "FPR"], [[n, _fmt(v, "pct")] for n, v in fpr.items()]), ""]
+    bound_rows = (report.get("bound") or {}).get("rows") or []
+    if bound_rows:
+        parts += ["## Drift bound vs measured drift (undefended model)", "",
+                  _table(["group", "bound", "measured", "prompts", "holds"],
+                         [[r["group"], _fmt(r["bound"], "pct"), _fmt(r["measured"], "pct"), str(r["n"]),
+                           "yes" if r["bound"] is not None and r["measured"] is not None
+                           and r["bound"] >= r["measured"] else "no"] for r in bound_rows]), ""]
+    meta = report.get("meta") or {}
+    if meta:
+        parts += ["## Run", ""] + [f"- **{k}**: {v}" for k, v in meta.items()] + [""]
+    return "\n".join(parts)
+
+
+def _plot_drift(report: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names = list(report["defenses"])
+    attacks = sorted({a for m in report["defenses"].values() for a in (m.get("drift_by_attack") or {})})
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 4))
+    width = 0.8 / max(1, len(attacks) + 1)
+    for j, attack in enumerate(attacks + ["overall"]):
+        vals = [(m.get("drift_rate") if attack == "overall" else (m.get("drift_by_attack") or {}).get(attack)) or 0.0
+                for m in report["defenses"].values()]
+        ax.bar([i + (j - len(attacks) / 2) * width for i in range(len(names))], [100 * v for v in vals],
+               width, label=attack)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("drift rate (%)")
+    ax.set_title("Alignment drift by defense and attack")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_bci(report: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    bci = report.get("bci") or {}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    values = [v for k in ("unsafe", "safe") for v in bci.get(k, [])]
+    bins = 30 if values else 1
+    rng = (0.0, max(values) if values and max(values) > 0 else 1.0)
+    for key, colour in (("safe", "tab:blue"), ("unsafe", "tab:red")):
+        ax.hist(bci.get(key, []), bins=bins, range=rng, alpha=0.6, color=colour,
+                label=f"{key} completions (n={len(bci.get(key, []))})")
+    if bci.get("tau") is not None:
+        ax.axvline(bci["tau"], color="k", linestyle="--", label=f"tau = {bci['tau']:.2f}")
+    ax.set_xlabel("max BCI of a matched span (nats)")
+    ax.set_ylabel("completions")
+    ax.set_title("BCI of unsafe vs safe completions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_bound(report: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in (report.get("bound") or {}).get("rows", []) if r["bound"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [100 * r["bound"] for r in rows], 0.4, label="bound")
+    ax.bar([x + 0.2 for x in xs], [100 * (r["measured"] or 0.0) for r in rows], 0.4, label="measured")
+    ax.set_xticks(list(xs), [r["group"] for r in rows])
+    ax.set_ylabel("drift (%)")
+    ax.set_title("Drift bound vs measured drift (undefended)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Writes report.json, report.md and the three PNGs into ``out_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md",
+             "drift_plot": out_dir / "drift_by_defense.png", "bci_plot": out_dir / "bci_histogram.png",
+             "bound_plot": out_dir / "bound_vs_measured.png"}
+    atomic_write_json(paths["json"], report)
+    atomic_write_text(paths["markdown"], to_markdown(report))
+    _plot_drift(report, paths["drift_plot"])
+    _plot_bci(report, paths["bci_plot"])
+    _plot_bound(report, paths["bound_plot"])
+    return paths
