@@ -1,0 +1,239 @@
+"""One decoder-only transformer for Llama / Qwen2 / Mistral, as a Flax NNX module.
+
+Decoder layers are stacked: every per-layer weight has a leading ``layers`` axis and the forward
+pass is one ``jax.lax.scan`` over them, so compile time does not grow with depth (an 80-layer model
+compiles like a 1-layer one) and remat applies per layer through ``jax.checkpoint``.
+
+Every parameter is an ``nnx.Param`` whose ``logical_axes`` metadata names its dimensions
+(vocab, embed, heads, kv_heads, head_dim, mlp, layers); ``tracealign_jax.model.partitioning`` turns
+them into NamedShardings with the rule table of ``tracealign_jax.sharding``. Activations are
+constrained by logical names with ``sharding.constrain``.
+
+Parameter layout (paths used by ``hf_io.keymap``):
+  embed [V, D]; final_norm [D]; lm_head [D, V] (absent when embeddings are tied);
+  layers.attn_norm / mlp_norm [Ly, D]; layers.wq [Ly, D, H, E]; layers.wk, wv [Ly, D, G, E];
+  layers.bq [Ly, H, E], bk, bv [Ly, G, E] (q/k/v bias); layers.wo [Ly, H, E, D]; layers.bo [Ly, D];
+  layers.w_gate, w_up [Ly, D, F]; layers.w_down [Ly, F, D].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tracealign_jax import sharding
+from tracealign_jax.model.attention import attention_mask, grouped_attention
+from tracealign_jax.model.config import ModelArch
+from tracealign_jax.model.kv_cache import KVCache
+from tracealign_jax.model.rope import apply_rope, rope_angles
+
+Remat = Literal["none", "full", "dots"]
+ACT = ("batch", "length", "embed")
+
+# name -> (shape builder, logical axes, init kind) of each stacked per-layer weight.
+def _layer_specs(arch: ModelArch) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    n, d, f = arch.num_hidden_layers, arch.hidden_size, arch.intermediate_size
+    h, g, e = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
+    specs = {
+        "attn_norm": ((n, d), ("layers", "embed"), "ones"),
+        "wq": ((n, d, h, e), ("layers", "embed", "heads", "head_dim"), "normal"),
+        "wk": ((n, d, g, e), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "wv": ((n, d, g, e), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "wo": ((n, h, e, d), ("layers", "heads", "head_dim", "embed"), "normal"),
+        "mlp_norm": ((n, d), ("layers", "embed"), "ones"),
+        "w_gate": ((n, d, f), ("layers", "embed", "mlp"), "normal"),
+        "w_up": ((n, d, f), ("layers", "embed", "mlp"), "normal"),
+        "w_down": ((n, f, d), ("layers", "mlp", "embed"), "normal"),
+    }
+    if arch.attention_bias:
+        specs["bq"] = ((n, h, e), ("layers", "heads", "head_dim"), "zeros")
+        specs["bk"] = ((n, g, e), ("layers", "kv_heads", "head_dim"), "zeros")
+        specs["bv"] = ((n, g, e), ("layers", "kv_heads", "head_dim"), "zeros")
+    if arch.attention_out_bias:
+        specs["bo"] = ((n, d), ("layers", "embed"), "zeros")
+    return specs
+
+
+def _param(key: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...], kind: str, std: float, dtype: Any) -> nnx.Param:
+    if kind == "ones":
+        value = jnp.ones(shape, dtype)
+    elif kind == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+def rms_norm(x_BxLxD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
+    """HF LlamaRMSNorm: normalize in float32, cast back, then scale by the weight."""
+    x32 = x_BxLxD.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight_D.astype(x_BxLxD.dtype) * normed.astype(x_BxLxD.dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading ``layers`` axis."""
+
+    def __init__(self, arch: ModelArch, *, param_dtype: Any, rngs: nnx.Rngs):
+        for name, (shape, axes, kind) in _layer_specs(arch).items():
+            setattr(self, name, _param(rngs.params(), shape, axes, kind, arch.initializer_range, param_dtype))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
+
+def _decoder_layer(
+    arch: ModelArch,
+    dtype: Any,
+    h_BxLxD: jax.Array,
+    p: dict[str, jax.Array],
+    cos_sin: tuple[jax.Array, jax.Array],
+    mask_BxLxS: jax.Array,
+    kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One pre-norm decoder layer. ``kv`` = (k_all, v_all, layer, index) writes this step's keys and
+    values into the full cache ``[B, Ly, S, G, E]`` at ``[:, layer, index:index+L]`` and attends over
+    that layer's slots; without it attention is over the L fresh tokens only."""
+    w = {k: v.astype(dtype) for k, v in p.items()}
+    x = rms_norm(h_BxLxD, p["attn_norm"], arch.rms_norm_eps)
+    q = jnp.einsum("bld,dhe->blhe", x, w["wq"])
+    k = jnp.einsum("bld,dge->blge", x, w["wk"])
+    v = jnp.einsum("bld,dge->blge", x, w["wv"])
+    if arch.attention_bias:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    q = sharding.constrain(apply_rope(q, *cos_sin), ("batch", "length", "heads", "head_dim"))
+    k = sharding.constrain(apply_rope(k, *cos_sin), ("batch", "length", "kv_heads", "head_dim"))
+    v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    new_kv = None
+    if kv is not None:
+        k_all, v_all, layer, index = kv
+        start = (0, layer, index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[:, None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[:, None].astype(v_all.dtype), start)
+        new_kv = (k_all, v_all)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=1, keepdims=False).astype(dtype)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=1, keepdims=False).astype(dtype)
+    attn = grouped_attention(q, k, v, mask_BxLxS)
+    out = jnp.einsum("blhe,hed->bld", attn, w["wo"])
+    if arch.attention_out_bias:
+        out = out + w["bo"]
+    h_BxLxD = sharding.constrain(h_BxLxD + out, ACT)
+
+    x = rms_norm(h_BxLxD, p["mlp_norm"], arch.rms_norm_eps)
+    gate = sharding.constrain(jnp.einsum("bld,df->blf", x, w["w_gate"]), ("batch", "length", "mlp"))
+    up = sharding.constrain(jnp.einsum("bld,df->blf", x, w["w_up"]), ("batch", "length", "mlp"))
+    down = jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, w["w_down"])
+    return sharding.constrain(h_BxLxD + down, ACT), new_kv
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing but the layer input; recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight-matmul outputs
+}
+
+
+class Transformer(nnx.Module):
+    """Llama-family decoder. See the module docstring for the parameter layout.
+
+    dtype: compute dtype of activations and of weights at use (float32 | bfloat16);
+    param_dtype: storage dtype of the parameters; remat: none | full | dots (per decoder layer).
+    """
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat: Remat = "none",
+        rngs: nnx.Rngs,
+    ):
+        if remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat must be none | full | dots, got {remat!r}")
+        self.arch = arch
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.remat = remat
+        std = arch.initializer_range
+        d, v = arch.hidden_size, arch.vocab_size
+        self.embed = _param(rngs.params(), (v, d), ("vocab", "embed"), "normal", std, self.param_dtype)
+        self.layers = DecoderLayers(arch, param_dtype=self.param_dtype, rngs=rngs)
+        self.final_norm = _param(rngs.params(), (d,), ("embed",), "ones", std, self.param_dtype)
+        if not arch.tie_word_embeddings:
+            self.lm_head = _param(rngs.params(), (d, v), ("embed", "vocab"), "normal", std, self.param_dtype)
+
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        valid_BxL: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """float32 logits [B, L, V] and the updated cache (None when called without one)."""
+        h_BxLxD, cache = self.hidden(tokens_BxL, positions_BxL, valid_BxL, cache)
+        return sharding.constrain(self.unembed(h_BxLxD), ("batch", "length", "vocab")), cache
+
+    def hidden(
+        self,
+        tokens_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        valid_BxL: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states [B, L, D] (compute dtype) and the updated cache.
+
+        tokens_BxL int32; positions_BxL int32, per-row position of each token (0 = first real
+        token); valid_BxL bool, False for padding (default: all real). With a cache the L tokens go
+        to slots ``[cache.index, cache.index + L)`` and attend to every valid earlier slot.
+        """
+        arch = self.arch
+        b, l = tokens_BxL.shape
+        if valid_BxL is None:
+            valid_BxL = jnp.ones((b, l), bool)
+        # Gather from a table whole along vocab (sharded only on embed): a vocab-sharded gather
+        # would make XLA replicate the whole lookup.
+        table_VxD = sharding.constrain(self.embed[...], (None, "embed"))
+        h = jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
+        h = sharding.constrain(h, ACT)
+        cos_sin = rope_angles(positions_BxL, arch)
+
+        if cache is None:
+            slots_L = jnp.arange(l)
+            mask = attention_mask(slots_L, slots_L, valid_BxL, arch.sliding_window)
+            carry = (h, None, None)
+        else:
+            index = cache.index
+            valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxL, (0, index))
+            mask = attention_mask(index + jnp.arange(l), jnp.arange(cache.max_len), valid_BxS, arch.sliding_window)
+            carry = (h, cache.k, cache.v)
+
+        def body(carry, xs):
+            h, k_all, v_all = carry
+            params, layer = xs
+            kv = None if cache is None else (k_all, v_all, layer, cache.index)
+            h, new_kv = _decoder_layer(arch, self.dtype, h, params, cos_sin, mask, kv)
+            return (h, *(new_kv if new_kv is not None else (None, None))), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+        xs = (self.layers.arrays(), jnp.arange(arch.num_hidden_layers, dtype=jnp.int32))
+        (h, k_all, v_all), _ = jax.lax.scan(body, carry, xs)
+
+        if cache is not None:
+            cache = KVCache(k=k_all, v=v_all, valid_BxS=valid_BxS, index=cache.index + l).constrain()
+        h = rms_norm(h, self.final_norm[...], arch.rms_norm_eps)
+        return sharding.constrain(h, ACT), cache
+
+    def unembedding_matrix(self) -> jax.Array:
+        """[D, V] output projection in the parameter dtype (the embedding transposed when tied)."""
+        if self.arch.tie_word_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
+
+    def unembed(self, h_xD: jax.Array) -> jax.Array:
+        """float32 logits [..., V] for hidden states [..., D] (any leading shape: chunks welcome)."""
+        w_DxV = self.unembedding_matrix().astype(self.dtype)
+        return jnp.einsum("...d,dv->...v", h_xD.astype(self.dtype), w_DxV, preferred_element_type=jnp.float32)
