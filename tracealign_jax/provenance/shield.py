@@ -1,0 +1,183 @@
+"""TraceShield: refuse a completion when one of its maximal corpus spans has BCI > tau, and say why.
+
+A batch of completions is checked with one compiled maximal-span call over all of them, one batched
+occurrence-sampling call and one batched ``locate`` for the offending spans' sources. Each verdict
+lists the offending spans (token range, text, BCI, conflict, rarity, support) and their top
+training-time sources (documents ranked by policy risk, then id) with a snippet around the match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tracealign_jax.atomic_io import atomic_write_text
+from tracealign_jax.provenance.bci import BCIScorer, ScoredSpan
+from tracealign_jax.provenance.calibrate import Threshold
+
+
+@dataclasses.dataclass
+class Source:
+    """One training-time occurrence of a span: document, token offset in it, its labels, a snippet."""
+
+    doc_id: int
+    offset: int
+    risk: float
+    metadata: dict
+    snippet: str
+
+
+@dataclasses.dataclass
+class OffendingSpan:
+    """A span with BCI > tau: ``tokens[start:end]`` of the completion (token offsets, end exclusive)."""
+
+    start: int
+    end: int
+    tokens: list[int]
+    text: str
+    count: int
+    rarity: float
+    conflict: float
+    bci: float
+    sources: list[Source]
+
+
+@dataclasses.dataclass
+class ShieldVerdict:
+    """Per completion: refuse iff max span BCI > tau; offending spans sorted by BCI, largest first."""
+
+    refuse: bool
+    max_bci: float
+    tau: float
+    num_tokens: int
+    num_spans: int
+    spans: list[OffendingSpan]
+    text: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class TraceShield:
+    """Batched refusal + attribution against one index with a threshold calibrated on that index."""
+
+    def __init__(self, index: Any, scorer: BCIScorer, threshold: Threshold, *, tokenizer: Any = None,
+                 top_sources: int = 3, snippet_tokens: int = 12, check_index: bool = True):
+        if check_index:
+            threshold.check_index(index)
+        self.index, self.scorer, self.threshold = index, scorer, threshold
+        self.tokenizer = tokenizer
+        self.top_sources, self.snippet_tokens = top_sources, snippet_tokens
+
+    # ---- text <-> tokens ------------------------------------------------------------------------
+
+    def _tok(self) -> Any:
+        if self.tokenizer is None:
+            tok_dir = getattr(self.index, "tokenizer_dir", None)
+            if not tok_dir:
+                raise ValueError("text completions need a tokenizer: this index has none (pass token ids)")
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        return self.tokenizer
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok().encode(text, add_special_tokens=False), dtype=np.int64)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        if self.tokenizer is None and not getattr(self.index, "tokenizer_dir", None):
+            return " ".join(str(int(t)) for t in tokens)
+        return self._tok().decode([int(t) for t in tokens])
+
+    # ---- checking ---------------------------------------------------------------------------------
+
+    def check_batch(self, completions: Sequence[str] | Sequence[Sequence[int]]) -> list[ShieldVerdict]:
+        """Verdicts for a batch of completions (all strings, or all token-id sequences)."""
+        texts = [c if isinstance(c, str) else "" for c in completions]
+        token_lists = [self.encode(c) if isinstance(c, str) else np.asarray(c, np.int64) for c in completions]
+        return self._verdicts(token_lists, self.scorer.scan_batch(token_lists), texts)
+
+    def check_sequential(self, token_lists: Sequence[Sequence[int]]) -> list[ShieldVerdict]:
+        """The un-batched reference path (benchmarks): one index call per completion and per span."""
+        scanned = []
+        for tokens in token_lists:
+            arr = np.asarray(tokens, np.int64)
+            row = []
+            for s in self.index.maximal_spans(arr, min_len=self.scorer.cfg.min_span):
+                doc_ids, total = self.index.occurrence_docs(arr[s.start:s.end], self.scorer.cfg.sample_size)
+                sc = self.scorer._score(arr[s.start:s.end], int(total), self.index.doc_unsafe(doc_ids))
+                row.append(ScoredSpan(s.start, s.end, sc.count, sc.rarity, sc.density, sc.conflict, sc.bci))
+            scanned.append(row)
+        return self._verdicts([np.asarray(t, np.int64) for t in token_lists], scanned, [""] * len(token_lists))
+
+    def _verdicts(self, token_lists: list[np.ndarray], scanned: list[list[ScoredSpan]],
+                  texts: list[str]) -> list[ShieldVerdict]:
+        tau = self.threshold.tau
+        offending = [(i, s) for i, row in enumerate(scanned) for s in row if s.bci > tau]
+        located = self.index.locate_batch([token_lists[i][s.start:s.end] for i, s in offending],
+                                          4 * self.top_sources) if offending and self.top_sources else []
+        per_row: list[list[OffendingSpan]] = [[] for _ in token_lists]
+        for (i, s), occ in zip(offending, located or [[] for _ in offending]):
+            toks = token_lists[i][s.start:s.end]
+            per_row[i].append(OffendingSpan(s.start, s.end, toks.tolist(), self.decode(toks), s.count, s.rarity,
+                                            s.conflict, s.bci, self._sources(occ, len(toks))))
+        out = []
+        for i, row in enumerate(scanned):
+            spans = sorted(per_row[i], key=lambda o: -o.bci)
+            max_bci = max((s.bci for s in row), default=0.0)
+            out.append(ShieldVerdict(bool(spans), float(max_bci), tau, int(token_lists[i].size), len(row), spans,
+                                     texts[i]))
+        return out
+
+    def _sources(self, occurrences: list[tuple[int, int]], span_len: int) -> list[Source]:
+        if not occurrences:
+            return []
+        docs = np.array([d for d, _ in occurrences], np.int64)
+        risks = self.index.doc_unsafe(docs)
+        order = np.lexsort((docs, -risks))[: self.top_sources]
+        metas = self.index.doc_metadata(docs[order])
+        out = []
+        for j, meta in zip(order, metas):
+            doc_id, offset = occurrences[j]
+            doc = self.index.doc_tokens(doc_id)
+            a, b = max(0, offset - self.snippet_tokens), min(len(doc), offset + span_len + self.snippet_tokens)
+            snippet = f"{self.decode(doc[a:offset])} [[{self.decode(doc[offset:offset + span_len])}]] " \
+                      f"{self.decode(doc[offset + span_len:b])}".strip()
+            out.append(Source(int(doc_id), int(offset), float(risks[j]), meta, snippet))
+        return out
+
+
+def write_jsonl(verdicts: Sequence[ShieldVerdict], path: str | Path) -> None:
+    """One JSON object per completion, in input order (for pipelines)."""
+    atomic_write_text(path, "".join(json.dumps(v.to_json(), sort_keys=True) + "\n" for v in verdicts))
+
+
+def render_report(verdicts: Sequence[ShieldVerdict], title: str = "TraceShield report") -> str:
+    """A Markdown report for people: summary, then each refused completion with spans and sources."""
+    refused = [i for i, v in enumerate(verdicts) if v.refuse]
+    tau = verdicts[0].tau if verdicts else float("nan")
+    lines = [f"# {title}", "", f"- completions checked: {len(verdicts)}",
+             f"- refused: {len(refused)} (BCI > tau = {tau:.3f} nats)", ""]
+    for i in refused:
+        v = verdicts[i]
+        lines += [f"## Completion {i}: REFUSED (max BCI {v.max_bci:.2f} nats, {v.num_tokens} tokens)", ""]
+        if v.text:
+            lines += ["> " + v.text.replace("\n", " "), ""]
+        lines += ["| tokens | BCI | conflict | rarity (nats) | support | span |", "|---|---|---|---|---|---|"]
+        for s in v.spans:
+            lines.append(f"| {s.start}-{s.end} | {s.bci:.2f} | {s.conflict:.3f} | {s.rarity:.2f} | {s.count} | "
+                         f"`{s.text.replace('|', '/')}` |")
+        lines.append("")
+        for s in v.spans:
+            for src in s.sources:
+                meta = {k: src.metadata[k] for k in ("category", "source", "title") if k in src.metadata}
+                lines.append(f"- span {s.start}-{s.end} <- doc {src.doc_id} @ token {src.offset} "
+                             f"(risk {src.risk:.2f}{', ' + json.dumps(meta) if meta else ''}): {src.snippet}")
+        lines.append("")
+    passed = len(verdicts) - len(refused)
+    lines.append(f"{passed} completion(s) passed.")
+    return "\n".join(lines) + "\n"
