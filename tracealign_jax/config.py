@@ -92,6 +92,8 @@ class LossConfig:
     cbd_data_weight / cbd_margin: term (a), hinge on high-BCI response tokens (margin in nats).
     cbd_cont_weight: term (b), expected veto-table BCI penalty of the policy's next-token distribution.
     reference: in_step (frozen copy in the step) | precomputed (streamed reference log-probs).
+    cbd_veto_table: directory of a provenance veto table (needed when cbd_cont_weight > 0).
+    cbd_min_prefix: veto entries apply once this many trailing tokens match a high-BCI span's prefix.
     """
 
     type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
@@ -102,12 +104,21 @@ class LossConfig:
     cbd_margin: float = 1.0
     cbd_cont_weight: float = 0.0
     reference: Literal["in_step", "precomputed"] = "in_step"
+    cbd_veto_table: str = ""
+    cbd_min_prefix: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimizer, schedule and loop. batch_size counts preference pairs per optimizer step (global)."""
+    """Optimizer, schedule and loop. batch_size counts preference pairs per optimizer step (global).
 
+    objective: dpo (preference loss + CBD) | sft (NLL of prompt -> chosen/response, e.g. the reference).
+    micro_batches: gradient accumulation steps per optimizer step (token-count weighted).
+    logprob_chunk: sequence positions per logits block in the loss (0 = whole sequence at once).
+    peak_flops_per_device: accelerator peak FLOP/s for MFU (0 = do not report MFU).
+    """
+
+    objective: Literal["dpo", "sft"] = "dpo"
     seed: int = 0
     steps: int = 100
     batch_size: int = 8
@@ -125,6 +136,7 @@ class TrainConfig:
     max_nonfinite_in_row: int = 5
     log_every: int = 1
     output_dir: str = "runs/train"
+    peak_flops_per_device: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

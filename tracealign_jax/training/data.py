@@ -1,0 +1,287 @@
+"""Preference data: read, validate, tokenize once (cached), bucket, shuffle deterministically, batch.
+
+Records (JSONL or Parquet, one pair per record), in any of three forms:
+  strings        {"prompt": str, "chosen": str, "rejected": str}
+  conversations  {"prompt": [{"role", "content"}, ...], "chosen": str | [messages], "rejected": ...}
+                 rendered with the tokenizer's chat template (the response is what the template adds
+                 after the generation prompt)
+  token ids      {"prompt_ids": [int], "chosen_ids": [int], "rejected_ids": [int]} (no tokenizer)
+For SFT only ``prompt`` + ``chosen`` (or ``response``) are needed. A malformed record raises
+``RecordError`` naming file, line and field before any training, unless ``data.skip_malformed``
+(then it is skipped and counted in ``TokenizedPairs.num_skipped``).
+
+Truncation: responses keep their start (at most ``max_response_len`` tokens); an over-long prompt
+keeps its end (``truncation: keep_end``, the tokens next to the response) or its start (``keep_start``).
+
+Batch (host NumPy dict; every array fixed-shape per bucket length L). Rows are interleaved: row 2i is
+pair i's prompt + chosen response, row 2i+1 the same prompt + rejected response, right-padded
+(for SFT the batch has B rows of prompt + response):
+  tokens      int32[2B, L]    token ids (pad = 0)
+  positions   int32[2B, L]    0, 1, 2, ... (per row)
+  valid       bool[2B, L]     real tokens
+  loss_mask   float32[2B, L]  1 on response tokens (the tokens the losses score)
+  bci         float32[2B, L]  per-token BCI (nats) on response tokens, 0 elsewhere (0 without a store)
+  ref_logps   float32[2B, L]  precomputed reference per-token log-probs (only with reference=precomputed)
+  index       int64[B]        dataset example of each pair (host-side bookkeeping; not sent to devices)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from tracealign_jax.atomic_io import atomic_directory, sha256_file, verify_manifest, write_manifest
+from tracealign_jax.config import ConfigError, DataConfig
+from tracealign_jax.records import RecordError, iter_records, require
+
+FIELDS = ("prompt", "chosen", "rejected")
+CACHE_FORMAT = "tracealign-pref-tokens-v1"
+
+
+@dataclass
+class TokenizedPairs:
+    """Tokenized dataset as flat arrays: ``<f>_tokens`` int32 concatenated, ``<f>_offsets`` int64[N+1]."""
+
+    arrays: dict[str, np.ndarray]
+    num_skipped: int = 0
+    fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.arrays["prompt_offsets"]) - 1
+
+    def get(self, field: str, i: int) -> np.ndarray:
+        off = self.arrays[f"{field}_offsets"]
+        return self.arrays[f"{field}_tokens"][off[i] : off[i + 1]]
+
+    def lengths(self, field: str) -> np.ndarray:
+        return np.diff(self.arrays[f"{field}_offsets"])
+
+
+def _messages(value: Any, path: Path, line: int, field: str) -> list[dict]:
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RecordError(path, line, f"{field}[{j}]", "expected {'role': str, 'content': str}")
+    return list(value)
+
+
+def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Sequence[str]) -> dict[str, list[int]]:
+    """Token ids of prompt and responses of one record (before truncation)."""
+    if "prompt_ids" in rec:
+        out = {}
+        for f in fields:
+            ids = require(rec, f"{f}_ids", list, path, line)
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise RecordError(path, line, f"{f}_ids", "expected a list of non-negative ints")
+            out[f] = ids
+        return out
+    if tokenizer is None:
+        raise RecordError(path, line, "prompt", "text records need data.tokenizer_dir (or give prompt_ids/chosen_ids/rejected_ids)")
+    prompt = require(rec, "prompt", (str, list), path, line)
+    out = {}
+    if isinstance(prompt, list):
+        msgs = _messages(prompt, path, line, "prompt")
+        prompt_text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        out["prompt"] = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        for f in fields[1:]:
+            resp = require(rec, f, (str, list), path, line)
+            turn = [{"role": "assistant", "content": resp}] if isinstance(resp, str) else _messages(resp, path, line, f)
+            full = tokenizer.apply_chat_template(msgs + turn, tokenize=False)
+            if not full.startswith(prompt_text):
+                raise RecordError(path, line, f, "chat template does not extend the prompt rendering")
+            out[f] = tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        return out
+    out["prompt"] = tokenizer(prompt)["input_ids"]  # special tokens (BOS) belong to the prompt
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for f in fields[1:]:
+        out[f] = tokenizer(require(rec, f, str, path, line), add_special_tokens=False)["input_ids"] + eos
+    return out
+
+
+def _truncate(ids: list[int], n: int, keep_end: bool) -> list[int]:
+    return ids[-n:] if keep_end and len(ids) > n else ids[:n]
+
+
+def _fingerprint(cfg: DataConfig, fields: Sequence[str]) -> str:
+    tok_hash = ""
+    if cfg.tokenizer_dir:
+        h = hashlib.sha256()
+        for p in sorted(Path(cfg.tokenizer_dir).glob("*")):
+            if p.is_file() and p.suffix in (".json", ".model", ".txt", ".jinja"):
+                h.update(p.name.encode() + sha256_file(p).encode())
+        tok_hash = h.hexdigest()
+    key = dict(format=CACHE_FORMAT, data=sha256_file(cfg.train_path), tok=tok_hash, fields=list(fields),
+               prompt=cfg.max_prompt_len, response=cfg.max_response_len, trunc=cfg.truncation, skip=cfg.skip_malformed)  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_pairs(cfg: DataConfig, *, sft: bool = False, tokenizer: Any = None, show_progress: bool = False) -> TokenizedPairs:
+    """Reads + validates + tokenizes ``cfg.train_path`` (cached under ``cfg.cache_dir`` by content hash).
+
+    The fingerprint covers the data file, tokenizer files and length settings, so a changed input
+    never reuses a stale cache. ``sft`` reads only prompt + chosen (or ``response``).
+    """
+    path = Path(cfg.train_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.train_path: {path}: no such file")
+    fields = ("prompt", "chosen") if sft else FIELDS
+    fp = _fingerprint(cfg, fields)
+    cache = Path(cfg.cache_dir) / f"pairs-{fp}" if cfg.cache_dir else None
+    if cache is not None and cache.is_dir():
+        manifest = verify_manifest(cache)
+        arrays = {p.stem: np.load(p, allow_pickle=False) for p in sorted(cache.glob("*.npy"))}
+        return TokenizedPairs(arrays, int(manifest["num_skipped"]), fp)
+    if tokenizer is None and cfg.tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
+    keep_end = cfg.truncation == "keep_end"
+    cols: dict[str, list[list[int]]] = {f: [] for f in fields}
+    lines: list[int] = []
+    skipped = 0
+    records = iter_records(path)
+    if show_progress:
+        from tqdm import tqdm
+
+        records = tqdm(records, desc=f"tokenize {path.name}", unit="rec")
+    for line, rec in records:
+        try:
+            if sft and "chosen" not in rec and "chosen_ids" not in rec and "response" in rec:
+                rec = dict(rec, chosen=rec["response"])
+            ids = _encode_record(rec, path, line, tokenizer, fields)
+            for f in fields[1:]:
+                if not ids[f]:
+                    raise RecordError(path, line, f, "empty response")
+        except RecordError:
+            if not cfg.skip_malformed:
+                raise
+            skipped += 1
+            continue
+        cols["prompt"].append(_truncate(ids["prompt"], cfg.max_prompt_len, keep_end))
+        for f in fields[1:]:
+            cols[f].append(ids[f][: cfg.max_response_len])
+        lines.append(line)
+    if not lines:
+        raise ConfigError(f"data.train_path: {path}: no usable records ({skipped} malformed)")
+    arrays = {"line": np.asarray(lines, np.int64)}
+    for f, seqs in cols.items():
+        arrays[f"{f}_tokens"] = np.asarray([t for s in seqs for t in s], np.int32)
+        arrays[f"{f}_offsets"] = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+    if cache is not None:
+        with atomic_directory(cache, overwrite=True) as tmp:
+            for name, arr in arrays.items():
+                np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+            write_manifest(tmp, {"format": CACHE_FORMAT, "fingerprint": fp, "num_skipped": skipped, "source": str(path)})
+    return TokenizedPairs(arrays, skipped, fp)
+
+
+def bucket_of(total_len: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket length >= ``total_len``."""
+    for b in sorted(buckets):
+        if total_len <= b:
+            return b
+    raise ConfigError(f"data.buckets {list(buckets)}: an example of {total_len} tokens fits none "
+                      "(need max bucket >= max_prompt_len + max_response_len)")  # fmt: skip
+
+
+def assign_buckets(pairs: TokenizedPairs, buckets: Sequence[int], sft: bool = False) -> np.ndarray:
+    """int64[N]: the bucket length of each example (prompt + longer response)."""
+    resp = pairs.lengths("chosen") if sft else np.maximum(pairs.lengths("chosen"), pairs.lengths("rejected"))
+    return np.asarray([bucket_of(int(n), buckets) for n in pairs.lengths("prompt") + resp], np.int64)
+
+
+def epoch_batches(bucket_N: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The batches of one epoch: example indices, each batch from one bucket, deterministic in (seed, epoch).
+
+    Shuffle all examples, take each bucket's examples in shuffled order, cut into full batches (the
+    remainder of a bucket waits for another epoch's shuffle), order batches by their first example's
+    shuffled rank so buckets interleave.
+    """
+    perm = np.random.default_rng([seed, epoch]).permutation(len(bucket_N))
+    rank = np.empty_like(perm)
+    rank[perm] = np.arange(len(perm))
+    batches = []
+    for b in np.unique(bucket_N):
+        members = perm[bucket_N[perm] == b]
+        for s in range(0, len(members) - batch_size + 1, batch_size):
+            batches.append(members[s : s + batch_size])
+    batches.sort(key=lambda idx: rank[idx[0]])
+    return batches
+
+
+def build_batch(pairs: TokenizedPairs, idx_B: np.ndarray, length: int, *, sft: bool = False,
+                bci: Any = None, ref_logps: Any = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """The batch dict (module docstring) for examples ``idx_B`` padded to ``length``.
+
+    bci / ref_logps: readers with ``read(indices) -> (chosen list[float32[T_i]], rejected list)``
+    aligned to the (untruncated) response tokens; values past the truncated response are dropped.
+    """
+    responses = ("chosen",) if sft else ("chosen", "rejected")
+    rows = len(idx_B) * len(responses)
+    out = {"tokens": np.zeros((rows, length), np.int32), "valid": np.zeros((rows, length), bool),
+           "loss_mask": np.zeros((rows, length), np.float32), "bci": np.zeros((rows, length), np.float32)}  # fmt: skip
+    extra = {"bci": bci.read(idx_B) if bci is not None else None, "ref_logps": ref_logps.read(idx_B) if ref_logps is not None else None}
+    if extra["ref_logps"] is not None:
+        out["ref_logps"] = np.zeros((rows, length), np.float32)
+    for i, ex in enumerate(idx_B):
+        prompt = pairs.get("prompt", int(ex))
+        for j, f in enumerate(responses):
+            r = i * len(responses) + j
+            resp = pairs.get(f, int(ex))
+            p, n = len(prompt), len(resp)
+            out["tokens"][r, :p] = prompt
+            out["tokens"][r, p : p + n] = resp
+            out["valid"][r, : p + n] = True
+            out["loss_mask"][r, p : p + n] = 1.0
+            for key, got in extra.items():
+                if got is not None:
+                    vals = np.asarray(got[j][i], np.float32)[:n]
+                    out[key][r, p : p + len(vals)] = vals
+    out["positions"] = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
+    out["index"] = np.asarray(idx_B, np.int64)
+    return out
+
+
+class BatchStream:
+    """Endless deterministic batches; ``position()`` / ``restore(position)`` make it resumable.
+
+    Every process builds the same global batches (cheap: token arrays) and the train step takes
+    each process's shards from them, so multi-host runs agree on data order by construction.
+    """
+
+    def __init__(self, pairs: TokenizedPairs, cfg: DataConfig, batch_size: int, *, sft: bool = False,
+                 bci: Any = None, ref_logps: Any = None):  # fmt: skip
+        self.pairs, self.cfg, self.batch_size, self.sft = pairs, cfg, batch_size, sft
+        self.bci, self.ref_logps = bci, ref_logps
+        self.bucket_N = assign_buckets(pairs, cfg.buckets, sft)
+        self.epoch, self.cursor = 0, 0
+        self._batches = epoch_batches(self.bucket_N, batch_size, cfg.shuffle_seed, 0)
+        if not self._batches:
+            raise ConfigError(f"data: no bucket holds a full batch of {batch_size} examples "
+                              f"({len(pairs)} examples over buckets {list(cfg.buckets)})")  # fmt: skip
+
+    def position(self) -> dict[str, int]:
+        """JSON-able iterator position (stored in checkpoints)."""
+        return {"epoch": self.epoch, "cursor": self.cursor, "num_examples": len(self.pairs)}
+
+    def restore(self, pos: dict[str, int]) -> None:
+        if int(pos.get("num_examples", len(self.pairs))) != len(self.pairs):
+            raise ConfigError("data: the checkpoint's data position is for a dataset of a different size")
+        self.epoch, self.cursor = int(pos["epoch"]), int(pos["cursor"])
+        self._batches = epoch_batches(self.bucket_N, self.batch_size, self.cfg.shuffle_seed, self.epoch)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.cursor >= len(self._batches):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._batches = epoch_batches(self.bucket_N, self.batch_size, self.cfg.shuffle_seed, self.epoch)
+        idx = self._batches[self.cursor]
+        self.cursor += 1
+        length = int(self.bucket_N[idx[0]])
+        return build_batch(self.pairs, idx, length, sft=self.sft, bci=self.bci, ref_logps=self.ref_logps)

@@ -1,0 +1,185 @@
+"""The train step: ``train_step(state, batch) -> (state, metrics)``, pure, jitted once per bucket shape.
+
+One path for every configuration: merge the NNX graph with the state's parameters, run the decoder
+to final hidden states, compute per-token log-probs in chunks (``logprobs``), get reference log-probs
+(frozen copy behind ``stop_gradient``, or precomputed in the batch), apply the objective
+(``losses``), clip + AdamW. Gradient accumulation scans over ``train.micro_batches`` slices of the
+batch; every micro-batch is normalised by the WHOLE batch's pair / token counts, so the accumulated
+gradient equals the one-big-batch gradient. A non-finite loss or gradient norm leaves params and
+optimizer untouched and counts (``nonfinite_in_row`` resets on the next finite step).
+
+For AOT (``tracealign_jax.aot``): ``train_step_fn_and_shardings(cfg, mesh, rules, bucket_len)``
+returns the exact jitted step plus the abstract state and batch it compiles for::
+
+    step_fn, abs_state, abs_batch = train_step_fn_and_shardings(cfg, mesh, rules, 128)
+    compiled = step_fn.lower(abs_state, abs_batch).compile()
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tracealign_jax import sharding
+from tracealign_jax.config import Config
+from tracealign_jax.training import losses
+from tracealign_jax.training.logprobs import chunked_token_logprobs, veto_contexts
+from tracealign_jax.training.state import (
+    TrainState,
+    abstract_train_state,
+    graphdef_and_abstract_params,
+    make_optimizer,
+    make_schedule,
+    state_shardings,
+)
+
+Batch = dict[str, jax.Array]
+BATCH_AXES = ("batch", "length")
+
+
+def batch_rows(cfg: Config) -> int:
+    """Rows per global batch: 2 per pair (chosen, rejected) for DPO, 1 per example for SFT."""
+    return cfg.train.batch_size * (1 if cfg.train.objective == "sft" else 2)
+
+
+def batch_fields(cfg: Config) -> dict[str, jnp.dtype]:
+    """The device-side batch fields for this config (see ``training.data`` for their meaning)."""
+    fields = {"tokens": jnp.int32, "positions": jnp.int32, "valid": jnp.bool_, "loss_mask": jnp.float32}
+    if cfg.train.objective == "dpo":
+        fields["bci"] = jnp.float32
+        if cfg.loss.reference == "precomputed":
+            fields["ref_logps"] = jnp.float32
+    return fields
+
+
+def batch_shardings(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> dict[str, NamedSharding]:
+    spec = sharding.named_sharding(mesh, rules, BATCH_AXES)
+    return {k: spec for k in batch_fields(cfg)}
+
+
+def abstract_batch(cfg: Config, mesh: Mesh, rules: sharding.Rules, bucket_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs (with shardings) of one global batch padded to ``bucket_len`` tokens."""
+    shape = (batch_rows(cfg), bucket_len)
+    sh = batch_shardings(cfg, mesh, rules)
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh[k]) for k, dt in batch_fields(cfg).items()}
+
+
+def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int, entry_ids: jax.Array | None):
+    model = nnx.merge(graphdef, params)
+    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"])
+    return chunked_token_logprobs(h, model.unembedding_matrix(), batch["tokens"], chunk=chunk,
+                                  entry_ids_BxLxE=entry_ids, compute_dtype=model.dtype)  # fmt: skip
+
+
+def _veto_lookup(cfg: Config, veto: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Veto entries (ids, penalties, valid), each [R, L, E], for every position's prefix."""
+    from tracealign_jax.provenance.veto_table import veto_entries
+
+    r, l = tokens.shape
+    ctx, n = veto_contexts(tokens, veto.context_len)
+    ids, pen, ok = veto_entries(veto, ctx.reshape(r * l, -1), n.reshape(-1), cfg.loss.cbd_min_prefix)
+    return ids.reshape(r, l, -1), pen.reshape(r, l, -1), ok.reshape(r, l, -1)
+
+
+def loss_fn(params: Any, state: TrainState, batch: Batch, counts: dict[str, jax.Array], *, cfg: Config,
+            graphdef: nnx.GraphDef) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
+    """The objective on one (micro-)batch, normalised by the global ``counts``."""
+    chunk = cfg.train.logprob_chunk
+    if cfg.train.objective == "sft":
+        logps, _ = _forward_logps(graphdef, params, batch, chunk, None)
+        return losses.sft_objective(logps, batch["loss_mask"], counts["tokens"])
+    veto = None
+    entry_ids = None
+    if cfg.loss.cbd_cont_weight:
+        if state.veto is None:
+            raise ValueError("loss.cbd_cont_weight > 0 needs a veto table (loss.cbd_veto_table)")
+        entry_ids, pen, ok = _veto_lookup(cfg, state.veto, batch["tokens"])
+    logps, entry_logps = _forward_logps(graphdef, params, batch, chunk, entry_ids)
+    if entry_ids is not None:
+        veto = (entry_logps, pen, ok)
+    if cfg.loss.reference == "precomputed":
+        ref = batch["ref_logps"]
+    else:
+        ref, _ = _forward_logps(graphdef, state.ref_params, batch, chunk, None)
+    return losses.dpo_objective(cfg.loss, logps, jax.lax.stop_gradient(ref), batch["loss_mask"], batch["bci"], veto,
+                                counts["pairs"], counts["tokens"], counts["chosen_tokens"])  # fmt: skip
+
+
+def _counts(cfg: Config, batch: Batch) -> dict[str, jax.Array]:
+    mask = batch["loss_mask"].astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(mask), 1.0)
+    if cfg.train.objective == "sft":
+        return {"tokens": tokens}
+    return {"pairs": jnp.asarray(mask.shape[0] // 2, jnp.float32), "tokens": tokens,
+            "chosen_tokens": jnp.maximum(jnp.sum(mask[0::2]), 1.0)}  # fmt: skip
+
+
+def train_step(state: TrainState, batch: Batch, *, cfg: Config, graphdef: nnx.GraphDef) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch (pure; bind cfg and graphdef with functools.partial)."""
+    counts = _counts(cfg, batch)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg, graphdef=graphdef), has_aux=True)
+    k = cfg.train.micro_batches
+    if k <= 1:
+        (loss, metrics), grads = grad_fn(state.params, state, batch, counts)
+    else:
+        rows = next(iter(batch.values())).shape[0]
+        if rows % k or (rows // k) % (1 if cfg.train.objective == "sft" else 2):
+            raise ValueError(f"train.micro_batches={k} must divide the batch into whole pairs ({rows} rows)")
+        micro = jax.tree.map(lambda x: x.reshape((k, rows // k) + x.shape[1:]), batch)
+
+        def body(carry, mb):
+            (l, m), g = grad_fn(state.params, state, mb, counts)
+            acc_l, acc_m, acc_g = carry
+            return (acc_l + l, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
+
+        shapes = jax.eval_shape(grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro), counts)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micro)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = make_optimizer(cfg.train).update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    bad = (~finite).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + finite.astype(jnp.int32),
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
+        nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
+        nonfinite_total=state.nonfinite_total + bad,
+    )
+    metrics = dict(metrics)
+    metrics.update(
+        {"grad_norm": grad_norm, "lr": make_schedule(cfg.train)(state.step), "tokens": jnp.sum(batch["valid"].astype(jnp.float32)),
+         "nonfinite": bad, "nonfinite_in_row": new_state.nonfinite_in_row, "skipped_total": new_state.nonfinite_total}
+    )  # fmt: skip
+    return new_state, metrics
+
+
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, rules: sharding.Rules, state_sh: TrainState):
+    """The jitted step with explicit in/out shardings and the state donated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = functools.partial(train_step, cfg=cfg, graphdef=graphdef)
+
+    def traced(state: TrainState, batch: Batch):
+        with sharding.use_mesh(mesh, rules):
+            return step(state, batch)
+
+    return jax.jit(traced, in_shardings=(state_sh, batch_shardings(cfg, mesh, rules)),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))  # fmt: skip
+
+
+def train_step_fn_and_shardings(cfg: Config, mesh: Mesh, rules: sharding.Rules, bucket_len: int, veto: Any = None):
+    """(jitted step, abstract state, abstract batch): ``step.lower(state, batch).compile()`` is the real
+    step compiled for ``mesh`` (works for TPU topologies without the hardware)."""
+    graphdef, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
+    abs_state = abstract_train_state(cfg, mesh, rules, veto)
+    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules, veto))
+    return fn, abs_state, abstract_batch(cfg, mesh, rules, bucket_len)
