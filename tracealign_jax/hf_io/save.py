@@ -1,0 +1,149 @@
+"""Export to a directory ``transformers.AutoModelForCausalLM.from_pretrained`` loads, without torch.
+
+Writes PyTorch-layout safetensors (``metadata={"format": "pt"}``, HF tensor names), split into
+``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` above ``max_shard_bytes``,
+plus ``config.json``, ``generation_config.json``, the tokenizer files when given, and a
+``manifest.json`` of checksums. Tensors stream one layer slice at a time from the devices to the
+file, so host memory stays at one tensor whatever the model size. The directory appears atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from tracealign_jax.atomic_io import atomic_directory, atomic_write_json, write_manifest
+from tracealign_jax.hf_io.keymap import tensor_maps
+from tracealign_jax.hf_io.load import INDEX_FILE, SINGLE_FILE
+from tracealign_jax.hf_io.safetensors_file import TensorPlan, write_safetensors
+from tracealign_jax.model import ModelArch
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+_TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def flat_params(model_or_state: Any) -> dict[str, jax.Array]:
+    """Our dotted parameter paths -> arrays, from a Transformer, an nnx.State or such a dict."""
+    if isinstance(model_or_state, nnx.Module):
+        state = nnx.state(model_or_state, nnx.Param)
+    elif isinstance(model_or_state, nnx.State):
+        state = model_or_state
+    else:
+        return dict(model_or_state)
+    return {
+        ".".join(str(k) for k in path): (var.get_value() if isinstance(var, nnx.Variable) else var)
+        for path, var in nnx.to_flat_state(state)
+    }
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _plan(params: Mapping[str, jax.Array], arch: ModelArch, dtype: np.dtype) -> list[TensorPlan]:
+    plans: list[TensorPlan] = []
+    per_layer: list[list[TensorPlan]] = [[] for _ in range(arch.num_hidden_layers)]
+    tail: list[TensorPlan] = []
+    for tmap in tensor_maps(arch):
+        if tmap.path not in params:
+            raise KeyError(f"parameter '{tmap.path}' missing from the model/state given to save_hf")
+        array = params[tmap.path]
+        if tmap.stacked:
+            for i, name in enumerate(tmap.hf_names(arch.num_hidden_layers)):
+                produce = lambda a=array, i=i, t=tmap: t.to_hf(_to_host(a[i]))
+                per_layer[i].append((name, tmap.hf_shape, dtype, produce))
+        else:
+            produce = lambda a=array, t=tmap: t.to_hf(_to_host(a))
+            (plans if tmap.path == "embed" else tail).append((tmap.hf_name, tmap.hf_shape, dtype, produce))
+    for layer in per_layer:
+        plans += layer
+    return plans + tail
+
+
+def _split(plans: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for plan in plans:
+        nbytes = int(np.prod(plan[1])) * np.dtype(plan[2]).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(plan)
+        size += nbytes
+    return shards
+
+
+def save_hf(
+    model_or_state: Any,
+    arch: ModelArch,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    *,
+    dtype: str | None = None,
+    generation_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Writes the HF checkpoint directory ``out_dir`` and returns it.
+
+    dtype: stored weight dtype (float32 | bfloat16 | float16); default: the parameters' dtype.
+    generation_config: extra ``generation_config.json`` fields (token ids come from ``arch``).
+    """
+    params = flat_params(model_or_state)
+    dtype_name = dtype or str(np.dtype(params["embed"].dtype))
+    if dtype_name not in _TORCH_DTYPE_NAMES:
+        raise ValueError(f"export dtype must be one of {sorted(_TORCH_DTYPE_NAMES)}, got {dtype_name!r}")
+    np_dtype = np.dtype(jax.numpy.dtype(dtype_name))
+    shards = _split(_plan(params, arch, np_dtype), max_shard_bytes)
+    out_dir = Path(out_dir)
+    if jax.process_index() != 0:
+        # Other processes only take part in the gathers of sharded arrays; process 0 writes.
+        for plan in (p for shard in shards for p in shard):
+            plan[3]()
+        return out_dir
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        bar = tqdm(total=sum(len(s) for s in shards), desc=f"export {out_dir.name}", disable=not progress, unit="tensor")
+        names = [SINGLE_FILE] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+        ]
+        total = 0
+        for name, shard in zip(names, shards):
+            def counted(plan: TensorPlan) -> TensorPlan:
+                def produce() -> np.ndarray:
+                    bar.update(1)
+                    return plan[3]()
+                return (plan[0], plan[1], plan[2], produce)
+
+            total += write_safetensors(tmp / name, [counted(p) for p in shard], {"format": "pt"})
+        bar.close()
+        if len(shards) > 1:
+            weight_map = {plan[0]: name for name, shard in zip(names, shards) for plan in shard}
+            atomic_write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        atomic_write_json(tmp / "config.json", arch.to_hf_dict(torch_dtype=_TORCH_DTYPE_NAMES[dtype_name]))
+        gen = {"_from_model_config": True, "bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id,
+               "pad_token_id": arch.pad_token_id}
+        gen = {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**gen, **(generation_config or {})}.items()}
+        atomic_write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+        if tokenizer_dir is not None:
+            copied = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
+            if not copied:
+                raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+            for f in copied:
+                shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
+        write_manifest(tmp, {"kind": "hf_export", "architecture": arch.architecture, "dtype": dtype_name})
+    return out_dir
