@@ -1,0 +1,176 @@
+"""The training loop: data -> sharded batches -> jitted step -> metrics / checkpoints, resumable.
+
+    from tracealign_jax.config import load_config
+    from tracealign_jax.training import train
+    result = train(load_config("configs/tiny_cpu.yaml", ["data.train_path=prefs.jsonl"]))
+
+The loop dispatches step N+1 before it reads step N's metrics to the host, so the device never
+waits on logging. The checkpoint step number counts batches consumed (skipped non-finite steps
+included), so resuming at checkpoint k replays exactly batches k, k+1, ... of the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from tracealign_jax import sharding
+from tracealign_jax.config import Config, to_dict
+from tracealign_jax.training.checkpoint import Checkpointer
+from tracealign_jax.training.data import BatchStream, TokenizedPairs, load_pairs
+from tracealign_jax.training.metrics import MetricsWriter, step_flops
+from tracealign_jax.training.state import (
+    TrainState,
+    abstract_train_state,
+    graphdef_and_abstract_params,
+    init_train_state,
+    model_arch,
+    state_shardings,
+)
+from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    graphdef: Any
+    history: list[dict[str, float]]
+    steps_run: int
+    resumed_from: int | None
+    num_skipped_records: int
+
+
+def to_device_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+    """Global host batch -> global sharded arrays; every process holds the same host batch and
+    contributes the shards of its own devices (works single- and multi-process)."""
+    out = {}
+    for k, sh in shardings.items():
+        arr = batch[k]
+        out[k] = jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx])
+    return out
+
+
+def _load_veto(cfg: Config) -> Any:
+    if not cfg.loss.cbd_cont_weight or cfg.train.objective != "dpo":
+        return None
+    if not cfg.loss.cbd_veto_table:
+        raise ValueError("loss.cbd_cont_weight > 0 needs loss.cbd_veto_table (a provenance veto table directory)")
+    from tracealign_jax.provenance.veto_table import load_veto_table
+
+    table, _ = load_veto_table(cfg.loss.cbd_veto_table)
+    return table
+
+
+def _initial_model(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> Any:
+    if not cfg.model.hf_dir:
+        return None
+    from tracealign_jax.hf_io import load_hf
+
+    model, _ = load_hf(cfg.model.hf_dir, mesh=mesh, rules=rules, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    return model
+
+
+def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int | None = None,
+          show_progress: bool = True) -> TrainResult:  # fmt: skip
+    """Runs (or resumes) training to ``cfg.train.steps``; ``stop_after`` ends early after that many
+    steps in this call (tests use it to simulate an interrupted run)."""
+    sharding.initialize_distributed(cfg.mesh)
+    mesh = sharding.build_mesh(cfg.mesh)
+    rules = sharding.resolve_rules(cfg.mesh.rules)
+    sft = cfg.train.objective == "sft"
+    out_dir = Path(cfg.train.output_dir)
+    if pairs is None:
+        pairs = load_pairs(cfg.data, sft=sft, show_progress=show_progress and jax.process_index() == 0)
+    bci = None
+    if cfg.data.bci_path and not sft:
+        from tracealign_jax.provenance.token_bci import TokenBCIReader
+
+        bci = TokenBCIReader(cfg.data.bci_path)
+        if len(bci) != len(pairs):
+            raise ValueError(f"data.bci_path: {len(bci)} examples but the dataset has {len(pairs)}")
+    veto = _load_veto(cfg)
+    ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or out_dir / "checkpoints")
+    resumed_from = ckpt.latest_step()
+    graphdef, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
+    if resumed_from is not None:
+        state, position = ckpt.restore(abstract_train_state(cfg, mesh, rules, veto))
+        state = state.replace(veto=veto)
+    else:
+        graphdef, state = init_train_state(cfg, mesh, rules, model=_initial_model(cfg, mesh, rules), veto=veto)
+        position = None
+    ref_reader = None
+    if not sft and cfg.loss.reference == "precomputed":
+        from tracealign_jax.training import reference
+
+        ref_reader = reference.open_reference(cfg, pairs)
+        if ref_reader is None:
+            if resumed_from is not None:
+                raise ValueError("reference log-probs store missing on resume; the reference params are not in the checkpoint")
+            ref_reader = reference.precompute_reference(cfg, graphdef, state.params, pairs, cfg.train.batch_size)
+    stream = BatchStream(pairs, cfg.data, cfg.train.batch_size, sft=sft, bci=bci, ref_logps=ref_reader)
+    if position is not None:
+        stream.restore(position)
+    step_fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules, veto))
+    b_sh = batch_shardings(cfg, mesh, rules)
+    fields = batch_fields(cfg)
+    arch = model_arch(cfg.model)
+    start = resumed_from or 0
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    writer = MetricsWriter(out_dir, cfg.train.steps, start, show_progress=show_progress)
+    if writer.enabled and resumed_from is None:
+        import yaml
+
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    history: list[dict[str, float]] = []
+    pending = None  # (step number, metrics on device, batch shape, dispatch time)
+    last_time = time.perf_counter()
+
+    def drain(p: tuple) -> None:
+        nonlocal last_time
+        n, m, shape, valid_tokens = p
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        now = time.perf_counter()
+        dt, last_time = now - last_time, now
+        m["step_time_s"] = dt
+        m["tokens_per_s"] = valid_tokens / dt
+        if cfg.train.peak_flops_per_device > 0:
+            flops = step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=not sft and cfg.loss.reference == "in_step")
+            m["mfu"] = flops / dt / (cfg.train.peak_flops_per_device * jax.device_count())
+        history.append(dict(m, step=n))
+        if n % max(cfg.train.log_every, 1) == 0 or n == end:
+            writer.write(n, m)
+        writer.advance()
+        if m["nonfinite_in_row"] >= cfg.train.max_nonfinite_in_row:
+            raise NonFiniteLossError(
+                f"step {n}: {int(m['nonfinite_in_row'])} consecutive non-finite steps "
+                f"(loss={m.get('loss/total')}, grad_norm={m.get('grad_norm')}, lr={m.get('lr')}); "
+                "lower train.learning_rate, check the data for empty responses, or use float32"
+            )
+
+    try:
+        for n in range(start + 1, end + 1):
+            host = next(stream)
+            position = stream.position()
+            batch = to_device_batch({k: host[k] for k in fields}, b_sh)
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                drain(pending)  # step n is already queued: reading n-1 does not stall the device
+            pending = (n, metrics, host["tokens"].shape, float(host["valid"].sum()))
+            if ckpt.should_save(n, final=n == cfg.train.steps):
+                ckpt.save(n, state, position)
+        if pending is not None:
+            drain(pending)
+    finally:
+        ckpt.close()
+        writer.close()
+    return TrainResult(state, graphdef, history, end - start, resumed_from, pairs.num_skipped)

@@ -1,0 +1,84 @@
+"""Training metrics: model FLOPs / MFU from the config, and a writer to JSONL + TensorBoard + tqdm.
+
+Only process 0 writes. TensorBoard event files come from tensorboardX (no TensorFlow needed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from tracealign_jax.model import ModelArch
+
+
+def matmul_params(arch: ModelArch) -> int:
+    """Parameters that take part in a matmul per token (the embedding lookup does not, unless tied)."""
+    n = arch.num_params()
+    return n if arch.tie_word_embeddings else n - arch.vocab_size * arch.hidden_size
+
+
+def flops_per_token(arch: ModelArch, seq_len: int, *, train: bool = True) -> float:
+    """Model FLOPs per token (PaLM appendix B): 6N + 12 * layers * heads * head_dim * seq for a
+    forward + backward, a third of it for a forward only. Causal masking is not discounted."""
+    attn = 2 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * seq_len
+    fwd = 2 * matmul_params(arch) + attn
+    return 3 * fwd if train else fwd
+
+
+def step_flops(arch: ModelArch, tokens: int, seq_len: int, *, ref_forward: bool) -> float:
+    """Model FLOPs of one DPO/SFT step over ``tokens`` tokens (policy fwd+bwd, + reference fwd)."""
+    per = flops_per_token(arch, seq_len) + (flops_per_token(arch, seq_len, train=False) if ref_forward else 0.0)
+    return per * tokens
+
+
+class MetricsWriter:
+    """Appends one JSON line per logged step to ``<dir>/metrics.jsonl`` and mirrors scalars to
+    TensorBoard event files in ``<dir>/tb``; shows a tqdm bar with loss / accuracy / tokens/s."""
+
+    def __init__(self, out_dir: str | Path, total_steps: int, initial_step: int = 0, enabled: bool | None = None,
+                 show_progress: bool = True):  # fmt: skip
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.out_dir = Path(out_dir)
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.out_dir / "tb"))
+        if show_progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: float(v) for k, v in metrics.items()})
+        self._jsonl.write(json.dumps(row, sort_keys=True) + "\n")
+        self._jsonl.flush()
+        for k, v in row.items():
+            if k != "step":
+                self._tb.add_scalar(k, v, int(step))
+        if self._bar is not None:
+            shown = {"loss": row.get("loss/total"), "acc": row.get("rewards/accuracies"), "tok/s": row.get("tokens_per_s")}
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if v is not None}, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        self._tb.close()
+        if self._bar is not None:
+            self._bar.close()

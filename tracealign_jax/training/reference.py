@@ -1,0 +1,80 @@
+"""Reference log-probs precomputed in one jitted pass, stored with tensorstore, reused across runs.
+
+TRL's ``precompute_ref_log_probs`` keeps them in memory for one run; its users ask to save and reload
+them (trl#3985). Here the store lives at ``<data.ref_logps_path>/<key>`` where ``key`` hashes the
+reference parameters' identity (checkpoint path or HF dir, or the init seed + architecture) and the
+tokenized dataset's fingerprint, so a different reference or dataset never reads stale values.
+Layout: the per-response float32 arrays of ``provenance.token_bci`` (chosen/rejected [N, T_max] +
+lengths), holding log p_ref(token) in nats for each response token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tracealign_jax.config import Config, to_dict
+from tracealign_jax.provenance.token_bci import TokenBCIReader, write_token_bci
+from tracealign_jax.training.data import TokenizedPairs, assign_buckets, build_batch
+
+
+def reference_key(cfg: Config, pairs: TokenizedPairs) -> str:
+    """Identity of (reference parameters, dataset, tokenization): 16 hex chars."""
+    ident = {"model": to_dict(cfg.model), "seed": cfg.train.seed, "dataset": pairs.fingerprint}
+    if cfg.model.hf_dir:
+        cfg_json = Path(cfg.model.hf_dir) / "config.json"
+        weights = sorted(Path(cfg.model.hf_dir).glob("*.safetensors"))
+        ident["hf"] = [p.name + ":" + str(p.stat().st_size) + ":" + str(int(p.stat().st_mtime)) for p in [cfg_json, *weights]]
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def store_path(cfg: Config, pairs: TokenizedPairs) -> str:
+    return str(Path(cfg.data.ref_logps_path) / reference_key(cfg, pairs))
+
+
+def open_reference(cfg: Config, pairs: TokenizedPairs) -> TokenBCIReader | None:
+    """The stored reference log-probs for this (reference, dataset), or None if not computed yet."""
+    path = store_path(cfg, pairs)
+    if not (Path(path) / "meta.json").is_file():
+        return None
+    reader = TokenBCIReader(path)
+    if reader.meta.get("kind") != "reference_logps" or len(reader) != len(pairs):
+        raise ValueError(f"{path}: not a reference log-prob store for this dataset")
+    return reader
+
+
+def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, pairs: TokenizedPairs,
+                         batch_size: int = 8) -> TokenBCIReader:  # fmt: skip
+    """Computes every example's per-token reference log-probs (one jit per bucket) and stores them."""
+    from tracealign_jax.training.step import _forward_logps
+
+    fwd = jax.jit(lambda p, b: _forward_logps(graphdef, p, b, cfg.train.logprob_chunk, None)[0])
+    bucket_N = assign_buckets(pairs, cfg.data.buckets)
+    out: list[list[np.ndarray]] = [[np.zeros(0, np.float32)] * 2 for _ in range(len(pairs))]
+    order = np.argsort(bucket_N, kind="stable")
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        length = int(bucket_N[idx].max())
+        padded = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
+        batch = build_batch(pairs, padded, length)
+        dev = {k: batch[k] for k in ("tokens", "positions", "valid")}
+        logps = np.asarray(jax.device_get(fwd(ref_params, dev)))
+        for i, ex in enumerate(idx):
+            for j in range(2):
+                row = 2 * i + j
+                sel = batch["loss_mask"][row] > 0
+                out[int(ex)][j] = logps[row][sel].astype(np.float32)
+    path = store_path(cfg, pairs)
+    if jax.process_index() == 0:
+        meta = {"kind": "reference_logps", "key": reference_key(cfg, pairs), "dataset": pairs.fingerprint}
+        write_token_bci(path, [tuple(x) for x in out], meta=meta, overwrite=True)
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("tracealign_reference_written")
+    return TokenBCIReader(path)
