@@ -1,0 +1,66 @@
+"""``tracealign hf convert`` (load + re-export a HF checkpoint) and ``tracealign hf info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tracealign_jax.hf_io.save import DEFAULT_MAX_SHARD_BYTES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    hf = subparsers.add_parser("hf", help="Hugging Face checkpoints: convert (dtype, file sharding), info")
+    sub = hf.add_subparsers(dest="hf_command", metavar="ACTION")
+
+    convert = sub.add_parser("convert", help="load a safetensors HF checkpoint and write it back out")
+    convert.add_argument("--in", dest="in_dir", required=True, help="HF checkpoint directory (safetensors)")
+    convert.add_argument("--out", dest="out_dir", required=True, help="output directory (written atomically)")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                         help="stored weight dtype (default: the source's torch_dtype)")
+    convert.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
+                         help="split weights into files of at most this many bytes (default 5 GiB)")
+    convert.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from here (default: --in)")
+    convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    convert.set_defaults(run=run_convert)
+
+    info = sub.add_parser("info", help="print the architecture a HF checkpoint's config.json describes")
+    info.add_argument("--in", dest="in_dir", required=True, help="HF checkpoint directory")
+    info.set_defaults(run=run_info)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from tracealign_jax.hf_io.load import load_hf
+    from tracealign_jax.hf_io.save import TOKENIZER_FILES, save_hf
+    from tracealign_jax.model import ModelArch
+
+    try:
+        arch = ModelArch.from_hf_dir(args.in_dir)
+        dtype = args.dtype or (arch.torch_dtype if arch.torch_dtype in ("float32", "bfloat16", "float16") else "float32")
+        # Keep the source precision in memory when it is wider than the target (no double rounding).
+        model, arch = load_hf(args.in_dir, param_dtype=jnp.float32)
+        tok_dir = args.tokenizer_dir or args.in_dir
+        has_tokenizer = any((Path(tok_dir) / f).is_file() for f in TOKENIZER_FILES)
+        out = save_hf(model, arch, args.out_dir, tok_dir if has_tokenizer else None, args.max_shard_bytes,
+                      dtype=dtype, overwrite=args.overwrite)
+    except ValueError as err:
+        print(f"tracealign hf convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({arch.architecture}, {arch.num_params():,} parameters, {dtype})")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from tracealign_jax.model import ModelArch
+
+    try:
+        arch = ModelArch.from_hf_dir(args.in_dir)
+    except ValueError as err:
+        print(f"tracealign hf info: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"architecture": arch.architecture, "parameters": arch.num_params(), **arch.__dict__},
+                     indent=2, default=str))
+    return 0
