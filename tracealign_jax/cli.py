@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "tracealign_jax.provenance.commands",
     "tracealign_jax.hf_io.commands",
 )
 

@@ -187,6 +187,9 @@ class ProvenanceConfig:
     min_span / max_span: lengths of the maximal spans scored and of the veto-table spans.
     max_entries: most next-token entries kept per veto-table context.
     target_fpr: false-positive rate the calibrated threshold tau aims for on compliant text.
+    index_path / threshold_path: the TraceIndex directory and its calibrated threshold JSON.
+    top_sources: training-time sources listed per offending span in TraceShield reports.
+    horizon / delta: completion length (tokens) and confidence parameter of the drift bound.
     """
 
     bci: Literal["conflict_x_rarity", "rarity"] = "conflict_x_rarity"
@@ -197,6 +200,11 @@ class ProvenanceConfig:
     max_span: int = 12
     max_entries: int = 16
     target_fpr: float = 0.02
+    index_path: str = ""
+    threshold_path: str = ""
+    top_sources: int = 3
+    horizon: int = 32
+    delta: float = 0.05
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,3 +133,21 @@ class TokenBCIReader:
         return tuple(  # type: ignore[return-value]
             [got[r][i, : got[f"{r}_len"][i]].copy() for i in range(len(indices))] for r in _RESPONSES
         )
+
+
+def token_bci_for_pairs(scorer: Any, pairs: Any, tau: float, *, batch: int = 256,
+                        progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-token BCI of every (chosen, rejected) response of a tokenized preference set.
+
+    pairs: ``len(pairs)`` examples with ``pairs.get("chosen" | "rejected", i) -> int[T]`` (the
+    training pipeline's ``TokenizedPairs``); the arrays align with those stored response tokens.
+    """
+    from tqdm import tqdm
+
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    for s in tqdm(range(0, len(pairs), batch), desc="per-token BCI", disable=not progress):
+        idx = range(s, min(s + batch, len(pairs)))
+        responses = [pairs.get(r, i) for i in idx for r in _RESPONSES]
+        arrays = compute_token_bci(scorer, responses, tau)
+        out.extend((arrays[2 * j], arrays[2 * j + 1]) for j in range(len(idx)))
+    return out

@@ -1,0 +1,236 @@
+"""CLI: ``tracealign bci score|calibrate``, ``tracealign shield``, ``tracealign bound``,
+``tracealign provenance token-bci|veto-table``. Parse, call, print: the logic lives in the modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from tracealign_jax.records import RecordError, iter_records
+
+
+def _common(p: argparse.ArgumentParser, threshold: bool = False) -> None:
+    p.add_argument("--config", default=None, help="YAML config (the provenance section is used)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
+    p.add_argument("--index", default="", help="TraceIndex directory (default: provenance.index_path)")
+    if threshold:
+        p.add_argument("--threshold", default="", help="calibrated threshold JSON (default: provenance.threshold_path)")
+        p.add_argument("--tau", type=float, default=None, help="use this tau (nats) instead of a threshold file")
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from tracealign_jax.config import ConfigError, load_config
+    from tracealign_jax.index import TraceIndex
+    from tracealign_jax.provenance.bci import BCIScorer
+
+    cfg = load_config(args.config, args.set)
+    path = args.index or cfg.provenance.index_path
+    if not path:
+        raise ConfigError("no index: pass --index DIR or set provenance.index_path")
+    index = TraceIndex.open(path)
+    return cfg, index, BCIScorer(index, cfg.provenance)
+
+
+def _tau(args: argparse.Namespace, cfg: Any, index: Any) -> tuple[float, Any]:
+    from tracealign_jax.config import ConfigError
+    from tracealign_jax.provenance.calibrate import Threshold
+
+    if args.tau is not None:
+        return float(args.tau), None
+    path = args.threshold or cfg.provenance.threshold_path
+    if not path:
+        raise ConfigError("no threshold: pass --threshold FILE (from `tracealign bci calibrate`) or --tau")
+    thr = Threshold.load(path, index)
+    return thr.tau, thr
+
+
+def _items(path: str, field: str, index: Any) -> tuple[list[np.ndarray], list[str]]:
+    """Token lists from JSONL/Parquet: ``tokens`` / ``<field>_ids`` (int lists) or ``<field>`` text."""
+    tok = None
+    tokens, texts = [], []
+    for line, rec in iter_records(path):
+        ids = rec.get("tokens", rec.get(f"{field}_ids"))
+        if ids is not None:
+            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                raise RecordError(path, line, "tokens", "expected a list of token ids")
+            tokens.append(np.asarray(ids, np.int64))
+            texts.append("")
+            continue
+        text = rec.get(field)
+        if not isinstance(text, str):
+            raise RecordError(path, line, field, "missing (or give token ids in 'tokens')")
+        if tok is None:
+            if index.tokenizer_dir is None:
+                raise RecordError(path, line, field, "text input needs an index built with a tokenizer")
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(index.tokenizer_dir))
+        tokens.append(np.asarray(tok.encode(text, add_special_tokens=False), np.int64))
+        texts.append(text)
+    return tokens, texts
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    from tracealign_jax.atomic_io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def _score(args: argparse.Namespace) -> int:
+    cfg, index, scorer = _setup(args)
+    tokens, _ = _items(args.input, args.field, index)
+    rows = []
+    print(f"{'item':>5} {'span':>9} {'count':>7} {'rarity':>8} {'conflict':>8} {'BCI':>8}")
+    for i, spans in enumerate(scorer.scan_batch(tokens)):
+        for s in sorted(spans, key=lambda s: -s.bci):
+            rows.append(dict(item=i, start=s.start, end=s.end, count=s.count, rarity=s.rarity, density=s.density,
+                             conflict=s.conflict, bci=s.bci, tokens=tokens[i][s.start:s.end].tolist()))
+            print(f"{i:>5} {f'{s.start}-{s.end}':>9} {s.count:>7} {s.rarity:>8.2f} {s.conflict:>8.3f} {s.bci:>8.2f}")
+    if args.out:
+        _write_jsonl(args.out, rows)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from tracealign_jax.provenance.calibrate import calibrate, split_heldout
+
+    cfg, index, scorer = _setup(args)
+    tokens, _ = _items(args.compliant, args.field, index)
+    calib, held = split_heldout(tokens, args.heldout_fraction, args.seed)
+    target = cfg.provenance.target_fpr if args.target_fpr is None else args.target_fpr
+    thr = calibrate(scorer, calib, held, target)
+    thr.save(args.out)
+    print(f"tau = {thr.tau:.4f} nats  target FPR {thr.target_fpr:.4f}  held-out FPR {thr.measured_fpr:.4f} "
+          f"+/- {thr.stderr:.4f} (n={thr.n_heldout})  index {thr.index_hash} -> {args.out}")
+    return 0
+
+
+def _shield(args: argparse.Namespace) -> int:
+    from tracealign_jax.atomic_io import atomic_write_text
+    from tracealign_jax.provenance.calibrate import Threshold
+    from tracealign_jax.provenance.shield import TraceShield, render_report, write_jsonl
+
+    cfg, index, scorer = _setup(args)
+    tau, thr = _tau(args, cfg, index)
+    thr = thr or Threshold(tau, float("nan"), float("nan"), str(index.manifest_hash))
+    tokens, texts = _items(args.input, args.field, index)
+    shield = TraceShield(index, scorer, thr, top_sources=cfg.provenance.top_sources)
+    verdicts = shield.check_batch(tokens)
+    for v, t in zip(verdicts, texts):
+        v.text = t
+    write_jsonl(verdicts, args.out)
+    report = render_report(verdicts)
+    if args.report:
+        atomic_write_text(args.report, report)
+    print(f"{sum(v.refuse for v in verdicts)} of {len(verdicts)} completions refused (tau {tau:.3f}) -> {args.out}")
+    return 0
+
+
+def _bound(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tracealign_jax.provenance.bound import drift_bound, set_bound
+
+    cfg, index, scorer = _setup(args)
+    tau, _ = _tau(args, cfg, index)
+    queries, _ = _items(args.queries, args.field, index)
+    p = cfg.provenance
+    bounds = drift_bound(index, scorer, queries, tau, horizon=args.horizon or p.horizon, delta=p.delta,
+                         max_occurrences=args.max_occurrences, epsilon=args.epsilon)
+    _write_jsonl(args.out, [dict(dataclasses.asdict(b), item=i) for i, b in enumerate(bounds)])
+    print(f"{'item':>5} {'l_q':>4} {'M(q)':>8} {'examined':>8} {'drifting':>8} {'bound':>7}")
+    for i, b in enumerate(bounds):
+        print(f"{i:>5} {b.context_len:>4} {b.support:>8} {b.examined:>8} {b.drifting + b.truncated:>8} {b.bound:>7.4f}")
+    print(f"drift-rate bound over {len(bounds)} queries (confidence {1 - p.delta:.2f}): {set_bound(bounds, p.delta):.4f}")
+    return 0
+
+
+def _token_bci(args: argparse.Namespace) -> int:
+    from tracealign_jax.provenance.token_bci import token_bci_for_pairs, write_token_bci
+    from tracealign_jax.training.data import load_pairs
+
+    cfg, index, scorer = _setup(args)
+    tau, _ = _tau(args, cfg, index)
+    out = args.out or cfg.data.bci_path
+    if not out:
+        from tracealign_jax.config import ConfigError
+
+        raise ConfigError("no output: pass --out STORE or set data.bci_path")
+    pairs = load_pairs(cfg.data, show_progress=True)
+    arrays = token_bci_for_pairs(scorer, pairs, tau)
+    meta = {"tau": tau, "index_hash": str(index.manifest_hash), "dataset": getattr(pairs, "fingerprint", "")}
+    url = write_token_bci(out, arrays, meta=meta, overwrite=args.overwrite)
+    flagged = sum(int((c > 0).any()) + int((r > 0).any()) for c, r in arrays)
+    print(f"{len(arrays)} examples, {flagged} responses with high-BCI tokens -> {url}")
+    return 0
+
+
+def _veto(args: argparse.Namespace) -> int:
+    from tracealign_jax.provenance.veto_build import build_veto_table
+    from tracealign_jax.provenance.veto_table import save_veto_table
+
+    cfg, index, scorer = _setup(args)
+    tau, _ = _tau(args, cfg, index)
+    table, meta = build_veto_table(index, scorer, cfg.provenance, tau, max_docs=args.max_docs)
+    save_veto_table(table, args.out, meta=meta, overwrite=args.overwrite)
+    print(f"{meta['num_spans']} high-BCI spans -> {table.num_contexts} contexts, {table.num_entries} entries, "
+          f"{table.nbytes() / 1e6:.2f} MB -> {args.out}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    bci = subparsers.add_parser("bci", help="Belief Conflict Index: score spans, calibrate tau")
+    sub = bci.add_subparsers(dest="bci_command", metavar="SUBCOMMAND")
+    p = sub.add_parser("score", help="maximal corpus spans of each input, with rarity/conflict/BCI")
+    _common(p)
+    p.add_argument("--input", required=True, help="JSONL/Parquet with 'tokens' or a text field")
+    p.add_argument("--field", default="text")
+    p.add_argument("--out", default="", help="optional JSONL of scored spans")
+    p.set_defaults(run=_score)
+    p = sub.add_parser("calibrate", help="choose tau on compliant text for a target false-positive rate")
+    _common(p)
+    p.add_argument("--compliant", required=True, help="policy-compliant held-out texts (JSONL/Parquet)")
+    p.add_argument("--field", default="text")
+    p.add_argument("--target-fpr", type=float, default=None)
+    p.add_argument("--heldout-fraction", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="threshold JSON (records the index manifest hash)")
+    p.set_defaults(run=_calibrate)
+
+    p = subparsers.add_parser("shield", help="TraceShield: refuse completions with a span of BCI > tau")
+    _common(p, threshold=True)
+    p.add_argument("--input", required=True, help="completions: JSONL/Parquet with 'tokens' or a text field")
+    p.add_argument("--field", default="text")
+    p.add_argument("--out", required=True, help="verdicts JSONL")
+    p.add_argument("--report", default="", help="Markdown report for people")
+    p.set_defaults(run=_shield)
+
+    p = subparsers.add_parser("bound", help="drift-probability bound per query from index span statistics")
+    _common(p, threshold=True)
+    p.add_argument("--queries", required=True, help="prompts: JSONL/Parquet with 'tokens' or a text field")
+    p.add_argument("--field", default="prompt")
+    p.add_argument("--horizon", type=int, default=0, help="completion tokens (default provenance.horizon)")
+    p.add_argument("--max-occurrences", type=int, default=256)
+    p.add_argument("--epsilon", type=float, default=0.0, help="slack: chance the model leaves corpus behaviour")
+    p.add_argument("--out", required=True, help="bounds JSONL")
+    p.set_defaults(run=_bound)
+
+    prov = subparsers.add_parser("provenance", help="precomputed provenance arrays for training and decoding")
+    sub = prov.add_subparsers(dest="provenance_command", metavar="SUBCOMMAND")
+    p = sub.add_parser("token-bci", help="per-token BCI arrays of a preference set (tensorstore zarr)")
+    _common(p, threshold=True)
+    p.add_argument("--out", default="", help="store path or URL (default data.bci_path)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_token_bci)
+    p = sub.add_parser("veto-table", help="compile the provenance veto table from an index")
+    _common(p, threshold=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-docs", type=int, default=0, help="only the first N violating documents (0 = all)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_veto)
+    for parser in (bci, prov):
+        parser.set_defaults(run=lambda a, _p=parser: (_p.print_help(file=sys.stderr), 2)[1])
