@@ -1,10 +1,16 @@
 """Provenance: BCI scoring, TraceShield, the drift bound and the precomputed arrays jitted code uses.
 
-Host-side modules (``bci``, ``calibrate``, ``shield``, ``bound``, ``token_bci`` writers, veto-table
-building) take a ``tracealign_jax.index.TraceIndex`` object as an argument; none imports the index
-package at import time, so jitted code can import ``veto_table`` without pulling host machinery in.
+Host-side modules (``bci``, ``calibrate``, ``shield``, ``bound``, ``token_bci`` writers, ``veto_build``)
+take a ``tracealign_jax.index.TraceIndex`` object as an argument; none imports the index package, so
+jitted code (training, decoding) can import ``veto_table`` without pulling host machinery in.
 """
 
+from tracealign_jax.provenance.bci import BCIScorer, ScoredSpan, SpanScore
+from tracealign_jax.provenance.bound import DriftBound, drift_bound, set_bound
+from tracealign_jax.provenance.calibrate import Threshold, calibrate
+from tracealign_jax.provenance.shield import OffendingSpan, ShieldVerdict, Source, TraceShield, render_report, write_jsonl
+from tracealign_jax.provenance.token_bci import TokenBCIReader, compute_token_bci, token_bci_for_pairs, write_token_bci
+from tracealign_jax.provenance.veto_build import build_veto_table, collect_high_bci_spans
 from tracealign_jax.provenance.veto_table import (
     VetoTable,
     compile_veto_table,
@@ -15,10 +21,8 @@ from tracealign_jax.provenance.veto_table import (
 )
 
 __all__ = [
-    "VetoTable",
-    "compile_veto_table",
-    "load_veto_table",
-    "save_veto_table",
-    "veto_entries",
-    "veto_penalties",
+    "BCIScorer", "DriftBound", "OffendingSpan", "ScoredSpan", "ShieldVerdict", "Source", "SpanScore", "Threshold",
+    "TokenBCIReader", "TraceShield", "VetoTable", "build_veto_table", "calibrate", "collect_high_bci_spans",
+    "compile_veto_table", "compute_token_bci", "drift_bound", "load_veto_table", "render_report", "save_veto_table",
+    "set_bound", "token_bci_for_pairs", "veto_entries", "veto_penalties", "write_jsonl", "write_token_bci",
 ]
