@@ -1,0 +1,236 @@
+"""Beam search as one ``lax.while_loop`` (t5x style): live and finished sets, top-2K candidates.
+
+Per step, for B rows x K live beams: score all K x V one-token extensions (log-probs after the
+provenance hook, on each beam's *running* sequence), keep the best 2K (enough that K of them are
+not EOS), then
+
+  * live set: the best K non-EOS candidates; the model state (KV cache) follows its parent beam;
+  * finished set: the best K of (old finished, new EOS candidates, the refusal candidate) by
+    score = log-prob / brevity_penalty(length), brevity_penalty = ((5 + length) / 6) ** alpha.
+
+Early termination (per row; the loop stops when every row is done): a live beam's log-prob only
+decreases and its length is at most L_max, so for log-probs <= 0 no live beam can score above
+``best_live_logprob / max(bp(step+1), bp(L_max))``. A row is done when its WORST finished score
+beats that bound (all K returned slots are then final), or when it has no live beam left. (The old
+Flax beam search in transformers had this comparison inverted, transformers#20901.)
+
+Refusal: when the hook forbids every candidate of a row (hard veto), the row's best live beam is
+ended with the configured refusal tokens (which end in EOS) instead of emitting vetoed text, and
+enters the finished set with score log-prob / bp(length incl. refusal), ``refused`` True.
+
+At the end, live beams (sequences that hit max_new_tokens without EOS) compete with finished ones
+for the K returned slots, scored the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tracealign_jax.decoding.step import (
+    NEG_INF,
+    DecodeOutput,
+    LogitsHook,
+    TokensToLogits,
+    brevity_penalty,
+    next_logprobs,
+    push_context,
+    repeat_rows,
+    take_rows,
+    write_tokens,
+)
+
+
+@flax.struct.dataclass
+class BeamState:
+    """Loop carry. B rows, K beams, T token slots, C context tokens; both sets sorted best first."""
+
+    step: jax.Array  # int32 scalar: tokens generated so far by every live beam
+    live_logprobs_BxK: jax.Array  # float32 summed log-probs; <= NEG_INF/2 means no beam
+    live_tokens_BxKxT: jax.Array  # int32 generated tokens, pad after `step`
+    live_last_BxK: jax.Array  # int32 token the model consumes next (last prompt token at step 0)
+    live_context_BxKxC: jax.Array  # int32 running context (prompt + generated), right-aligned
+    live_context_len_BxK: jax.Array  # int32 real tokens in the running context (<= C)
+    live_vetoes_BxK: jax.Array  # int32 vetoed expansions along this beam's prefixes
+    finished_scores_BxK: jax.Array  # float32 log-prob / bp(length); NEG_INF for an empty slot
+    finished_logprobs_BxK: jax.Array  # float32
+    finished_tokens_BxKxT: jax.Array  # int32
+    finished_lengths_BxK: jax.Array  # int32 generated tokens incl. EOS / refusal
+    finished_vetoes_BxK: jax.Array  # int32
+    finished_refused_BxK: jax.Array  # bool
+    model_state: Any  # pytree, batch axis 0 of size B*K (beam k of row b at b*K + k)
+
+
+def _gather(x_BxNx: jax.Array, index_BxM: jax.Array) -> jax.Array:
+    """x[b, index[b, m], ...] -> [B, M, ...]."""
+    index = index_BxM.reshape(index_BxM.shape + (1,) * (x_BxNx.ndim - 2))
+    return jnp.take_along_axis(x_BxNx, index, axis=1)
+
+
+def beam_search(
+    tokens_to_logits: TokensToLogits,
+    model_state: Any,
+    last_tokens_B: jax.Array,
+    context_BxC: jax.Array,
+    context_len_B: jax.Array,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    eos_id: int,
+    alpha: float,
+    logits_hook: LogitsHook | None = None,
+    refusal: Sequence[int] = (),
+    pad_id: int = 0,
+    early_stop: bool = True,
+) -> DecodeOutput:
+    """Beam search for B prompts; returns the K best sequences per row (DecodeOutput, K = num_beams).
+
+    model_state: pytree for B rows (batch axis 0, e.g. the KV cache after prefilling all prompt
+      tokens but the last); it is repeated to B*K beams here. last_tokens_B: int32 the last prompt
+      token of each row (the first token the loop feeds). context_BxC / context_len_B: the running
+      context of each prompt for the hook (``step.prompt_context``). refusal: tokens that end a row
+      whose every candidate is vetoed; EOS is appended if absent. alpha: length-penalty exponent.
+      early_stop: stop once no row can change (False runs all max_new_tokens steps; same result).
+    Each returned sequence has <= max_new_tokens generated tokens (+ refusal tokens beyond the first).
+    """
+    b = last_tokens_B.shape[0]
+    k = num_beams
+    refusal_R = jnp.asarray(list(refusal) + ([eos_id] if not refusal or refusal[-1] != eos_id else []), jnp.int32)
+    r = int(refusal_R.shape[0])
+    t = max_new_tokens + r - 1
+    c = context_BxC.shape[-1]
+    # Longest sequence a live beam can still become: max_new_tokens, or a refusal started at the last step.
+    max_len = max_new_tokens + (r - 1 if logits_hook is not None else 0)
+
+    def per_beam(x_B: jax.Array) -> jax.Array:
+        return jnp.repeat(x_B[:, None], k, axis=1)
+
+    init = BeamState(
+        step=jnp.zeros((), jnp.int32),
+        live_logprobs_BxK=jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1)),
+        live_tokens_BxKxT=jnp.full((b, k, t), pad_id, jnp.int32),
+        live_last_BxK=per_beam(last_tokens_B.astype(jnp.int32)),
+        live_context_BxKxC=per_beam(context_BxC.astype(jnp.int32)),
+        live_context_len_BxK=per_beam(context_len_B.astype(jnp.int32)),
+        live_vetoes_BxK=jnp.zeros((b, k), jnp.int32),
+        finished_scores_BxK=jnp.full((b, k), NEG_INF, jnp.float32),
+        finished_logprobs_BxK=jnp.full((b, k), NEG_INF, jnp.float32),
+        finished_tokens_BxKxT=jnp.full((b, k, t), pad_id, jnp.int32),
+        finished_lengths_BxK=jnp.zeros((b, k), jnp.int32),
+        finished_vetoes_BxK=jnp.zeros((b, k), jnp.int32),
+        finished_refused_BxK=jnp.zeros((b, k), bool),
+        model_state=repeat_rows(model_state, k),
+    )
+
+    def row_done_B(s: BeamState) -> jax.Array:
+        best_live_B = s.live_logprobs_BxK[:, 0]
+        bound_B = best_live_B / jnp.maximum(brevity_penalty(alpha, s.step + 1), brevity_penalty(alpha, max_len))
+        no_live_B = best_live_B <= NEG_INF / 2
+        return no_live_B | (s.finished_scores_BxK[:, -1] > bound_B)
+
+    def cond(s: BeamState) -> jax.Array:
+        if not early_stop:
+            return s.step < max_new_tokens
+        return (s.step < max_new_tokens) & ~jnp.all(row_done_B(s))
+
+    def body(s: BeamState) -> BeamState:
+        flat = lambda x: x.reshape((b * k,) + x.shape[2:])  # noqa: E731
+        logprobs_BKxV, step_vetoes_BK, model_state = next_logprobs(
+            tokens_to_logits,
+            logits_hook,
+            flat(s.live_last_BxK),
+            s.model_state,
+            flat(s.live_context_BxKxC),
+            flat(s.live_context_len_BxK),
+        )
+        v = logprobs_BKxV.shape[-1]
+        step_vetoes_BxK = step_vetoes_BK.reshape(b, k)
+        cand_BxKV = (logprobs_BKxV.reshape(b, k, v) + s.live_logprobs_BxK[:, :, None]).reshape(b, k * v)
+        top_lp_Bx2K, top_index_Bx2K = jax.lax.top_k(cand_BxKV, 2 * k)
+        parent_Bx2K = top_index_Bx2K // v
+        token_Bx2K = (top_index_Bx2K % v).astype(jnp.int32)
+        valid_Bx2K = top_lp_Bx2K > NEG_INF / 2
+        eos_Bx2K = token_Bx2K == eos_id
+        col_T = jnp.arange(t, dtype=jnp.int32)
+        tokens_Bx2KxT = jnp.where(col_T == s.step, token_Bx2K[..., None], _gather(s.live_tokens_BxKxT, parent_Bx2K))
+        vetoes_Bx2K = _gather(s.live_vetoes_BxK + step_vetoes_BxK, parent_Bx2K)
+
+        # Refusal candidate: the best live beam of a row whose every candidate was vetoed.
+        had_live_B = s.live_logprobs_BxK[:, 0] > NEG_INF / 2
+        refuse_B = had_live_B & ~valid_Bx2K[:, 0]
+        refusal_len = s.step + r
+        refusal_tokens_BxT = write_tokens(
+            s.live_tokens_BxKxT[:, 0], jnp.full((b,), s.step, jnp.int32), jnp.broadcast_to(refusal_R, (b, r))
+        )
+        refusal_lp_B = s.live_logprobs_BxK[:, 0]
+        refusal_score_B = jnp.where(refuse_B, refusal_lp_B / brevity_penalty(alpha, refusal_len), NEG_INF)
+
+        # Finished set: best K of old finished + EOS candidates + refusal candidate.
+        new_fin_Bx2K = eos_Bx2K & valid_Bx2K
+        new_score_Bx2K = jnp.where(new_fin_Bx2K, top_lp_Bx2K / brevity_penalty(alpha, s.step + 1), NEG_INF)
+        all_scores = jnp.concatenate([s.finished_scores_BxK, new_score_Bx2K, refusal_score_B[:, None]], axis=1)
+        all_lp = jnp.concatenate([s.finished_logprobs_BxK, top_lp_Bx2K, refusal_lp_B[:, None]], axis=1)
+        all_tokens = jnp.concatenate([s.finished_tokens_BxKxT, tokens_Bx2KxT, refusal_tokens_BxT[:, None]], axis=1)
+        all_len = jnp.concatenate(
+            [s.finished_lengths_BxK, jnp.full((b, 2 * k), s.step + 1), jnp.full((b, 1), refusal_len)], axis=1
+        )
+        all_vetoes = jnp.concatenate(
+            [s.finished_vetoes_BxK, vetoes_Bx2K, (s.live_vetoes_BxK[:, 0] + step_vetoes_BxK[:, 0])[:, None]], axis=1
+        )
+        all_refused = jnp.concatenate(
+            [s.finished_refused_BxK, jnp.zeros((b, 2 * k), bool), jnp.ones((b, 1), bool)], axis=1
+        )
+        fin_scores_BxK, fin_index_BxK = jax.lax.top_k(all_scores, k)
+
+        # Live set: best K non-EOS candidates; a vetoed row has only invalid candidates left.
+        live_lp_Bx2K = jnp.where(eos_Bx2K, 2 * NEG_INF, top_lp_Bx2K)
+        live_lp_BxK, live_index_BxK = jax.lax.top_k(live_lp_Bx2K, k)
+        parent_BxK = _gather(parent_Bx2K, live_index_BxK)
+        new_token_BxK = _gather(token_Bx2K, live_index_BxK)
+        context_BxKxC, context_len_BxK = push_context(
+            _gather(s.live_context_BxKxC, parent_BxK), _gather(s.live_context_len_BxK, parent_BxK), new_token_BxK
+        )
+        flat_parent_BK = (jnp.arange(b)[:, None] * k + parent_BxK).reshape(b * k)
+        return BeamState(
+            step=s.step + 1,
+            live_logprobs_BxK=jnp.where(refuse_B[:, None], 2 * NEG_INF, live_lp_BxK),
+            live_tokens_BxKxT=_gather(tokens_Bx2KxT, live_index_BxK),
+            live_last_BxK=new_token_BxK,
+            live_context_BxKxC=context_BxKxC.reshape(b, k, c),
+            live_context_len_BxK=context_len_BxK,
+            live_vetoes_BxK=_gather(vetoes_Bx2K, live_index_BxK),
+            finished_scores_BxK=fin_scores_BxK,
+            finished_logprobs_BxK=_gather(all_lp, fin_index_BxK),
+            finished_tokens_BxKxT=_gather(all_tokens, fin_index_BxK),
+            finished_lengths_BxK=_gather(all_len, fin_index_BxK),
+            finished_vetoes_BxK=_gather(all_vetoes, fin_index_BxK),
+            finished_refused_BxK=_gather(all_refused, fin_index_BxK),
+            model_state=take_rows(model_state, flat_parent_BK),
+        )
+
+    s = jax.lax.while_loop(cond, body, init)
+    return _final(s, alpha)
+
+
+def _final(s: BeamState, alpha: float) -> DecodeOutput:
+    """Top K of finished and still-live beams (a live beam is a sequence cut at max_new_tokens)."""
+    k = s.live_logprobs_BxK.shape[1]
+    live_ok_BxK = s.live_logprobs_BxK > NEG_INF / 2
+    live_scores_BxK = jnp.where(live_ok_BxK, s.live_logprobs_BxK / brevity_penalty(alpha, s.step), NEG_INF)
+    scores = jnp.concatenate([s.finished_scores_BxK, live_scores_BxK], axis=1)
+    top_BxK, index_BxK = jax.lax.top_k(scores, k)
+    pick = lambda fin, live: _gather(jnp.concatenate([fin, live], axis=1), index_BxK)  # noqa: E731
+    lengths = pick(s.finished_lengths_BxK, jnp.broadcast_to(s.step, live_ok_BxK.shape).astype(jnp.int32))
+    return DecodeOutput(
+        tokens_BxKxT=pick(s.finished_tokens_BxKxT, s.live_tokens_BxKxT),
+        lengths_BxK=lengths,
+        scores_BxK=top_BxK,
+        logprobs_BxK=pick(s.finished_logprobs_BxK, s.live_logprobs_BxK),
+        valid_BxK=top_BxK > NEG_INF / 2,
+        refused_BxK=pick(s.finished_refused_BxK, jnp.zeros_like(live_ok_BxK)),
+        vetoes_BxK=pick(s.finished_vetoes_BxK, s.live_vetoes_BxK),
+        steps=s.step,
+    )
