@@ -14,6 +14,7 @@ from typing import Sequence
 
 COMMAND_MODULES: tuple[str, ...] = (
     "tracealign_jax.provenance.commands",
+    "tracealign_jax.index.commands",
     "tracealign_jax.hf_io.commands",
 )
 

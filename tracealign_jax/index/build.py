@@ -116,12 +116,16 @@ def write_index(
     sa_path = directory / fmt.SA_FILE
     if n:
         sa_u8 = np.memmap(sa_path, dtype=np.uint8, mode="w+", shape=(n * width,))
-        with ThreadPoolExecutor(max_workers=min(threads, len(bounds_S1) - 1)) as pool, \
-                tqdm(total=n, unit="tok", unit_scale=True, desc="sorting shards", disable=not progress) as bar:
-            futures = [pool.submit(_sort_shard, tokens_P, sa_u8, int(a), int(b), width)
-                       for a, b in zip(bounds_S1[:-1], bounds_S1[1:])]
-            for fut in as_completed(futures):
-                bar.update(fut.result())
+        shards = list(zip(bounds_S1[:-1].tolist(), bounds_S1[1:].tolist()))
+        with tqdm(total=n, unit="tok", unit_scale=True, desc="sorting shards", disable=not progress) as bar:
+            if len(shards) == 1 or threads == 1:
+                for a, b in shards:
+                    bar.update(_sort_shard(tokens_P, sa_u8, a, b, width))
+            else:
+                with ThreadPoolExecutor(max_workers=min(threads, len(shards))) as pool:
+                    futures = [pool.submit(_sort_shard, tokens_P, sa_u8, a, b, width) for a, b in shards]
+                    for fut in as_completed(futures):
+                        bar.update(fut.result())
         sa_u8.flush()
         del sa_u8
     else:

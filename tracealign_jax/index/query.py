@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, NamedTuple, Sequence
 
+import numba
 import numpy as np
 
 from tracealign_jax.atomic_io import IntegrityError, manifest_hash, verify_manifest
@@ -19,6 +20,14 @@ from tracealign_jax.index import format as fmt
 from tracealign_jax.index import kernels as K
 
 SpanLike = Sequence[int] | np.ndarray
+
+# Below this many queries a batched kernel runs on the calling thread: waking the OpenMP team costs
+# ~0.1-1.5 ms per call on a busy 2-core machine, more than a few hundred searches.
+PARALLEL_MIN_QUERIES = 256
+
+
+def _threads_for(n_queries: int) -> None:
+    numba.set_num_threads(1 if n_queries < PARALLEL_MIN_QUERIES else numba.config.NUMBA_NUM_THREADS)
 
 
 class Span(NamedTuple):
@@ -135,11 +144,13 @@ class TraceIndex:
         """int64[N] counts of N spans, searched in parallel inside one compiled call."""
         flat, offsets, valid = _flatten(spans, self.vocab_size)
         a = self._a
+        _threads_for(len(offsets) - 1)
         return K.count_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets, valid)
 
     def _ranges(self, spans: Sequence[SpanLike]) -> tuple[np.ndarray, np.ndarray]:
         flat, offsets, valid = _flatten(spans, self.vocab_size)
         a = self._a
+        _threads_for(len(offsets) - 1)
         return K.ranges_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets, valid)
 
     def _gather(self, lo_NxS: np.ndarray, hi_NxS: np.ndarray, take_N: np.ndarray, seed: int,
@@ -148,6 +159,7 @@ class TraceIndex:
         np.cumsum(take_N, out=out_offsets[1:])
         seed_frac = float(np.random.default_rng(seed).random()) if seed else 0.0
         a = self._a
+        _threads_for(len(take_N))
         docs, offs = K.gather_positions(a.sa_u8, a.width, a.shard_starts_S1, a.doc_starts_D1, lo_NxS, hi_NxS,
                                         take_N.astype(np.int64), seed_frac, out_offsets, want_offsets)
         return out_offsets, docs, offs
@@ -195,6 +207,7 @@ class TraceIndex:
         """For each token list, int32[L]: length of the longest corpus match starting at each position."""
         flat, offsets, _ = _flatten(token_lists, self.vocab_size)
         a = self._a
+        _threads_for(len(offsets) - 1)
         out = K.longest_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, flat, offsets)
         return [out[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
@@ -208,6 +221,7 @@ class TraceIndex:
         rarest (most negative) first, ties by start."""
         flat, offsets, _ = _flatten(token_lists, self.vocab_size)
         a = self._a
+        _threads_for(len(offsets) - 1)
         span_len, span_count = K.maximal_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S,
                                                a.sep, flat, offsets, max(int(min_len), 1))
         logp_V = self.unigram_logprobs()
@@ -218,9 +232,10 @@ class TraceIndex:
             lens, counts = span_len[s0:s1][starts], span_count[s0:s1][starts]
             keep = np.ones(len(starts), bool) if max_count is None else counts <= max_count
             starts, lens, counts = starts[keep], lens[keep], counts[keep]
-            cum = np.concatenate([[0.0], np.cumsum(logp_V[flat[s0:s1].clip(0, self.vocab_size - 1)])])
-            logps = cum[starts + lens] - cum[starts]
-            order = np.lexsort((starts, logps))
+            q = flat[s0:s1]
+            logps = np.array([logp_V[q[a:a + n]].sum() for a, n in zip(starts, lens)], np.float64)
+            # rounded so that spans of equal tokens tie exactly whatever the summation order
+            order = np.lexsort((starts, np.round(logps, 9)))
             result.append([Span(int(starts[j]), int(starts[j] + lens[j]), int(counts[j]), float(logps[j]))
                            for j in order])
         return result
@@ -233,6 +248,7 @@ class TraceIndex:
         per context ``(token_ids int64[M] ascending, counts int64[M])``; document ends are not tokens."""
         flat, offsets, valid = _flatten(contexts, self.vocab_size)
         a = self._a
+        _threads_for(len(offsets) - 1)
         out_off, toks, cnts = K.next_counts_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S,
                                                   a.sep, self.vocab_size, flat, offsets, valid)
         return [(toks[out_off[i]:out_off[i + 1]], cnts[out_off[i]:out_off[i + 1]]) for i in range(len(valid))]

@@ -1,0 +1,100 @@
+"""``tracealign index build`` and ``tracealign index query``: parse, call, print (one JSON line per result).
+
+    tracealign index build --corpus data/*.jsonl --tokenizer tok_dir --out idx [--shard-tokens N]
+    tracealign index query idx count --text "some words"      # tokenized with the bundled tokenizer
+    tracealign index query idx locate --tokens 5,17,3 --limit 10
+    tracealign index query idx maximal --text "..." --min-len 2 --max-count 3
+    tracealign index query idx next --tokens 5,17
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("index", help="build and query a TraceIndex (suffix-array index of a corpus)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="index_command", metavar="INDEX_COMMAND")
+
+    b = sub.add_parser("build", help="tokenize a JSONL/Parquet corpus and build an index")
+    b.add_argument("--corpus", nargs="+", required=True, help="JSONL or Parquet files (text + unsafe/risk + category)")
+    b.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory")
+    b.add_argument("--out", required=True, help="index directory to create")
+    b.add_argument("--text-field", default="text")
+    b.add_argument("--shard-tokens", type=int, default=None, help="positions per shard (default: one per core)")
+    b.add_argument("--batch-size", type=int, default=1000, help="documents per tokenizer call")
+    b.add_argument("--threads", type=int, default=None, help="sorting threads (default: all cores)")
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(run=run_build)
+
+    q = sub.add_parser("query", help="count / locate / longest / maximal / next over an index")
+    q.add_argument("index", help="index directory")
+    q.add_argument("op", choices=("count", "locate", "longest", "maximal", "next"))
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="text, tokenized with the index's bundled tokenizer")
+    src.add_argument("--tokens", help="comma-separated token ids")
+    q.add_argument("--limit", type=int, default=10, help="locate: occurrences to list")
+    q.add_argument("--min-len", type=int, default=1, help="maximal: shortest span to report")
+    q.add_argument("--max-count", type=int, default=None, help="maximal: drop spans with more occurrences")
+    q.add_argument("--verify", choices=("size", "full"), default="size", help="full: check every file's SHA-256")
+    q.set_defaults(run=run_query)
+    p.set_defaults(run=lambda args: (p.print_help(), 2)[1])
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from tracealign_jax.index.corpus import build_index
+    from tracealign_jax.index.query import TraceIndex
+
+    out = build_index(args.corpus, args.tokenizer, args.out, text_field=args.text_field,
+                      shard_tokens=args.shard_tokens, overwrite=args.overwrite, batch_size=args.batch_size,
+                      threads=args.threads, progress=not args.quiet)
+    m = TraceIndex.open(out).manifest
+    seconds = m["tokenize_seconds"] + m["build"]["write_seconds"]
+    size = sum(f["bytes"] for f in m["files"].values())
+    print(f"index {out}: {m['num_tokens']:,} tokens, {m['num_docs']:,} docs, {len(m['shard_starts']) - 1} shards, "
+          f"{m['token_dtype']} tokens, {m['sa_width']}-byte SA, {size / max(m['num_tokens'], 1):.2f} bytes/token, "
+          f"{seconds:.2f} s ({m['num_tokens'] / max(seconds, 1e-9) / 1e6:.2f} M tok/s; sort "
+          f"{m['build']['sort_seconds']:.2f} s), peak RSS {m['build']['peak_rss_bytes'] / 2**20:.0f} MiB, "
+          f"tokenizer {m['tokenizer_name']} ({m['tokenizer_hash']})")
+    return 0
+
+
+def _query_tokens(args: argparse.Namespace, index) -> list[int]:
+    if args.tokens is not None:
+        try:
+            return [int(t) for t in args.tokens.split(",") if t.strip()]
+        except ValueError:
+            raise SystemExit(f"--tokens: expected comma-separated integers, got {args.tokens!r}") from None
+    if index.tokenizer_dir is None:
+        raise SystemExit(f"{index.path}: no bundled tokenizer; pass --tokens")
+    from tracealign_jax.index.corpus import load_tokenizer
+
+    return load_tokenizer(index.tokenizer_dir)(args.text, add_special_tokens=False)["input_ids"]
+
+
+def run_query(args: argparse.Namespace) -> int:
+    from tracealign_jax.index.query import TraceIndex
+
+    index = TraceIndex.open(Path(args.index), verify=args.verify)
+    tokens = _query_tokens(args, index)
+    if args.op == "count":
+        out = {"tokens": tokens, "count": index.count(tokens)}
+    elif args.op == "locate":
+        hits = index.locate(tokens, args.limit)
+        metas = index.doc_metadata([d for d, _ in hits])
+        out = {"tokens": tokens, "count": index.count(tokens),
+               "occurrences": [{"doc_id": d, "offset": o, "metadata": m} for (d, o), m in zip(hits, metas)]}
+    elif args.op == "longest":
+        out = {"tokens": tokens, "longest": index.longest_matches(tokens).tolist()}
+    elif args.op == "maximal":
+        spans = index.maximal_spans(tokens, min_len=args.min_len, max_count=args.max_count)
+        out = {"tokens": tokens, "spans": [s._asdict() | {"span_tokens": tokens[s.start:s.end]} for s in spans]}
+    else:
+        ids, counts = index.next_token_counts(tokens)
+        out = {"tokens": tokens, "next": dict(zip(map(str, ids.tolist()), counts.tolist()))}
+    print(json.dumps(out))
+    return 0
