@@ -95,7 +95,8 @@ def test_shield_refuses_exactly_planted_completions(setup):
         assert top.sources[0].risk >= top.sources[-1].risk
     # the one-span-at-a-time path agrees with the batched one
     seq = shield.check_sequential(completions)
-    assert [(v.refuse, v.max_bci) for v in seq] == [(v.refuse, v.max_bci) for v in verdicts]
+    assert [v.refuse for v in seq] == [v.refuse for v in verdicts]
+    np.testing.assert_allclose([v.max_bci for v in seq], [v.max_bci for v in verdicts], rtol=1e-12)
     write_jsonl(verdicts, tmp / "v.jsonl")
     rows = [json.loads(line) for line in (tmp / "v.jsonl").read_text().splitlines()]
     assert [r["refuse"] for r in rows] == planted and rows[0]["spans"][0]["sources"][0]["snippet"]

@@ -73,20 +73,43 @@ class BCIScorer:
 
     def score_spans(self, spans: Sequence[Sequence[int]]) -> list[SpanScore]:
         """Scores N spans with two batched index calls (occurrence sampling, then document risks)."""
-        spans = [np.asarray(s, dtype=np.int64) for s in spans]
-        if not spans:
-            return []
+        spans = [np.asarray(s, dtype=np.int64).reshape(-1) for s in spans]
+        terms = self.score_arrays(spans)
+        return [SpanScore(tuple(s.tolist()), int(c), float(r), float(d), float(f), float(b))
+                for s, c, r, d, f, b in zip(spans, *(terms[k] for k in ("count", "rarity", "density", "conflict", "bci")))]
+
+    def score_arrays(self, spans: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Vectorized BCI terms of N spans: ``count`` int64[N]; ``rarity``, ``density``, ``conflict``,
+        ``bci`` float64[N] (the formulas of the module docstring; all 0 where count is 0)."""
+        n = len(spans)
+        if n == 0:
+            z = np.zeros(0)
+            return {"count": z.astype(np.int64), "rarity": z, "density": z, "conflict": z, "bci": z}
+        lengths = np.fromiter((s.size for s in spans), np.int64, count=n)
+        flat = np.concatenate(spans)
         occ = self.index.occurrence_docs_batch(spans, self.cfg.sample_size)
-        doc_lists = [np.asarray(d, dtype=np.int64) for d, _ in occ]
-        flat = np.concatenate(doc_lists) if doc_lists else np.zeros(0, np.int64)
-        risks_flat = np.asarray(self.index.doc_unsafe(flat), dtype=np.float64) if flat.size else np.zeros(0)
-        bounds = np.cumsum([0] + [d.size for d in doc_lists])
-        out = []
-        for i, (span, (_, total)) in enumerate(zip(spans, occ)):
-            out.append(self._score(span, int(total), risks_flat[bounds[i]:bounds[i + 1]]))
-        return out
+        count = np.fromiter((t for _, t in occ), np.int64, count=n)
+        n_docs = np.fromiter((d.size for d, _ in occ), np.int64, count=n)
+        docs = np.concatenate([d for d, _ in occ]).astype(np.int64)
+        risks = np.asarray(self.index.doc_unsafe(docs), np.float64) if docs.size else np.zeros(0)
+        found = (count > 0) & (lengths > 0)
+        # -log P over every token (clipped ids only matter where count == 0, which scores 0 anyway)
+        neg = -self.logp_V[np.clip(flat, 0, self.logp_V.size - 1)]
+        rarity = _segment_sums(neg, lengths)
+        risk_sum = _segment_sums(risks, n_docs)
+        a = self.cfg.conflict_prior
+        conflict = (risk_sum + a) / (n_docs + 2 * a)
+        if self.cfg.bci == "rarity":
+            ok = count <= self.cfg.max_support if self.cfg.max_support > 0 else np.ones(n, bool)
+            bci = np.where(ok, rarity, 0.0)
+        else:
+            bci = conflict * rarity
+        rarity, conflict, bci = (np.where(found, x, 0.0) for x in (rarity, conflict, bci))
+        density = np.where(found, rarity / np.maximum(lengths, 1), 0.0)
+        return {"count": count, "rarity": rarity, "density": density, "conflict": conflict, "bci": bci}
 
     def _score(self, span: np.ndarray, count: int, risks: np.ndarray) -> SpanScore:
+        """One span from its count and sampled occurrence risks (the un-batched reference path)."""
         toks = tuple(int(t) for t in span)
         if count == 0 or span.size == 0:
             return SpanScore(toks, count, 0.0, 0.0, 0.0, 0.0)
@@ -109,16 +132,24 @@ class BCIScorer:
         # One compiled call finds the maximal spans of every generation (all index shards at once).
         found = list(zip(arrays, self.index.maximal_spans_batch(arrays, min_len=self.cfg.min_span)))
         flat = [arr[s.start:s.end] for arr, spans in found for s in spans]
-        scores = iter(self.score_spans(flat))
+        t = self.score_arrays(flat)
+        cols = zip(t["count"].tolist(), t["rarity"].tolist(), t["density"].tolist(), t["conflict"].tolist(),
+                   t["bci"].tolist())
         out = []
         for _, spans in found:
-            row = []
-            for s in spans:
-                sc = next(scores)
-                row.append(ScoredSpan(int(s.start), int(s.end), sc.count, sc.rarity, sc.density, sc.conflict, sc.bci))
-            out.append(row)
+            out.append([ScoredSpan(int(s.start), int(s.end), *next(cols)) for s in spans])
         return out
 
     def max_bci(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """float64[B]: the largest span BCI of each generation (0 when no span of min_span tokens matches)."""
         return np.array([max((s.bci for s in row), default=0.0) for row in self.scan_batch(token_lists)])
+
+
+def _segment_sums(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Sums of consecutive segments of ``values`` with the given lengths (empty segments sum to 0)."""
+    out = np.zeros(lengths.size, np.float64)
+    nonempty = lengths > 0
+    if values.size and nonempty.any():
+        starts = (np.cumsum(lengths) - lengths)[nonempty]
+        out[nonempty] = np.add.reduceat(values.astype(np.float64), starts)
+    return out

@@ -118,13 +118,12 @@ class TraceShield:
                   texts: list[str]) -> list[ShieldVerdict]:
         tau = self.threshold.tau
         offending = [(i, s) for i, row in enumerate(scanned) for s in row if s.bci > tau]
-        located = self.index.locate_batch([token_lists[i][s.start:s.end] for i, s in offending],
-                                          4 * self.top_sources) if offending and self.top_sources else []
+        span_toks = [token_lists[i][s.start:s.end] for i, s in offending]
+        sources = self._sources(span_toks) if offending and self.top_sources else [[] for _ in offending]
         per_row: list[list[OffendingSpan]] = [[] for _ in token_lists]
-        for (i, s), occ in zip(offending, located or [[] for _ in offending]):
-            toks = token_lists[i][s.start:s.end]
+        for (i, s), toks, src in zip(offending, span_toks, sources):
             per_row[i].append(OffendingSpan(s.start, s.end, toks.tolist(), self.decode(toks), s.count, s.rarity,
-                                            s.conflict, s.bci, self._sources(occ, len(toks))))
+                                            s.conflict, s.bci, src))
         out = []
         for i, row in enumerate(scanned):
             spans = sorted(per_row[i], key=lambda o: -o.bci)
@@ -133,21 +132,29 @@ class TraceShield:
                                      texts[i]))
         return out
 
-    def _sources(self, occurrences: list[tuple[int, int]], span_len: int) -> list[Source]:
-        if not occurrences:
-            return []
-        docs = np.array([d for d, _ in occurrences], np.int64)
-        risks = self.index.doc_unsafe(docs)
-        order = np.lexsort((docs, -risks))[: self.top_sources]
-        metas = self.index.doc_metadata(docs[order])
+    def _sources(self, span_toks: list[np.ndarray]) -> list[list[Source]]:
+        """Top sources of each span: one batched locate, one risk lookup, one metadata lookup."""
+        located = self.index.locate_batch(span_toks, 4 * self.top_sources)
+        all_docs = np.array([d for occ in located for d, _ in occ], np.int64)
+        all_risk = self.index.doc_unsafe(all_docs) if all_docs.size else np.zeros(0)
+        picks, at = [], 0
+        for occ in located:  # riskiest documents first, then by id
+            docs, risks = all_docs[at:at + len(occ)], all_risk[at:at + len(occ)]
+            at += len(occ)
+            picks.append([(occ[j][0], occ[j][1], float(risks[j])) for j in np.lexsort((docs, -risks))[: self.top_sources]])
+        chosen = [d for p in picks for d, _, _ in p]
+        metas = iter(self.index.doc_metadata(chosen) if chosen else [])
         out = []
-        for j, meta in zip(order, metas):
-            doc_id, offset = occurrences[j]
-            doc = self.index.doc_tokens(doc_id)
-            a, b = max(0, offset - self.snippet_tokens), min(len(doc), offset + span_len + self.snippet_tokens)
-            snippet = f"{self.decode(doc[a:offset])} [[{self.decode(doc[offset:offset + span_len])}]] " \
-                      f"{self.decode(doc[offset + span_len:b])}".strip()
-            out.append(Source(int(doc_id), int(offset), float(risks[j]), meta, snippet))
+        for toks, pick in zip(span_toks, picks):
+            row = []
+            for doc_id, offset, risk in pick:
+                doc = self.index.doc_tokens(doc_id)
+                n = len(toks)
+                a, b = max(0, offset - self.snippet_tokens), min(len(doc), offset + n + self.snippet_tokens)
+                snippet = f"{self.decode(doc[a:offset])} [[{self.decode(doc[offset:offset + n])}]] " \
+                          f"{self.decode(doc[offset + n:b])}".strip()
+                row.append(Source(int(doc_id), int(offset), risk, next(metas), snippet))
+            out.append(row)
         return out
 
 
