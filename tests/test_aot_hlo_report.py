@@ -53,6 +53,24 @@ def test_dense_layer_flops_match_analytic_count(v5p8):
     assert costs.collective_count == 0  # batch-sharded matmul with replicated weights talks to no one
 
 
+@pytest.mark.parametrize(
+    "equation, lhs, rhs",
+    [
+        ("bhqe,bhke->bhqk", (8, 8, 256, 128), (8, 8, 256, 128)),  # attention scores
+        ("bqgre,bkge->bgrqk", (8, 256, 2, 4, 128), (8, 256, 2, 128)),  # grouped-query attention
+    ],
+)
+def test_batched_matmul_flops_match_analytic_count(v5p8, equation, lhs, rhs):
+    # The TPU compiler writes these as dilated, padded convolutions: counting every window position
+    # would over-count; only positions that hit real input elements are multiply-adds.
+    a = _sds(lhs, jnp.bfloat16, v5p8, P("fsdp"))
+    b = _sds(rhs, jnp.bfloat16, v5p8, P("fsdp"))
+    out_shape = jax.eval_shape(lambda x, y: jnp.einsum(equation, x, y), a, b).shape
+    analytic = 2 * int(np.prod(out_shape)) * lhs[-1]
+    compiled = jax.jit(lambda x, y: jnp.einsum(equation, x, y)).lower(a, b).compile()
+    assert hlo_report.hlo_costs(compiled.as_text()).matmul_flops * 8 == analytic
+
+
 def test_scanned_layers_weighted_by_trip_count(v5p8):
     layers, m, k = 5, 256, 512
     x = _sds((m, k), jnp.bfloat16, v5p8, P("fsdp", None))

@@ -23,6 +23,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 DTYPE_BYTES: dict[str, float] = {
     "pred": 1, "s8": 1, "u8": 1, "s4": 0.5, "u4": 0.5, "s2": 0.25, "u2": 0.25,
     "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e4m3b11fnuz": 1,
@@ -251,27 +253,59 @@ def execution_counts(comps: dict[str, list[Instr]], entry: str) -> tuple[dict[st
     return dict(counts), unknown
 
 
+def _window_pairs(out: int, size: int, stride: int, pad_lo: int, lhs_dil: int, rhs_dil: int, in_size: int) -> int:
+    """Pairs (output position, window position) of one spatial dimension that hit a real input
+    element: not padding and not a hole of the lhs dilation (the TPU compiler writes batched and
+    grouped matmuls as dilated, padded convolutions; most window positions of those hit zeros)."""
+    dilated = (in_size - 1) * lhs_dil + 1
+    total = 0
+    o = np.arange(out, dtype=np.int64)
+    for w in range(size):
+        pos = o * stride + w * rhs_dil - pad_lo
+        total += int(np.count_nonzero((pos >= 0) & (pos < dilated) & (pos % lhs_dil == 0)))
+    return total
+
+
+def _window_attr(window: str, key: str, n: int, default: int) -> list[int]:
+    match = re.search(rf"\b{key}=([0-9x]+)", window)
+    return [int(v) for v in match.group(1).split("x")] if match else [default] * n
+
+
 def _matmul_flops(instr: Instr, shapes: dict[str, str]) -> float:
-    """2 x output elements x contraction size of a dot or convolution."""
-    out = math.prod(_dims(instr.type_str))
+    """2 x multiply-adds of a dot or convolution (XLA's HloCostAnalysis counting, per device)."""
+    out_dims = _dims(instr.type_str)
     operands = re.findall(r"%([\w.\-]+)", instr.rest.split("),")[0])
+    if len(operands) < 2:
+        return 0.0
+    lhs_dims = _dims(shapes.get(operands[0], ""))
     if instr.op == "dot":
-        lhs_dims = _dims(shapes.get(operands[0], "")) if operands else []
         contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.rest)
         if not contracting or not lhs_dims:
             return 0.0
         k = math.prod(lhs_dims[int(d)] for d in contracting.group(1).split(",") if d)
-        return 2.0 * out * k
+        return 2.0 * math.prod(out_dims) * k
     labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.rest)
-    if not labels or len(operands) < 2:
-        return 0.0
     rhs_dims = _dims(shapes.get(operands[1], ""))
-    rhs_labels = labels.group(2)
-    if len(rhs_dims) != len(rhs_labels):
+    if not labels or not rhs_dims or not lhs_dims:
         return 0.0
-    # Per output element: input features of one group x every kernel spatial position.
-    k = math.prod(d for d, lab in zip(rhs_dims, rhs_labels) if lab != "o")
-    return 2.0 * out * k
+    lhs_l, rhs_l, out_l = labels.groups()
+    if not (len(lhs_l) == len(lhs_dims) and len(rhs_l) == len(rhs_dims) and len(out_l) == len(out_dims)):
+        return 0.0
+    spatial = sorted(c for c in out_l if c.isdigit())
+    window = re.search(r"window=\{([^}]*)\}", instr.rest)
+    window = window.group(1) if window else ""
+    n = len(spatial)
+    sizes = [rhs_dims[rhs_l.index(c)] for c in spatial]
+    strides = _window_attr(window, "stride", n, 1)
+    lhs_dil = _window_attr(window, "lhs_dilate", n, 1)
+    rhs_dil = _window_attr(window, "rhs_dilate", n, 1)
+    pads = re.search(r"\bpad=([0-9_x\-]+)", window)
+    pad_lo = [int(p.split("_")[0]) for p in pads.group(1).split("x")] if pads else [0] * n
+    macs = float(out_dims[out_l.index("b")] * out_dims[out_l.index("f")] * rhs_dims[rhs_l.index("i")])
+    for j, c in enumerate(spatial):
+        macs *= _window_pairs(out_dims[out_l.index(c)], sizes[j], strides[j], pad_lo[j],
+                              lhs_dil[j], rhs_dil[j], lhs_dims[lhs_l.index(c)])
+    return 2.0 * macs
 
 
 def _collective_kind(op: str) -> str | None:
