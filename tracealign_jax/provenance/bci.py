@@ -127,18 +127,20 @@ class BCIScorer:
         return self.scan_batch([tokens])[0]
 
     def scan_batch(self, token_lists: Sequence[Sequence[int]]) -> list[list[ScoredSpan]]:
-        """``scan`` for many generations, with the spans of all of them scored in one batch."""
+        """``scan`` for many generations, with the spans of all of them scored in one batch.
+
+        One compiled call gives the longest corpus match at every position of every generation; a
+        span ``[i, i + longest[i])`` is maximal iff it ends beyond every earlier one (``i + longest``
+        never decreases by more than the step). Counts come with the occurrence sampling.
+        """
         arrays = [np.asarray(t, dtype=np.int64).reshape(-1) for t in token_lists]
-        # One compiled call finds the maximal spans of every generation (all index shards at once).
-        found = list(zip(arrays, self.index.maximal_spans_batch(arrays, min_len=self.cfg.min_span)))
-        flat = [arr[s.start:s.end] for arr, spans in found for s in spans]
+        longest = self.index.longest_matches_batch(arrays) if arrays else []
+        bounds = [maximal_span_bounds(np.asarray(ln, np.int64), self.cfg.min_span) for ln in longest]
+        flat = [arr[a:b] for arr, (st, en) in zip(arrays, bounds) for a, b in zip(st.tolist(), en.tolist())]
         t = self.score_arrays(flat)
         cols = zip(t["count"].tolist(), t["rarity"].tolist(), t["density"].tolist(), t["conflict"].tolist(),
                    t["bci"].tolist())
-        out = []
-        for _, spans in found:
-            out.append([ScoredSpan(int(s.start), int(s.end), *next(cols)) for s in spans])
-        return out
+        return [[ScoredSpan(a, b, *next(cols)) for a, b in zip(st.tolist(), en.tolist())] for st, en in bounds]
 
     def max_bci(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """float64[B]: the largest span BCI of each generation (0 when no span of min_span tokens matches)."""
@@ -153,3 +155,12 @@ def _segment_sums(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         starts = (np.cumsum(lengths) - lengths)[nonempty]
         out[nonempty] = np.add.reduceat(values.astype(np.float64), starts)
     return out
+
+
+def maximal_span_bounds(longest_L: np.ndarray, min_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the maximal matching spans of length >= min_len, from longest matches int[L]."""
+    ends = np.arange(longest_L.size) + longest_L
+    reach = np.maximum.accumulate(np.concatenate([[-1], ends[:-1]])) if ends.size else ends
+    keep = (longest_L > 0) & (ends > reach) & (longest_L >= max(min_len, 1))
+    starts = np.flatnonzero(keep)
+    return starts, starts + longest_L[starts]
