@@ -80,7 +80,8 @@ def _mirror_shardings(tree: Any, params: Any, param_sh: Any, replicated: NamedSh
     parameter shardings, every other leaf is replicated."""
     pdef = jax.tree.structure(params)
     return jax.tree.map(
-        lambda sub: param_sh if jax.tree.structure(sub) == pdef else replicated,
+        # Leafless nodes (optax EmptyState, None) stay as they are, so the result has the state's structure.
+        lambda sub: param_sh if jax.tree.structure(sub) == pdef else replicated if jax.tree.leaves(sub) else sub,
         tree,
         is_leaf=lambda x: jax.tree.structure(x) == pdef or not jax.tree.leaves(x) or isinstance(x, jax.ShapeDtypeStruct),
     )
