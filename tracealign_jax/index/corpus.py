@@ -103,6 +103,8 @@ def build_index(
     ``out_dir`` atomically. The tokenizer files are copied to ``out_dir/tokenizer``. Returns out_dir."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:  # before the (long) tokenization, not after
+        raise FileExistsError(f"{out_dir} exists (pass overwrite=True / --overwrite to replace it)")
     tok = load_tokenizer(tokenizer_dir)
     name, tok_hash = tokenizer_fingerprint(tokenizer_dir)
     vocab_size = len(tok)
