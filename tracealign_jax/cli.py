@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tracealign_jax.provenance.commands",
     "tracealign_jax.index.commands",
     "tracealign_jax.hf_io.commands",
+    "tracealign_jax.aot.commands",
 )
 
 

@@ -363,7 +363,7 @@ def _op_names(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> the JAX op_name in its metadata (argument paths for parameters)."""
     out = {}
     for match in re.finditer(r"%([\w.\-]+) = [^\n]*?metadata=\{[^}]*?op_name=\"([^\"]+)\"", hlo_text):
-        out[match.group(1)] = match.group(2)
+        out[match.group(1)] = match.group(2).replace("\\'", "'")  # HLO escapes quotes in paths
     return out
 
 

@@ -1,0 +1,120 @@
+"""The steps compile-check compiles: the trainer's and decoder's own jitted functions, abstract inputs.
+
+``build_specs(cfg, mesh, rules, steps=("train", "decode"))`` returns ``StepSpec``s for
+
+- ``train[ref=precomputed]`` / ``train[ref=in_step]``: ``training.step.train_step_fn_and_shardings``,
+  i.e. the jitted DPO+CBD step with the trainer's in/out shardings, donation and remat policy, at the
+  config's LARGEST data bucket (the one that needs the most memory). The reference mode is the
+  config's ``loss.reference`` switched per row: precomputed reference log-probs streamed in the batch,
+  or the frozen reference parameters held in the state and run in the step.
+- ``decode``: ``decoding.runner.abstract_decoder(...).jitted()``, the Prov-Decode function (prefill +
+  beam search / sampling in one while loop, with the config's veto mode) at the largest prompt bucket.
+
+The veto table is data (its size depends on the corpus), so it enters as an abstract ``VetoTable`` of
+``veto_contexts`` contexts and ``veto_entries`` next-token entries (replicated, as the trainer and
+decoder place it); the defaults (2^24 contexts, 2^25 entries: 0.5 GB) stand for a table compiled
+from a ~1 B-token unsafe corpus. The step's memory report includes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tracealign_jax import sharding
+from tracealign_jax.aot.compile_check import StepSpec, model_flops_per_token
+from tracealign_jax.config import Config
+
+DEFAULT_VETO_CONTEXTS = 2**24
+DEFAULT_VETO_ENTRIES = 2**25
+# Longest run of equal leading hashes a lookup window scans; only a static loop bound, small in practice.
+DEFAULT_VETO_HI_RUN = 4
+
+
+def abstract_veto_table(cfg: Config, mesh: Mesh, contexts: int, entries: int) -> Any:
+    """A ``provenance.veto_table.VetoTable`` of ShapeDtypeStructs, replicated on ``mesh``."""
+    from tracealign_jax.provenance.veto_table import VetoTable
+
+    rep = NamedSharding(mesh, PartitionSpec())
+    sds = lambda n, dt: jax.ShapeDtypeStruct((n,), dt, sharding=rep)  # noqa: E731
+    return VetoTable(
+        ctx_hi=sds(contexts, jnp.uint32), ctx_lo=sds(contexts, jnp.uint32), ctx_chk=sds(contexts, jnp.uint32),
+        offsets=sds(contexts + 1, jnp.int32), next_tokens=sds(entries, jnp.int32),
+        penalties=sds(entries, jnp.float32), context_len=cfg.provenance.max_span - 1,
+        max_entries=cfg.provenance.max_entries, hi_run=DEFAULT_VETO_HI_RUN,
+    )  # fmt: skip
+
+
+def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, veto: Any) -> StepSpec:
+    """The trainer's jitted step for ``cfg`` with ``loss.reference = reference``, at the largest bucket."""
+    from tracealign_jax.model import param_shardings
+    from tracealign_jax.training.state import graphdef_and_abstract_params, model_arch
+    from tracealign_jax.training.step import batch_rows, train_step_fn_and_shardings
+
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, reference=reference))
+    bucket = max(cfg.data.buckets)
+    uses_veto = cfg.train.objective == "dpo" and cfg.loss.cbd_cont_weight > 0
+    fn, abs_state, abs_batch = train_step_fn_and_shardings(cfg, mesh, rules, bucket, veto if uses_veto else None)
+    _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
+    arch = model_arch(cfg.model)
+    tokens = batch_rows(cfg) * bucket
+    flops = tokens * model_flops_per_token(arch, bucket, train=True)
+    if cfg.train.objective == "dpo" and reference == "in_step":
+        flops += tokens * model_flops_per_token(arch, bucket, train=False)
+    notes = f"bucket {bucket}, {batch_rows(cfg)} rows, micro_batches {cfg.train.micro_batches}, remat {cfg.model.remat}"
+    if uses_veto:
+        notes += f", veto table {veto.ctx_hi.shape[0]:,} contexts / {veto.next_tokens.shape[0]:,} entries"
+    return StepSpec(
+        name=f"train[ref={reference}]", jitted=fn, args=(abs_state, abs_batch), tokens=tokens,
+        model_flops=flops, declared=param_shardings(abs_params, mesh, rules),
+        select=lambda state: state.params, notes=notes,
+    )  # fmt: skip
+
+
+def decode_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, veto: Any) -> StepSpec:
+    """The decoder's jitted Prov-Decode function for ``cfg.decode`` at the largest prompt bucket."""
+    from tracealign_jax.decoding.runner import abstract_decoder
+    from tracealign_jax.model import param_shardings
+    from tracealign_jax.training.state import model_arch
+
+    dc = cfg.decode
+    decoder = abstract_decoder(cfg, mesh, rules, veto_table=veto if dc.veto != "off" else None)
+    bucket = max(dc.prompt_buckets)
+    args = decoder.abstract_inputs(bucket)
+    arch = model_arch(cfg.model)
+    beams = dc.num_beams if dc.method == "beam" else 1
+    slots = bucket - 1 + dc.max_new_tokens  # KV-cache length: every step attends over all slots
+    prefill_tokens = dc.batch_size * (bucket - 1)
+    new_tokens = dc.batch_size * beams * dc.max_new_tokens
+    flops = (prefill_tokens * model_flops_per_token(arch, bucket, train=False)
+             + new_tokens * model_flops_per_token(arch, slots, train=False))  # fmt: skip
+    notes = f"{dc.method}, {dc.batch_size} prompts x {beams} beams, prompt {bucket} + {dc.max_new_tokens} new, veto {dc.veto}"
+    return StepSpec(
+        name="decode", jitted=decoder.jitted(), args=args, tokens=prefill_tokens + new_tokens, model_flops=flops,
+        declared=param_shardings(decoder.params, mesh, rules), select=lambda params: params, notes=notes,
+    )  # fmt: skip
+
+
+def build_specs(
+    cfg: Config,
+    mesh: Mesh,
+    rules: sharding.Rules,
+    *,
+    steps: Sequence[str] = ("train", "decode"),
+    references: Sequence[str] = ("precomputed", "in_step"),
+    veto_contexts: int = DEFAULT_VETO_CONTEXTS,
+    veto_entries: int = DEFAULT_VETO_ENTRIES,
+) -> list[StepSpec]:
+    """StepSpecs in order: one train step per reference mode, then the decode step."""
+    veto = abstract_veto_table(cfg, mesh, veto_contexts, veto_entries)
+    specs = []
+    if "train" in steps:
+        refs = references if cfg.train.objective == "dpo" else ("precomputed",)
+        specs += [train_spec(cfg, mesh, rules, ref, veto) for ref in refs]
+    if "decode" in steps:
+        specs.append(decode_spec(cfg, mesh, rules, veto))
+    return specs
