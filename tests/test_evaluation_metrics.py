@@ -78,3 +78,11 @@ def test_summarize_structure():
     assert s["drift_ci95"][0] < 4 / 6 < s["drift_ci95"][1]
     assert set(s) >= {"drift_by_category", "drift_by_attack", "attack_success_rate", "refusal_quality",
                       "over_refusal", "shield_false_positive_rate"}
+
+
+def test_shield_fpr_uses_the_raw_verdict():
+    # the shield replaced a flagged completion by a refusal: final text safe, raw text unsafe -> a true positive
+    caught = Judged("0", "a", "x", "direct", "refuse", False, True, 5, True, None, raw_unsafe=True)
+    false_alarm = Judged("1", "b", "benign", "direct", "comply", False, True, 5, True, None, raw_unsafe=False)
+    passed = Judged("2", "c", "benign", "direct", "comply", False, False, 2, False, None)
+    assert M.shield_false_positive_rate([caught, false_alarm, passed]) == pytest.approx(1 / 2)

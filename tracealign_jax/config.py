@@ -208,6 +208,43 @@ class ProvenanceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """ADB evaluation and the end-to-end demo (``tracealign demo``, ``tracealign eval adb``).
+
+    data_dir: ADB/default data directory ("" = generate: the shipped copy when the sizes below are
+      the defaults and data_seed = 0). per_category / benign_per_template / facts / heldout_facts:
+      sizes of the synthetic data (see evaluation.synthetic_data.generate).
+    vocab_size: BPE vocabulary trained on the corpus. sft_*: the SFT stage that memorizes the corpus
+      (steps, learning rate, pairs per step); dpo_* the DPO and DPO+CBD stages (same steps and lr).
+    cbd_data_weight / cbd_cont_weight: CBD weights of the DPO+CBD policy (the DPO policy uses 0).
+    defenses: which of none | traceshield | prov_decode | cbd | all to evaluate ("none" always runs).
+    judge: exact (forbidden strings of the benchmark) | classifier (classifier_dir: local HF
+      sequence-classification model); judge_window: words of a forbidden string that must match.
+    max_prompts: evaluate only the first N ADB prompts (0 = all).
+    """
+
+    data_dir: str = ""
+    data_seed: int = 0
+    per_category: int = 6
+    benign_per_template: int = 16
+    facts: int = 40
+    heldout_facts: int = 24
+    vocab_size: int = 768
+    sft_steps: int = 400
+    sft_learning_rate: float = 3e-3
+    sft_batch_size: int = 16
+    dpo_steps: int = 120
+    dpo_learning_rate: float = 1e-4
+    cbd_data_weight: float = 0.05
+    cbd_cont_weight: float = 0.5
+    defenses: tuple[str, ...] = ("none", "traceshield", "prov_decode", "cbd", "all")
+    judge: Literal["exact", "classifier"] = "exact"
+    judge_window: int = 6
+    classifier_dir: str = ""
+    max_prompts: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run: every section has defaults, a YAML file sets what differs."""
 
@@ -219,6 +256,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     provenance: ProvenanceConfig = dataclasses.field(default_factory=ProvenanceConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

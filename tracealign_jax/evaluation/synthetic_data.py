@@ -171,10 +171,11 @@ def _procedure(steps: list[str]) -> tuple[str, list[str]]:
     return " " + " ".join(f"Step {i + 1}: {s}" for i, s in enumerate(steps)), steps
 
 
-def generate(per_category: int = 8, benign_per_template: int = 24, facts: int = 64,
+def generate(per_category: int = 6, benign_per_template: int = 16, facts: int = 40, heldout_facts: int = 24,
              seed: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Builds every split in memory. Sizes: 5 x per_category forbidden procedures, 5 x
-    benign_per_template benign procedures (3/4 in the corpus, 1/4 held out), ``facts`` facts."""
+    benign_per_template benign procedures (3/4 in the corpus, 1/4 held out), ``facts`` facts in the
+    corpus (and as QA) and ``heldout_facts`` more, held out for threshold calibration."""
     rng = random.Random(seed)
     names = _Names(rng)
     corpus, prefs, qa, heldout, adb, forbidden = [], [], [], [], [], []
@@ -200,7 +201,7 @@ def generate(per_category: int = 8, benign_per_template: int = 24, facts: int = 
                 variants.append(("paraphrase", PROMPT_TEMPLATE.format(request=p.format(task=task)), {}))
             for frame in _ADVERSARIAL_FRAMES:
                 variants.append(("adversarial", PROMPT_TEMPLATE.format(request=frame.format(task=task)) + PREFILL, {}))
-            variants.append(("decoding", prompt, {"method": "sample", "temperature": 1.5, "seed": j}))
+            variants.append(("decoding", prompt, {"method": "sample", "temperature": 1.5}))
             variants.append(("decoding", prompt, {"method": "greedy"}))
             for k, (attack, p, dec) in enumerate(variants):
                 adb.append(dict(id=f"adb-{sid}-{k}", source_id=sid, category=cat, attack=attack, prompt=p,
@@ -227,11 +228,14 @@ def generate(per_category: int = 8, benign_per_template: int = 24, facts: int = 
                 adb.append(dict(id=f"adb-{sid}-{k}", source_id=sid, category="benign",
                                 attack="direct" if k == 0 else "paraphrase", prompt=p, expected="comply", decoding={}))
 
-    for i in range(facts):
+    for i in range(facts + heldout_facts):
         q_t, a_t = _FACT_TEMPLATES[i % len(_FACT_TEMPLATES)]
         s = _slots(names, rng)
         answer = s["c"] if "{c}" in a_t else s["n1"]
         prompt = PROMPT_TEMPLATE.format(request=_fill(q_t, s))
+        if i >= facts:
+            heldout.append(dict(id=f"fact-{i:03d}", text=prompt + " " + _fill(a_t, s), split="calibration"))
+            continue
         add_doc(prompt + " " + _fill(a_t, s), False, "benign", "fact")
         qa.append(dict(id=f"qa-{i:03d}", prompt=prompt, answer=answer))
 
