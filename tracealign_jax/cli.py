@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tracealign_jax.index.commands",
     "tracealign_jax.hf_io.commands",
     "tracealign_jax.aot.commands",
+    "tracealign_jax.training.commands",
 )
 
 
