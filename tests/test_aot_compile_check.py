@@ -99,6 +99,9 @@ def test_table_and_config_comment_round_trip(compiled_tiny_train, tmp_path):
     cfg_text = config_copy.read_text()
     assert cfg_text.count(pod_table.COMMENT_BEGIN) == 1 and "fits" in cfg_text
     assert load_config(config_copy) == load_config(TINY)
+    # Saved reports rebuild the identical table without recompiling.
+    pod_table.write_json(rows, tmp_path / "rows.json")
+    assert pod_table.markdown_table(pod_table.read_json(tmp_path / "rows.json")) == pod_table.markdown_table(rows)
 
 
 @needs_libtpu

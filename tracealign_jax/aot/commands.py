@@ -37,9 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--headroom", type=float, default=None, help="fraction of HBM kept free (default 0.10)")
     p.add_argument("--all", action="store_true", help="every config in --configs-dir that sets mesh.topology")
     p.add_argument("--configs-dir", default="configs")
-    p.add_argument("--markdown", default="", help="with --all: write the table into this markdown file")
-    p.add_argument("--update-configs", action="store_true", help="with --all: refresh each config's result comment")
+    p.add_argument("--markdown", default="", help="write the table into this markdown file (between its markers)")
+    p.add_argument("--update-configs", action="store_true", help="refresh the result comment at the top of each checked config")
     p.add_argument("--json", default="", help="write the reports as JSON here")
+    p.add_argument("--jobs", type=int, default=1, help="with --all: configs compiled in parallel processes")
+    p.add_argument("--from-json", nargs="+", default=[], metavar="FILE",
+                   help="rebuild the table / comments from saved --json reports instead of compiling")
     p.set_defaults(run=run_compile_check)
 
 
@@ -51,33 +54,45 @@ def run_compile_check(args: argparse.Namespace) -> int:
     headroom = DEFAULT_HEADROOM if args.headroom is None else args.headroom
     steps = ("train", "decode") if args.step == "both" else (args.step,)
     references = ("precomputed", "in_step") if args.reference == "both" else (args.reference,)
-    if args.all:
-        paths = pod_table.pod_configs(args.configs_dir)
-        if not paths:
-            raise ConfigError(f"{args.configs_dir}: no config sets mesh.topology")
-    elif args.config:
-        paths = [Path(args.config)]
+    if args.from_json:
+        rows = [row for f in args.from_json for row in pod_table.read_json(f)]
     else:
-        raise ConfigError("compile-check needs --config FILE or --all")
-    try:
-        rows = []
-        for path in paths:
-            rows += pod_table.check_config(
-                path, overrides=args.set, topology=args.topology, steps=steps,
-                references=references, headroom=headroom, echo=print,
-            )
-    except AotUnavailable as err:
-        print(f"tracealign compile-check: {err}", file=sys.stderr)
-        return 2
-    except ShardingMismatch as err:
-        print(f"tracealign compile-check: {err}", file=sys.stderr)
-        return 1
+        if args.all:
+            paths = pod_table.pod_configs(args.configs_dir)
+            if not paths:
+                raise ConfigError(f"{args.configs_dir}: no config sets mesh.topology")
+        elif args.config:
+            paths = [Path(args.config)]
+        else:
+            raise ConfigError("compile-check needs --config FILE, --all or --from-json")
+        if len(paths) > 1 and args.jobs > 1:
+            extra = ["--step", args.step, "--reference", args.reference, "--headroom", str(headroom)]
+            extra += ["--topology", args.topology] if args.topology else []
+            extra += [a for kv in args.set for a in ("--set", kv)]
+            rows, codes = pod_table.check_configs_in_subprocesses(paths, extra, args.jobs, print)
+            if any(c not in (0, 1) for c in codes):
+                print(f"tracealign compile-check: a config failed to compile (exit codes {codes})", file=sys.stderr)
+                return 2
+        else:
+            try:
+                rows = []
+                for path in paths:
+                    rows += pod_table.check_config(
+                        path, overrides=args.set, topology=args.topology, steps=steps,
+                        references=references, headroom=headroom, echo=print,
+                    )
+            except AotUnavailable as err:
+                print(f"tracealign compile-check: {err}", file=sys.stderr)
+                return 2
+            except ShardingMismatch as err:
+                print(f"tracealign compile-check: {err}", file=sys.stderr)
+                return 1
     if args.json:
         pod_table.write_json(rows, args.json)
-    if args.all and args.markdown:
+    if args.markdown:
         pod_table.write_markdown_table(rows, args.markdown, POD_TABLE_BEGIN, POD_TABLE_END)
         print(f"table written to {args.markdown}")
-    if args.all and args.update_configs:
+    if args.update_configs:
         pod_table.update_config_comments(rows)
     print()
     print(pod_table.markdown_table(rows))

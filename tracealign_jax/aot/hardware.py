@@ -75,6 +75,8 @@ def _quiet_libtpu_env() -> None:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_WORKER_ID", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # libtpu takes a machine-wide lockfile meant for real chips; compile-only processes may coexist.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def libtpu_available() -> bool:

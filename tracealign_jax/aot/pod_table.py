@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import re
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
 
-from tracealign_jax.aot import hardware
+from tracealign_jax.aot import hardware, hlo_report
 from tracealign_jax.aot import steps as step_specs
 from tracealign_jax.aot.compile_check import TARGET_MFU, StepReport, run_checks
 from tracealign_jax.atomic_io import atomic_write_json, atomic_write_text
@@ -155,19 +160,79 @@ def update_config_comments(rows: Sequence[Row]) -> None:
         atomic_write_text(path, "\n".join(comment_lines(config_rows)) + "\n" + text)
 
 
+def row_to_dict(row: Row) -> dict:
+    """Every measured number of one row (JSON-ready); ``row_from_dict`` reads it back."""
+    r = row.report
+    return {
+        "config": str(row.config), "step": r.name, "topology": r.topology, "chip": r.chip,
+        "num_devices": r.num_devices, "hbm_per_device": r.hbm_per_device, "headroom": r.headroom,
+        "fits": r.fits, "used_bytes": r.memory.used_bytes, "memory": dataclasses.asdict(r.memory),
+        "compile_seconds": r.compile_seconds, "tokens": r.tokens, "model_flops": r.model_flops,
+        "matmul_flops_per_device": r.costs.matmul_flops, "xla_flops_per_device": r.xla_flops,
+        "collectives": {k: dataclasses.asdict(v) for k, v in r.costs.collectives.items()},
+        "unknown_trip_loops": r.costs.unknown_trip_loops,
+        "step_seconds_at_target_mfu": r.step_seconds_at_target_mfu,
+        "peak_flops_per_device": r.peak_flops_per_device, "notes": r.notes,
+        "compiler_refused": r.compiler_refused,
+        "largest_buffers": [dataclasses.asdict(b) for b in r.buffers],
+    }  # fmt: skip
+
+
+def row_from_dict(d: dict) -> Row:
+    costs = hlo_report.HloCosts(
+        matmul_flops=d["matmul_flops_per_device"],
+        collectives={k: hlo_report.CollectiveStats(**v) for k, v in d["collectives"].items()},
+        unknown_trip_loops=d["unknown_trip_loops"],
+    )
+    report = StepReport(
+        name=d["step"], topology=d["topology"], chip=d["chip"], num_devices=d["num_devices"],
+        hbm_per_device=d["hbm_per_device"], headroom=d["headroom"], compile_seconds=d["compile_seconds"],
+        memory=hlo_report.MemoryReport(**d["memory"]), costs=costs, xla_flops=d["xla_flops_per_device"],
+        tokens=d["tokens"], model_flops=d["model_flops"],
+        buffers=tuple(hlo_report.Buffer(**b) for b in d["largest_buffers"]),
+        peak_flops_per_device=d["peak_flops_per_device"], notes=d["notes"], compiler_refused=d["compiler_refused"],
+    )  # fmt: skip
+    return Row(Path(d["config"]), report)
+
+
 def write_json(rows: Sequence[Row], path: str | Path) -> None:
-    """Every measured number of every row, for scripts."""
-    out = []
-    for row in rows:
-        r = row.report
-        out.append({
-            "config": str(row.config), "step": r.name, "topology": r.topology, "chip": r.chip,
-            "num_devices": r.num_devices, "hbm_per_device": r.hbm_per_device, "headroom": r.headroom,
-            "fits": r.fits, "used_bytes": r.memory.used_bytes, "memory": dataclasses.asdict(r.memory),
-            "compile_seconds": r.compile_seconds, "tokens": r.tokens, "model_flops": r.model_flops,
-            "matmul_flops_per_device": r.costs.matmul_flops, "xla_flops_per_device": r.xla_flops,
-            "collectives": {k: dataclasses.asdict(v) for k, v in r.costs.collectives.items()},
-            "step_seconds_at_target_mfu": r.step_seconds_at_target_mfu,
-            "largest_buffers": [dataclasses.asdict(b) for b in r.buffers],
-        })
-    atomic_write_json(path, out)
+    """Every measured number of every row, for scripts and for ``read_json``."""
+    atomic_write_json(path, [row_to_dict(r) for r in rows])
+
+
+def read_json(path: str | Path) -> list[Row]:
+    """Rows written by ``write_json`` (to rebuild tables without recompiling)."""
+    return [row_from_dict(d) for d in json.loads(Path(path).read_text())]
+
+
+def check_configs_in_subprocesses(
+    paths: Sequence[Path], extra_args: Sequence[str], jobs: int, echo: Callable[[str], None]
+) -> tuple[list[Row], list[int]]:
+    """Runs ``tracealign compile-check --config P`` for every path, ``jobs`` at a time (each compile
+    is single-threaded in XLA; separate processes use separate cores). Returns (rows in path order,
+    exit codes)."""
+    rows: list[Row] = []
+    codes: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="tracealign_aot_jobs_") as tmp:
+        procs: list[tuple[Path, Path, Path, subprocess.Popen]] = []
+        pending = list(enumerate(paths))
+        running: list[tuple[Path, Path, Path, subprocess.Popen]] = []
+        while pending or running:
+            while pending and len(running) < max(1, jobs):
+                i, path = pending.pop(0)
+                out_json, log = Path(tmp) / f"{i}.json", Path(tmp) / f"{i}.log"
+                cmd = [sys.executable, "-m", "tracealign_jax.cli", "compile-check", "--config", str(path),
+                       "--json", str(out_json), *extra_args]  # fmt: skip
+                proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                running.append((path, out_json, log, proc))
+                procs.append(running[-1])
+            time.sleep(1.0)
+            for item in list(running):
+                if item[3].poll() is not None:
+                    running.remove(item)
+                    echo(item[2].read_text())
+        for path, out_json, _, proc in procs:
+            codes.append(proc.returncode)
+            if out_json.exists():
+                rows += read_json(out_json)
+    return rows, codes
