@@ -4,7 +4,8 @@ Writes PyTorch-layout safetensors (``metadata={"format": "pt"}``, HF tensor name
 ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` above ``max_shard_bytes``,
 plus ``config.json``, ``generation_config.json``, the tokenizer files when given, and a
 ``manifest.json`` of checksums. Tensors stream one layer slice at a time from the devices to the
-file, so host memory stays at one tensor whatever the model size. The directory appears atomically.
+file (a whole stacked weight only when under 512 MiB), so host memory is bounded whatever the
+model size. The directory appears atomically.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -25,6 +27,7 @@ from tracealign_jax.hf_io.safetensors_file import TensorPlan, write_safetensors
 from tracealign_jax.model import ModelArch
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+HOST_COPY_BYTES = 512 * 1024**2
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -54,24 +57,46 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+@jax.jit
+def _take_layer(stacked: jax.Array, layer: jax.Array) -> jax.Array:
+    # A traced layer index: one compile per parameter shape, not one per layer.
+    return jax.lax.dynamic_index_in_dim(stacked, layer, axis=0, keepdims=False)
+
+
+class _LayerSource:
+    """Per-layer host copies of one stacked parameter: a small one is fetched once, a large one
+    (above ``HOST_COPY_BYTES``) one layer at a time, so host memory stays bounded."""
+
+    def __init__(self, array: jax.Array):
+        self.array = array
+        self._host: np.ndarray | None = None
+
+    def layer(self, i: int) -> np.ndarray:
+        if self.array.nbytes <= HOST_COPY_BYTES:
+            if self._host is None:
+                self._host = _to_host(self.array)
+            out = self._host[i]
+            if i == self.array.shape[0] - 1:
+                self._host = None  # param-major order: this parameter is done
+            return out
+        return _to_host(_take_layer(self.array, jnp.int32(i)))
+
+
 def _plan(params: Mapping[str, jax.Array], arch: ModelArch, dtype: np.dtype) -> list[TensorPlan]:
+    """Write order: parameter-major (all layers of one weight in a row), so each stacked weight is
+    read from the devices once."""
     plans: list[TensorPlan] = []
-    per_layer: list[list[TensorPlan]] = [[] for _ in range(arch.num_hidden_layers)]
-    tail: list[TensorPlan] = []
     for tmap in tensor_maps(arch):
         if tmap.path not in params:
             raise KeyError(f"parameter '{tmap.path}' missing from the model/state given to save_hf")
         array = params[tmap.path]
         if tmap.stacked:
+            source = _LayerSource(array)
             for i, name in enumerate(tmap.hf_names(arch.num_hidden_layers)):
-                produce = lambda a=array, i=i, t=tmap: t.to_hf(_to_host(a[i]))
-                per_layer[i].append((name, tmap.hf_shape, dtype, produce))
+                plans.append((name, tmap.hf_shape, dtype, lambda s=source, i=i, t=tmap: t.to_hf(s.layer(i))))
         else:
-            produce = lambda a=array, t=tmap: t.to_hf(_to_host(a))
-            (plans if tmap.path == "embed" else tail).append((tmap.hf_name, tmap.hf_shape, dtype, produce))
-    for layer in per_layer:
-        plans += layer
-    return plans + tail
+            plans.append((tmap.hf_name, tmap.hf_shape, dtype, lambda a=array, t=tmap: t.to_hf(_to_host(a))))
+    return plans
 
 
 def _split(plans: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
@@ -108,7 +133,7 @@ def save_hf(
     dtype_name = dtype or str(np.dtype(params["embed"].dtype))
     if dtype_name not in _TORCH_DTYPE_NAMES:
         raise ValueError(f"export dtype must be one of {sorted(_TORCH_DTYPE_NAMES)}, got {dtype_name!r}")
-    np_dtype = np.dtype(jax.numpy.dtype(dtype_name))
+    np_dtype = np.dtype(jnp.dtype(dtype_name))
     shards = _split(_plan(params, arch, np_dtype), max_shard_bytes)
     out_dir = Path(out_dir)
     if jax.process_index() != 0:

@@ -89,12 +89,11 @@ def init_model(
     """A randomly initialised model; with a mesh each parameter is created directly on its shards
     (the init is jitted with ``out_shardings``, so no device ever holds a whole sharded weight)."""
     make = _constructor(arch, dtype, param_dtype, remat, seed)
-    if mesh is None:
-        return make()
-    if rules is None:
-        raise ValueError("init_model: rules are required with a mesh")
     graphdef, abstract = abstract_model(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh, rules=rules)
-    out_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    if mesh is not None and rules is None:
+        raise ValueError("init_model: rules are required with a mesh")
+    # One jitted init instead of an eager op per parameter (each eager op would compile on its own).
+    out_shardings = None if mesh is None else jax.tree.map(lambda a: a.sharding, abstract)
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=out_shardings)()
     return nnx.merge(graphdef, state)
 
