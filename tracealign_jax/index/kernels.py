@@ -77,13 +77,10 @@ def _lower_bound(tokens, sa_u8, width, s0, s1, q, qs, qe):
 
 
 @njit(**_JIT)
-def _upper_bound(tokens, sa_u8, width, s0, s1, q, qs, qe, lo):
-    """First shard rank >= lo whose suffix sorts after every suffix that starts with q, given that
-    the suffix at rank lo - 1 starts with q (so it brackets the search with LCP m)."""
-    hi = s1 - s0
-    m = qe - qs
-    llcp = m
-    hlcp = np.int64(0)
+def _upper_bound(tokens, sa_u8, width, s0, s1, q, qs, qe, lo, hi, hlcp):
+    """First shard rank in [lo, hi] whose suffix sorts after every suffix starting with q, given
+    that rank lo - 1 starts with q and rank hi (if < n) does not, sharing ``hlcp`` tokens with q."""
+    llcp = qe - qs
     while lo < hi:
         mid = (lo + hi) >> 1
         k0 = llcp if llcp < hlcp else hlcp
@@ -100,19 +97,59 @@ def _upper_bound(tokens, sa_u8, width, s0, s1, q, qs, qe, lo):
 @njit(**_JIT)
 def _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s, q, qs, qe):
     """[lo, hi) shard ranks whose suffixes start with q[qs:qe]; the empty query spans every
-    non-separator suffix (separators sort last)."""
+    non-separator suffix (separators sort last).
+
+    One shared bisection runs until it hits a suffix starting with q; from there the lower and the
+    upper bound are two independent bisections of the two halves, each keeping its LCP brackets."""
     s0 = shard_starts_S1[s]
     s1 = shard_starts_S1[s + 1]
-    if qe == qs:
+    m = qe - qs
+    if m == 0:
         return np.int64(0), s1 - s0 - shard_seps_S[s]
-    lo, _, hlcp = _lower_bound(tokens, sa_u8, width, s0, s1, q, qs, qe)
-    if lo == s1 - s0 or hlcp < qe - qs:  # the suffix at the insertion point does not start with q
-        return lo, lo
-    return lo, _upper_bound(tokens, sa_u8, width, s0, s1, q, qs, qe, lo + 1)
+    lo = np.int64(0)
+    hi = s1 - s0
+    llcp = np.int64(0)
+    hlcp = np.int64(0)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        k0 = llcp if llcp < hlcp else hlcp
+        c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, width, s0 + mid), s1, q, qs, qe, k0)
+        if c < 0:
+            lo = mid + 1
+            llcp = lcp
+        elif c > 0:
+            hi = mid
+            hlcp = lcp
+        else:
+            # lower bound in [lo, mid]: brackets (llcp, m); upper bound in [mid + 1, hi]: brackets (m, hlcp)
+            a, b, alcp, blcp = lo, mid, llcp, m
+            while a < b:
+                x = (a + b) >> 1
+                k0 = alcp if alcp < blcp else blcp
+                c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, width, s0 + x), s1, q, qs, qe, k0)
+                if c < 0:
+                    a = x + 1
+                    alcp = lcp
+                else:
+                    b = x
+                    blcp = lcp
+            return a, _upper_bound(tokens, sa_u8, width, s0, s1, q, qs, qe, mid + 1, hi, hlcp)
+    return lo, lo
+
+
+@njit(inline="always", **_JIT)
+def _in_vocab(q, sep):
+    for k in range(len(q)):
+        if q[k] < 0 or q[k] >= sep:
+            return False
+    return True
 
 
 @njit(**_JIT)
-def count_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q):
+def count_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q):
+    """Occurrences of q (int64[L]); 0 when a token is outside the vocabulary [0, sep)."""
+    if not _in_vocab(q, sep):
+        return np.int64(0)
     total = np.int64(0)
     for s in range(len(shard_starts_S1) - 1):
         lo, hi = _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s, q, 0, len(q))
@@ -269,7 +306,7 @@ def maximal_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q_fl
 
 
 @njit(**_JIT)
-def _next_runs(tokens, sa_u8, width, s0, s1, sep, m, lo, hi, tok_out, cnt_out, n_out):
+def _next_runs(tokens, sa_u8, width, s0, s1, sep, m, lo, hi, tok_out, cnt_out, n_out, store):
     """Appends (next token, count) runs of SA range [lo, hi) of a length-m context: the next tokens
     are sorted inside the range, so each run's end is found by galloping then binary search."""
     r = lo
@@ -296,8 +333,9 @@ def _next_runs(tokens, sa_u8, width, s0, s1, sep, m, lo, hi, tok_out, cnt_out, n
                 a = mid
             else:
                 b = mid
-        tok_out[n_out] = t
-        cnt_out[n_out] = b - r
+        if store:
+            tok_out[n_out] = t
+            cnt_out[n_out] = b - r
         n_out += 1
         r = b
     return n_out
@@ -320,52 +358,71 @@ def _next_counts_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, v
     n_out = np.int64(0)
     for s in range(n_shards):
         n_out = _next_runs(tokens, sa_u8, width, shard_starts_S1[s], shard_starts_S1[s + 1], sep, m,
-                           los[s], his[s], tok, cnt, n_out)
-    tok = tok[:n_out]
-    cnt = cnt[:n_out]
-    if n_shards == 1:
-        return tok, cnt
-    order = np.argsort(tok, kind="mergesort")
-    tok = tok[order]
-    cnt = cnt[order]
-    k = np.int64(-1)
-    for j in range(n_out):
-        if k >= 0 and tok[j] == tok[k]:
-            cnt[k] += cnt[j]
+                           los[s], his[s], tok, cnt, n_out, True)
+    if n_shards > 1:
+        n_out = _merge_runs(tok, cnt, 0, n_out)
+    return tok[:n_out].copy(), cnt[:n_out].copy()
+
+
+@njit(**_JIT)
+def _merge_runs(tok, cnt, a, b):
+    """Sorts the (token, count) runs in [a, b) by token and sums equal tokens (runs of different
+    shards); returns the new end of the segment."""
+    order = np.argsort(tok[a:b], kind="mergesort")
+    t = tok[a:b][order]
+    c = cnt[a:b][order]
+    k = a - 1
+    for j in range(b - a):
+        if k >= a and t[j] == tok[k]:
+            cnt[k] += c[j]
         else:
             k += 1
-            tok[k] = tok[j]
-            cnt[k] = cnt[j]
-    return tok[:k + 1].copy(), cnt[:k + 1].copy()
+            tok[k] = t[j]
+            cnt[k] = c[j]
+    return k + 1
 
 
 @njit(**_JIT)
 def next_counts_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, vocab, q):
+    if not _in_vocab(q, sep):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return _next_counts_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, vocab, q, 0, len(q))
 
 
 @njit(parallel=True, **_JIT)
-def next_counts_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, vocab, q_flat, q_offsets_N1,
-                      valid_N):
-    """Exact next-token counts for each context; returns CSR (offsets_N1, token ids, counts)."""
-    n = len(q_offsets_N1) - 1
-    toks = [np.empty(0, np.int64) for _ in range(n)]
-    cnts = [np.empty(0, np.int64) for _ in range(n)]
+def next_runs_count(tokens, sa_u8, width, shard_starts_S1, sep, q_offsets_N1, lo_NxS, hi_NxS):
+    """Pass 1 of batched next-token counts: the number of (shard, next token) runs per context."""
+    n = lo_NxS.shape[0]
+    runs_N = np.zeros(n, np.int64)
+    dummy = np.empty(0, np.int64)
     for i in prange(n):
-        if valid_N[i]:
-            t, c = _next_counts_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, vocab,
-                                    q_flat, q_offsets_N1[i], q_offsets_N1[i + 1])
-            toks[i] = t
-            cnts[i] = c
-    offsets_N1 = np.zeros(n + 1, np.int64)
-    for i in range(n):
-        offsets_N1[i + 1] = offsets_N1[i] + len(toks[i])
-    tok_flat = np.empty(offsets_N1[n], np.int64)
-    cnt_flat = np.empty(offsets_N1[n], np.int64)
-    for i in range(n):
-        tok_flat[offsets_N1[i]:offsets_N1[i + 1]] = toks[i]
-        cnt_flat[offsets_N1[i]:offsets_N1[i + 1]] = cnts[i]
-    return offsets_N1, tok_flat, cnt_flat
+        m = q_offsets_N1[i + 1] - q_offsets_N1[i]
+        c = np.int64(0)
+        for s in range(lo_NxS.shape[1]):
+            c = _next_runs(tokens, sa_u8, width, shard_starts_S1[s], shard_starts_S1[s + 1], sep, m,
+                           lo_NxS[i, s], hi_NxS[i, s], dummy, dummy, c, False)
+        runs_N[i] = c
+    return runs_N
+
+
+@njit(parallel=True, **_JIT)
+def next_runs_fill(tokens, sa_u8, width, shard_starts_S1, sep, q_offsets_N1, lo_NxS, hi_NxS, cap_offsets_N1):
+    """Pass 2: writes each context's runs at its offset, merged across shards; returns
+    (token ids, counts, number of distinct next tokens per context)."""
+    n = lo_NxS.shape[0]
+    tok = np.empty(cap_offsets_N1[n], np.int64)
+    cnt = np.empty(cap_offsets_N1[n], np.int64)
+    distinct_N = np.zeros(n, np.int64)
+    for i in prange(n):
+        m = q_offsets_N1[i + 1] - q_offsets_N1[i]
+        c = cap_offsets_N1[i]
+        for s in range(lo_NxS.shape[1]):
+            c = _next_runs(tokens, sa_u8, width, shard_starts_S1[s], shard_starts_S1[s + 1], sep, m,
+                           lo_NxS[i, s], hi_NxS[i, s], tok, cnt, c, True)
+        if lo_NxS.shape[1] > 1:
+            c = _merge_runs(tok, cnt, cap_offsets_N1[i], c)
+        distinct_N[i] = c - cap_offsets_N1[i]
+    return tok, cnt, distinct_N
 
 
 @njit(nogil=True, cache=True)

@@ -52,17 +52,25 @@ class _Arrays:
     sep: int
 
 
-def _flatten(spans: Sequence[SpanLike], vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenates spans into (q_flat int64, q_offsets_N1 int64, valid_N bool: all ids in vocab)."""
-    arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in spans]
-    lengths = np.fromiter((len(a) for a in arrays), np.int64, count=len(arrays))
-    offsets = np.zeros(len(arrays) + 1, np.int64)
+def _flatten(spans: Sequence[SpanLike] | np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenates spans into (q_flat int64, q_offsets_N1 int64, valid_N bool: all ids in vocab).
+
+    ``spans`` is a list of int sequences / 1-D arrays, or a 2-D int array of N equal-length spans."""
+    if isinstance(spans, np.ndarray) and spans.ndim == 2:
+        n, length = spans.shape
+        flat = np.ascontiguousarray(spans, dtype=np.int64).reshape(-1)
+        lengths = np.full(n, length, np.int64)
+    else:
+        lengths = np.fromiter(map(len, spans), np.int64, count=len(spans))
+        flat = np.concatenate(spans).astype(np.int64, copy=False) if len(spans) else np.zeros(0, np.int64)
+        if flat.ndim != 1 or len(flat) != lengths.sum():
+            raise ValueError("spans must be 1-D sequences of token ids")
+    offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
     bad = (flat < 0) | (flat >= vocab_size)
-    valid = np.ones(len(arrays), bool)
+    valid = np.ones(len(lengths), bool)
     if bad.any():
-        owner = np.repeat(np.arange(len(arrays)), lengths)
+        owner = np.repeat(np.arange(len(lengths)), lengths)
         valid[owner[bad]] = False
     return flat, offsets, valid
 
@@ -126,19 +134,11 @@ class TraceIndex:
 
     # ---- counting -----------------------------------------------------------------------------
 
-    def _valid_query(self, span: SpanLike) -> np.ndarray | None:
-        q = np.asarray(span, dtype=np.int64).reshape(-1)
-        if q.size and (q.min() < 0 or q.max() >= self.vocab_size):
-            return None
-        return q
-
     def count(self, span: SpanLike) -> int:
         """Number of occurrences of ``span`` in the corpus (never across documents)."""
-        q = self._valid_query(span)
-        if q is None:
-            return 0
         a = self._a
-        return int(K.count_one(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, q))
+        q = np.asarray(span, dtype=np.int64).reshape(-1)
+        return int(K.count_one(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, a.sep, q))
 
     def count_batch(self, spans: Sequence[SpanLike]) -> np.ndarray:
         """int64[N] counts of N spans, searched in parallel inside one compiled call."""
@@ -249,14 +249,17 @@ class TraceIndex:
         flat, offsets, valid = _flatten(contexts, self.vocab_size)
         a = self._a
         _threads_for(len(offsets) - 1)
-        out_off, toks, cnts = K.next_counts_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S,
-                                                  a.sep, self.vocab_size, flat, offsets, valid)
-        return [(toks[out_off[i]:out_off[i + 1]], cnts[out_off[i]:out_off[i + 1]]) for i in range(len(valid))]
+        lo, hi = K.ranges_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets, valid)
+        # two passes (count the runs, then fill them) so memory is exactly the output's
+        runs = K.next_runs_count(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets, lo, hi)
+        cap = np.zeros(len(runs) + 1, np.int64)
+        np.cumsum(runs, out=cap[1:])
+        tok, cnt, distinct = K.next_runs_fill(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets, lo, hi,
+                                              cap)
+        return [(tok[cap[i]:cap[i] + distinct[i]], cnt[cap[i]:cap[i] + distinct[i]]) for i in range(len(runs))]
 
     def next_token_counts(self, context: SpanLike) -> tuple[np.ndarray, np.ndarray]:
-        q = self._valid_query(context)
-        if q is None:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        q = np.asarray(context, dtype=np.int64).reshape(-1)
         a = self._a
         return K.next_counts_one(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, a.sep,
                                  self.vocab_size, q)
