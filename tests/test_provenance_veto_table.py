@@ -13,6 +13,7 @@ from tracealign_jax.config import MeshConfig
 from tracealign_jax.provenance import context_hash
 from tracealign_jax.provenance.veto_table import (
     _from_sorted_entries,
+    apply_veto,
     compile_veto_table,
     load_veto_table,
     save_veto_table,
@@ -100,6 +101,10 @@ def test_jitted_lookup_equals_python_dict(built, min_prefix):
         got = {int(t): float(p) for t, p, v in zip(tok[i], pen[i], valid[i]) if v}
         assert got == {t: float(p) for t, p in want.items()}  # each token once, max penalty
     assert hits >= 20  # the test exercises real hits, not only misses
+    logits = jnp.asarray(np.random.default_rng(9).normal(size=(64, VOCAB)).astype(np.float32))
+    vetoed = jax.jit(apply_veto, static_argnums=(5,))(logits, table, jnp.asarray(ctx), jnp.asarray(lens), 0.5,
+                                                     min_prefix)
+    np.testing.assert_allclose(np.asarray(vetoed), np.asarray(logits - 0.5 * pen_BxV), rtol=1e-6, atol=1e-6)
 
 
 def test_lookup_on_8_devices_matches_single_device(built):
