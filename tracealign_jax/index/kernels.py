@@ -11,6 +11,10 @@ Queries arrive as int64 arrays. Callers guarantee query tokens lie in ``[0, sep)
 the vocabulary can never match and is handled before the kernels (or, in ``longest_matches``, by
 cutting the query there), so a query can never match a separator.
 
+Batched kernels take absolute offsets into the flat query array and return results for just that
+slice, so the caller splits a big batch into chunks and runs them in threads: every kernel is
+``nogil``, and Python threads that block are kinder to a busy machine than an OpenMP team that spins.
+
 Binary searches keep the LCP with both bracket ends (Manber-Myers ``min(llcp, hlcp)`` skip), so a
 comparison starts where the known common prefix ends. At the end of a lower-bound search the two
 LCPs are exactly the LCPs with the suffixes at ranks ``r - 1`` and ``r`` (``r`` the insertion point,
@@ -20,7 +24,7 @@ including ``r = 0`` and ``r = n``): the longest match needs nothing more.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 _JIT = dict(nogil=True, cache=True)
 
@@ -157,14 +161,14 @@ def count_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q):
     return total
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def ranges_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, q_offsets_N1, valid_N):
     """Per query and shard, the SA range [lo, hi) of the query; invalid queries get empty ranges."""
     n = len(q_offsets_N1) - 1
     n_shards = len(shard_starts_S1) - 1
     lo_NxS = np.zeros((n, n_shards), np.int64)
     hi_NxS = np.zeros((n, n_shards), np.int64)
-    for i in prange(n):
+    for i in range(n):
         if not valid_N[i]:
             continue
         for s in range(n_shards):
@@ -175,11 +179,11 @@ def ranges_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, q_
     return lo_NxS, hi_NxS
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def count_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, q_offsets_N1, valid_N):
     n = len(q_offsets_N1) - 1
     out_N = np.zeros(n, np.int64)
-    for i in prange(n):
+    for i in range(n):
         if not valid_N[i]:
             continue
         total = np.int64(0)
@@ -197,7 +201,7 @@ def _doc_of(doc_starts_D1, gpos):
     return np.searchsorted(doc_starts_D1, gpos, side="right") - 1
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def gather_positions(sa_u8, width, shard_starts_S1, doc_starts_D1, lo_NxS, hi_NxS, take_N, seed_frac,
                      out_offsets_N1, want_offsets):
     """Fills, for query i, ``take_N[i]`` occurrences from its ranges: all of them in shard/rank
@@ -205,14 +209,15 @@ def gather_positions(sa_u8, width, shard_starts_S1, doc_starts_D1, lo_NxS, hi_Nx
     (rank j of ``take`` is ``floor((j + seed_frac) * total / take)``). Returns (doc_ids, offsets)."""
     n = lo_NxS.shape[0]
     n_shards = lo_NxS.shape[1]
-    docs = np.empty(out_offsets_N1[n], np.int64)
-    offs = np.empty(out_offsets_N1[n] if want_offsets else 0, np.int64)
-    for i in prange(n):
+    base0 = out_offsets_N1[0]
+    docs = np.empty(out_offsets_N1[n] - base0, np.int64)
+    offs = np.empty(out_offsets_N1[n] - base0 if want_offsets else 0, np.int64)
+    for i in range(n):
         total = np.int64(0)
         for s in range(n_shards):
             total += hi_NxS[i, s] - lo_NxS[i, s]
         take = take_N[i]
-        base = out_offsets_N1[i]
+        base = out_offsets_N1[i] - base0
         s = 0
         skipped = np.int64(0)  # ranks of the concatenated range in shards before s
         for j in range(take):
@@ -260,29 +265,32 @@ def _valid_limits(q, qs, qe, sep, limit_L):
         limit_L[i] = nxt
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def longest_batch(tokens, sa_u8, width, shard_starts_S1, sep, q_flat, q_offsets_N1):
-    """Longest corpus match starting at every position of every query; int32 flat like q_flat."""
-    out = np.zeros(len(q_flat), np.int64)
-    for i in prange(len(q_offsets_N1) - 1):
+    """Longest corpus match starting at every position of every query: int32, flat over
+    ``q_flat[q_offsets_N1[0]:q_offsets_N1[-1]]``."""
+    base0 = q_offsets_N1[0]
+    out = np.zeros(q_offsets_N1[-1] - base0, np.int64)
+    for i in range(len(q_offsets_N1) - 1):
         qs = q_offsets_N1[i]
         qe = q_offsets_N1[i + 1]
         limit_L = np.empty(qe - qs, np.int64)
         _valid_limits(q_flat, qs, qe, sep, limit_L)
-        _longest_into(tokens, sa_u8, width, shard_starts_S1, q_flat, qs, qe, limit_L, out[qs:qe])
+        _longest_into(tokens, sa_u8, width, shard_starts_S1, q_flat, qs, qe, limit_L, out[qs - base0:qe - base0])
     return out.astype(np.int32)
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def maximal_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q_flat, q_offsets_N1, min_len):
     """Maximal matching spans (not contained in another) of length >= min_len for each query.
 
     Since ``i + longest[i]`` never decreases along a query, span ``[i, i + longest[i])`` is maximal
     iff its end is strictly beyond the previous position's. Returns per position (flat like q_flat)
     ``span_len`` (0 where no maximal span starts) and ``span_count`` (its corpus count)."""
-    span_len = np.zeros(len(q_flat), np.int64)
-    span_count = np.zeros(len(q_flat), np.int64)
-    for i in prange(len(q_offsets_N1) - 1):
+    base0 = q_offsets_N1[0]
+    span_len = np.zeros(q_offsets_N1[-1] - base0, np.int64)
+    span_count = np.zeros(q_offsets_N1[-1] - base0, np.int64)
+    for i in range(len(q_offsets_N1) - 1):
         qs = q_offsets_N1[i]
         qe = q_offsets_N1[i + 1]
         limit_L = np.empty(qe - qs, np.int64)
@@ -293,13 +301,13 @@ def maximal_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q_fl
         for j in range(qe - qs):
             ln = longest_L[j]
             if ln > 0 and j + ln > prev_end and ln >= min_len:
-                span_len[qs + j] = ln
+                span_len[qs - base0 + j] = ln
                 c = np.int64(0)
                 for s in range(len(shard_starts_S1) - 1):
                     lo, hi = _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s,
                                           q_flat, qs + j, qs + j + ln)
                     c += hi - lo
-                span_count[qs + j] = c
+                span_count[qs - base0 + j] = c
             if ln > 0 and j + ln > prev_end:
                 prev_end = j + ln
     return span_len, span_count
@@ -389,13 +397,13 @@ def next_counts_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, vo
     return _next_counts_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, vocab, q, 0, len(q))
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def next_runs_count(tokens, sa_u8, width, shard_starts_S1, sep, q_offsets_N1, lo_NxS, hi_NxS):
     """Pass 1 of batched next-token counts: the number of (shard, next token) runs per context."""
     n = lo_NxS.shape[0]
     runs_N = np.zeros(n, np.int64)
     dummy = np.empty(0, np.int64)
-    for i in prange(n):
+    for i in range(n):
         m = q_offsets_N1[i + 1] - q_offsets_N1[i]
         c = np.int64(0)
         for s in range(lo_NxS.shape[1]):
@@ -405,23 +413,24 @@ def next_runs_count(tokens, sa_u8, width, shard_starts_S1, sep, q_offsets_N1, lo
     return runs_N
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def next_runs_fill(tokens, sa_u8, width, shard_starts_S1, sep, q_offsets_N1, lo_NxS, hi_NxS, cap_offsets_N1):
     """Pass 2: writes each context's runs at its offset, merged across shards; returns
     (token ids, counts, number of distinct next tokens per context)."""
     n = lo_NxS.shape[0]
-    tok = np.empty(cap_offsets_N1[n], np.int64)
-    cnt = np.empty(cap_offsets_N1[n], np.int64)
+    base0 = cap_offsets_N1[0]
+    tok = np.empty(cap_offsets_N1[n] - base0, np.int64)
+    cnt = np.empty(cap_offsets_N1[n] - base0, np.int64)
     distinct_N = np.zeros(n, np.int64)
-    for i in prange(n):
+    for i in range(n):
         m = q_offsets_N1[i + 1] - q_offsets_N1[i]
-        c = cap_offsets_N1[i]
+        c = cap_offsets_N1[i] - base0
         for s in range(lo_NxS.shape[1]):
             c = _next_runs(tokens, sa_u8, width, shard_starts_S1[s], shard_starts_S1[s + 1], sep, m,
                            lo_NxS[i, s], hi_NxS[i, s], tok, cnt, c, True)
         if lo_NxS.shape[1] > 1:
-            c = _merge_runs(tok, cnt, cap_offsets_N1[i], c)
-        distinct_N[i] = c - cap_offsets_N1[i]
+            c = _merge_runs(tok, cnt, cap_offsets_N1[i] - base0, c)
+        distinct_N[i] = c - (cap_offsets_N1[i] - base0)
     return tok, cnt, distinct_N
 
 

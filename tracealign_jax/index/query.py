@@ -8,11 +8,13 @@ position (count = ``num_tokens``), the infini-gram convention. Positions are tok
 from __future__ import annotations
 
 import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
-import numba
 import numpy as np
 
 from tracealign_jax.atomic_io import IntegrityError, manifest_hash, verify_manifest
@@ -21,13 +23,24 @@ from tracealign_jax.index import kernels as K
 
 SpanLike = Sequence[int] | np.ndarray
 
-# Below this many queries a batched kernel runs on the calling thread: waking the OpenMP team costs
-# ~0.1-1.5 ms per call on a busy 2-core machine, more than a few hundred searches.
+# Below this many queries a batch runs on the calling thread; above, in chunks on a thread pool
+# (the kernels release the GIL). Thread hand-off costs tens of microseconds.
 PARALLEL_MIN_QUERIES = 256
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
-def _threads_for(n_queries: int) -> None:
-    numba.set_num_threads(1 if n_queries < PARALLEL_MIN_QUERIES else numba.config.NUMBA_NUM_THREADS)
+def _chunked(n: int, call: Callable[[int, int], Any]) -> list[Any]:
+    """``[call(a, b), ...]`` over consecutive query ranges covering [0, n), in order."""
+    global _POOL
+    threads = os.cpu_count() or 1
+    if n < PARALLEL_MIN_QUERIES or threads == 1:
+        return [call(0, n)]
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="traceindex")
+    bounds = np.linspace(0, n, 2 * threads + 1).astype(np.int64)  # 2 chunks per thread: uneven queries
+    return list(_POOL.map(lambda ab: call(int(ab[0]), int(ab[1])), zip(bounds[:-1], bounds[1:])))
 
 
 class Span(NamedTuple):
@@ -144,14 +157,16 @@ class TraceIndex:
         """int64[N] counts of N spans, searched in parallel inside one compiled call."""
         flat, offsets, valid = _flatten(spans, self.vocab_size)
         a = self._a
-        _threads_for(len(offsets) - 1)
-        return K.count_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets, valid)
+        return np.concatenate(_chunked(len(valid), lambda i, j: K.count_batch(
+            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets[i:j + 1], valid[i:j])))
 
-    def _ranges(self, spans: Sequence[SpanLike]) -> tuple[np.ndarray, np.ndarray]:
+    def _ranges(self, spans: Sequence[SpanLike]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per span and shard the SA range [lo, hi), plus the spans' offsets into their flat array."""
         flat, offsets, valid = _flatten(spans, self.vocab_size)
         a = self._a
-        _threads_for(len(offsets) - 1)
-        return K.ranges_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets, valid)
+        parts = _chunked(len(valid), lambda i, j: K.ranges_batch(
+            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets[i:j + 1], valid[i:j]))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), offsets
 
     def _gather(self, lo_NxS: np.ndarray, hi_NxS: np.ndarray, take_N: np.ndarray, seed: int,
                 want_offsets: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -159,16 +174,17 @@ class TraceIndex:
         np.cumsum(take_N, out=out_offsets[1:])
         seed_frac = float(np.random.default_rng(seed).random()) if seed else 0.0
         a = self._a
-        _threads_for(len(take_N))
-        docs, offs = K.gather_positions(a.sa_u8, a.width, a.shard_starts_S1, a.doc_starts_D1, lo_NxS, hi_NxS,
-                                        take_N.astype(np.int64), seed_frac, out_offsets, want_offsets)
-        return out_offsets, docs, offs
+        take_N = take_N.astype(np.int64)
+        parts = _chunked(len(take_N), lambda i, j: K.gather_positions(
+            a.sa_u8, a.width, a.shard_starts_S1, a.doc_starts_D1, lo_NxS[i:j], hi_NxS[i:j], take_N[i:j], seed_frac,
+            out_offsets[i:j + 1], want_offsets))
+        return out_offsets, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     # ---- occurrences --------------------------------------------------------------------------
 
     def locate_batch(self, spans: Sequence[SpanLike], limit: int) -> list[list[tuple[int, int]]]:
         """For each span, up to ``limit`` occurrences as (doc_id, offset_in_doc), sorted."""
-        lo, hi = self._ranges(spans)
+        lo, hi, _ = self._ranges(spans)
         take = np.minimum((hi - lo).sum(axis=1), max(int(limit), 0))
         out_offsets, docs, offs = self._gather(lo, hi, take, 0, True)
         result = []
@@ -188,7 +204,7 @@ class TraceIndex:
         """Per span ``(doc_ids int64[k], total_count)``: every occurrence's doc id (one per occurrence,
         ascending) when total <= max_samples, else a deterministic stratified sample of
         ``max_samples`` ranks of the suffix-array range (the same for the same seed)."""
-        lo, hi = self._ranges(spans)
+        lo, hi, _ = self._ranges(spans)
         totals = (hi - lo).sum(axis=1)
         take = np.minimum(totals, max(int(max_samples), 0))
         out_offsets, docs, _ = self._gather(lo, hi, take, seed, False)
@@ -207,8 +223,8 @@ class TraceIndex:
         """For each token list, int32[L]: length of the longest corpus match starting at each position."""
         flat, offsets, _ = _flatten(token_lists, self.vocab_size)
         a = self._a
-        _threads_for(len(offsets) - 1)
-        out = K.longest_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, flat, offsets)
+        out = np.concatenate(_chunked(len(offsets) - 1, lambda i, j: K.longest_batch(
+            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, flat, offsets[i:j + 1])))
         return [out[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
     def longest_matches(self, tokens: SpanLike) -> np.ndarray:
@@ -221,9 +237,11 @@ class TraceIndex:
         rarest (most negative) first, ties by start."""
         flat, offsets, _ = _flatten(token_lists, self.vocab_size)
         a = self._a
-        _threads_for(len(offsets) - 1)
-        span_len, span_count = K.maximal_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S,
-                                               a.sep, flat, offsets, max(int(min_len), 1))
+        parts = _chunked(len(offsets) - 1, lambda i, j: K.maximal_batch(
+            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, a.sep, flat, offsets[i:j + 1],
+            max(int(min_len), 1)))
+        span_len = np.concatenate([p[0] for p in parts])
+        span_count = np.concatenate([p[1] for p in parts])
         logp_V = self.unigram_logprobs()
         result = []
         for i in range(len(offsets) - 1):
@@ -246,16 +264,18 @@ class TraceIndex:
     def next_token_counts_batch(self, contexts: Sequence[SpanLike]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Exact counts of every token that follows each context in the corpus (no sampling):
         per context ``(token_ids int64[M] ascending, counts int64[M])``; document ends are not tokens."""
-        flat, offsets, valid = _flatten(contexts, self.vocab_size)
+        lo, hi, offsets = self._ranges(contexts)
         a = self._a
-        _threads_for(len(offsets) - 1)
-        lo, hi = K.ranges_batch(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets, valid)
         # two passes (count the runs, then fill them) so memory is exactly the output's
-        runs = K.next_runs_count(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets, lo, hi)
+        runs = np.concatenate(_chunked(len(lo), lambda i, j: K.next_runs_count(
+            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets[i:j + 1], lo[i:j], hi[i:j])))
         cap = np.zeros(len(runs) + 1, np.int64)
         np.cumsum(runs, out=cap[1:])
-        tok, cnt, distinct = K.next_runs_fill(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets, lo, hi,
-                                              cap)
+        parts = _chunked(len(lo), lambda i, j: K.next_runs_fill(
+            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets[i:j + 1], lo[i:j], hi[i:j], cap[i:j + 1]))
+        tok = np.concatenate([p[0] for p in parts])
+        cnt = np.concatenate([p[1] for p in parts])
+        distinct = np.concatenate([p[2] for p in parts])
         return [(tok[cap[i]:cap[i] + distinct[i]], cnt[cap[i]:cap[i] + distinct[i]]) for i in range(len(runs))]
 
     def next_token_counts(self, context: SpanLike) -> tuple[np.ndarray, np.ndarray]:
