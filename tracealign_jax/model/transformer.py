@@ -193,9 +193,10 @@ class Transformer(nnx.Module):
         b, l = tokens_BxL.shape
         if valid_BxL is None:
             valid_BxL = jnp.ones((b, l), bool)
-        # Gather from a table whole along vocab (sharded only on embed): a vocab-sharded gather
-        # would make XLA replicate the whole lookup.
-        table_VxD = sharding.constrain(self.embed[...], (None, "embed"))
+        # FSDP-style: all-gather the table, then gather rows locally into a batch-sharded result.
+        # Gathering from the (vocab, embed)-sharded table makes XLA's SPMD partitioner fall back to
+        # replicating the lookup output ("involuntary full rematerialization").
+        table_VxD = sharding.constrain(self.embed[...], (None, None))
         h = jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
         h = sharding.constrain(h, ACT)
         cos_sin = rope_angles(positions_BxL, arch)
