@@ -33,6 +33,8 @@ _JIT = dict(nogil=True, cache=True)
 def _sa_at(sa_u8, width, index):
     """Shard-local position stored at global SA index ``index`` (``width`` little-endian bytes)."""
     off = index * width
+    if width == 3:  # the common case (shards below 2^24 positions): straight-line loads
+        return np.int64(sa_u8[off]) | (np.int64(sa_u8[off + 1]) << 8) | (np.int64(sa_u8[off + 2]) << 16)
     v = np.int64(0)
     for b in range(width):
         v |= np.int64(sa_u8[off + b]) << (8 * b)
@@ -281,15 +283,18 @@ def longest_batch(tokens, sa_u8, width, shard_starts_S1, sep, q_flat, q_offsets_
 
 
 @njit(**_JIT)
-def maximal_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q_flat, q_offsets_N1, min_len):
+def maximal_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q_flat, q_offsets_N1, min_len,
+                  logp_V):
     """Maximal matching spans (not contained in another) of length >= min_len for each query.
 
     Since ``i + longest[i]`` never decreases along a query, span ``[i, i + longest[i])`` is maximal
     iff its end is strictly beyond the previous position's. Returns per position (flat like q_flat)
-    ``span_len`` (0 where no maximal span starts) and ``span_count`` (its corpus count)."""
+    ``span_len`` (0 where no maximal span starts), ``span_count`` (its corpus count) and
+    ``span_logp`` (the sum of ``logp_V`` over its tokens, left to right)."""
     base0 = q_offsets_N1[0]
     span_len = np.zeros(q_offsets_N1[-1] - base0, np.int64)
     span_count = np.zeros(q_offsets_N1[-1] - base0, np.int64)
+    span_logp = np.zeros(q_offsets_N1[-1] - base0, np.float64)
     for i in range(len(q_offsets_N1) - 1):
         qs = q_offsets_N1[i]
         qe = q_offsets_N1[i + 1]
@@ -308,9 +313,13 @@ def maximal_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q_fl
                                           q_flat, qs + j, qs + j + ln)
                     c += hi - lo
                 span_count[qs - base0 + j] = c
+                lp = 0.0
+                for k in range(qs + j, qs + j + ln):
+                    lp += logp_V[q_flat[k]]
+                span_logp[qs - base0 + j] = lp
             if ln > 0 and j + ln > prev_end:
                 prev_end = j + ln
-    return span_len, span_count
+    return span_len, span_count, span_logp
 
 
 @njit(**_JIT)

@@ -237,25 +237,23 @@ class TraceIndex:
         rarest (most negative) first, ties by start."""
         flat, offsets, _ = _flatten(token_lists, self.vocab_size)
         a = self._a
+        logp_V = self.unigram_logprobs()
         parts = _chunked(len(offsets) - 1, lambda i, j: K.maximal_batch(
             a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, a.sep, flat, offsets[i:j + 1],
-            max(int(min_len), 1)))
-        span_len = np.concatenate([p[0] for p in parts])
-        span_count = np.concatenate([p[1] for p in parts])
-        logp_V = self.unigram_logprobs()
+            max(int(min_len), 1), logp_V))
+        span_len, span_count, span_logp = (np.concatenate([p[k] for p in parts]) for k in range(3))
         result = []
         for i in range(len(offsets) - 1):
             s0, s1 = offsets[i], offsets[i + 1]
             starts = np.flatnonzero(span_len[s0:s1])
-            lens, counts = span_len[s0:s1][starts], span_count[s0:s1][starts]
-            keep = np.ones(len(starts), bool) if max_count is None else counts <= max_count
-            starts, lens, counts = starts[keep], lens[keep], counts[keep]
-            q = flat[s0:s1]
-            logps = np.array([logp_V[q[a:a + n]].sum() for a, n in zip(starts, lens)], np.float64)
-            # rounded so that spans of equal tokens tie exactly whatever the summation order
+            lens, counts, logps = span_len[s0:s1][starts], span_count[s0:s1][starts], span_logp[s0:s1][starts]
+            if max_count is not None:
+                keep = counts <= max_count
+                starts, lens, counts, logps = starts[keep], lens[keep], counts[keep], logps[keep]
+            # rounded so that near-equal sums of different tokens still order by start
             order = np.lexsort((starts, np.round(logps, 9)))
-            result.append([Span(int(starts[j]), int(starts[j] + lens[j]), int(counts[j]), float(logps[j]))
-                           for j in order])
+            result.append([Span(*t) for t in zip(starts[order].tolist(), (starts + lens)[order].tolist(),
+                                                 counts[order].tolist(), logps[order].tolist())])
         return result
 
     def maximal_spans(self, tokens: SpanLike, min_len: int = 1, max_count: int | None = None) -> list[Span]:
