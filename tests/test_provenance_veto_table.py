@@ -101,6 +101,8 @@ def test_jitted_lookup_equals_python_dict(built, min_prefix):
         got = {int(t): float(p) for t, p, v in zip(tok[i], pen[i], valid[i]) if v}
         assert got == {t: float(p) for t, p in want.items()}  # each token once, max penalty
     assert hits >= 20  # the test exercises real hits, not only misses
+    if min_prefix != 1:
+        return  # one compile of apply_veto is enough
     logits = jnp.asarray(np.random.default_rng(9).normal(size=(64, VOCAB)).astype(np.float32))
     vetoed = jax.jit(apply_veto, static_argnums=(5,))(logits, table, jnp.asarray(ctx), jnp.asarray(lens), 0.5,
                                                      min_prefix)
