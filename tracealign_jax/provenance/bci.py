@@ -108,7 +108,7 @@ class BCIScorer:
         density = np.where(found, rarity / np.maximum(lengths, 1), 0.0)
         return {"count": count, "rarity": rarity, "density": density, "conflict": conflict, "bci": bci}
 
-    def _score(self, span: np.ndarray, count: int, risks: np.ndarray) -> SpanScore:
+    def score_counted(self, span: np.ndarray, count: int, risks: np.ndarray) -> SpanScore:
         """One span from its count and sampled occurrence risks (the un-batched reference path)."""
         toks = tuple(int(t) for t in span)
         if count == 0 or span.size == 0:

@@ -109,7 +109,7 @@ class TraceShield:
             row = []
             for s in self.index.maximal_spans(arr, min_len=self.scorer.cfg.min_span):
                 doc_ids, total = self.index.occurrence_docs(arr[s.start:s.end], self.scorer.cfg.sample_size)
-                sc = self.scorer._score(arr[s.start:s.end], int(total), self.index.doc_unsafe(doc_ids))
+                sc = self.scorer.score_counted(arr[s.start:s.end], int(total), self.index.doc_unsafe(doc_ids))
                 row.append(ScoredSpan(s.start, s.end, sc.count, sc.rarity, sc.density, sc.conflict, sc.bci))
             scanned.append(row)
         return self._verdicts([np.asarray(t, np.int64) for t in token_lists], scanned, [""] * len(token_lists))

@@ -1,7 +1,8 @@
 """Per-token BCI arrays for a tokenized preference dataset, stored with tensorstore (zarr v3).
 
 For example i and response r in {chosen, rejected}, ``bci[i, t]`` is the largest BCI (nats) of a
-high-BCI corpus span (BCI > tau) covering response token t, and 0 elsewhere. These arrays feed the
+high-BCI corpus span (BCI > tau) covering response token t, and 0 elsewhere; the spans are the
+response's maximal corpus matches of >= ``min_span`` tokens, exactly those TraceShield scores. These arrays feed the
 CBD data term during training without any index access inside the jitted step.
 
 Layout under ``store_path`` (a local directory or any tensorstore kvstore URL: ``file://``,
