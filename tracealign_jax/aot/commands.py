@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--markdown", default="", help="write the table into this markdown file (between its markers)")
     p.add_argument("--update-configs", action="store_true", help="refresh the result comment at the top of each checked config")
     p.add_argument("--json", default="", help="write the reports as JSON here")
-    p.add_argument("--jobs", type=int, default=1, help="with --all: configs compiled in parallel processes")
+    p.add_argument("--jobs", type=int, default=1, help="compile up to N steps at once, each in its own process")
     p.add_argument("--from-json", nargs="+", default=[], metavar="FILE",
                    help="rebuild the table / comments from saved --json reports instead of compiling")
     p.set_defaults(run=run_compile_check)
@@ -65,21 +65,28 @@ def run_compile_check(args: argparse.Namespace) -> int:
             paths = [Path(args.config)]
         else:
             raise ConfigError("compile-check needs --config FILE, --all or --from-json")
-        if len(paths) > 1 and args.jobs > 1:
-            extra = ["--step", args.step, "--reference", args.reference, "--headroom", str(headroom)]
-            extra += ["--topology", args.topology] if args.topology else []
-            extra += [a for kv in args.set for a in ("--set", kv)]
-            rows, codes = pod_table.check_configs_in_subprocesses(paths, extra, args.jobs, print)
+        units = pod_table.work_units(paths, steps, references)
+        if args.jobs > 1 and len(units) > 1:
+            common = ["--headroom", str(headroom)]
+            common += ["--topology", args.topology] if args.topology else []
+            common += [a for kv in args.set for a in ("--set", kv)]
+            rows, codes = pod_table.check_in_subprocesses(units, common, args.jobs, print)
             if any(c not in (0, 1) for c in codes):
-                print(f"tracealign compile-check: a config failed to compile (exit codes {codes})", file=sys.stderr)
+                print(f"tracealign compile-check: a step failed to compile (exit codes {codes})", file=sys.stderr)
                 return 2
         else:
+            rows = []
+
+            def measured(row: "pod_table.Row") -> None:  # keep what is measured even if a later step fails
+                rows.append(row)
+                if args.json:
+                    pod_table.write_json(rows, args.json)
+
             try:
-                rows = []
                 for path in paths:
-                    rows += pod_table.check_config(
-                        path, overrides=args.set, topology=args.topology, steps=steps,
-                        references=references, headroom=headroom, echo=print,
+                    pod_table.check_config(
+                        path, overrides=args.set, topology=args.topology, steps=steps, references=references,
+                        headroom=headroom, echo=lambda line: print(line, flush=True), on_row=measured,
                     )
             except AotUnavailable as err:
                 print(f"tracealign compile-check: {err}", file=sys.stderr)

@@ -59,8 +59,10 @@ def check_config(
     references: Sequence[str] = ("precomputed", "in_step"),
     headroom: float = 0.10,
     echo: Callable[[str], None] | None = None,
+    on_row: Callable[[Row], None] | None = None,
 ) -> list[Row]:
-    """Compiles the config's steps for its TPU slice; one Row per compiled step."""
+    """Compiles the config's steps for its TPU slice; one Row per compiled step (``on_row`` sees
+    each as soon as it is measured: an 8B step can take many minutes to compile on a small host)."""
     path = Path(path)
     cfg = load_config(path, overrides)
     topology = topology or cfg.mesh.topology
@@ -82,6 +84,8 @@ def check_config(
         if echo:
             for line in report.summary_lines():
                 echo(line)
+        if on_row:
+            on_row(Row(path, report))
 
     reports = run_checks(
         specs, topology=topology, chip=chip, num_devices=len(devices),
@@ -205,34 +209,45 @@ def read_json(path: str | Path) -> list[Row]:
     return [row_from_dict(d) for d in json.loads(Path(path).read_text())]
 
 
-def check_configs_in_subprocesses(
-    paths: Sequence[Path], extra_args: Sequence[str], jobs: int, echo: Callable[[str], None]
+def work_units(paths: Sequence[Path], steps: Sequence[str], references: Sequence[str]) -> list[tuple[Path, list[str]]]:
+    """One (config, compile-check arguments) unit per compiled step, in table order."""
+    units = []
+    for path in paths:
+        if "train" in steps:
+            units += [(path, ["--step", "train", "--reference", ref]) for ref in references]
+        if "decode" in steps:
+            units.append((path, ["--step", "decode"]))
+    return units
+
+
+def check_in_subprocesses(
+    units: Sequence[tuple[Path, Sequence[str]]], common_args: Sequence[str], jobs: int, echo: Callable[[str], None]
 ) -> tuple[list[Row], list[int]]:
-    """Runs ``tracealign compile-check --config P`` for every path, ``jobs`` at a time (each compile
-    is single-threaded in XLA; separate processes use separate cores). Returns (rows in path order,
-    exit codes)."""
+    """Runs ``tracealign compile-check --config P <unit args> <common args>`` per unit, ``jobs`` at a
+    time: one XLA compile mostly uses one core, so separate processes use separate cores.
+    Returns (rows in unit order, exit codes)."""
     rows: list[Row] = []
-    codes: list[int] = []
     with tempfile.TemporaryDirectory(prefix="tracealign_aot_jobs_") as tmp:
-        procs: list[tuple[Path, Path, Path, subprocess.Popen]] = []
-        pending = list(enumerate(paths))
-        running: list[tuple[Path, Path, Path, subprocess.Popen]] = []
+        started: list[tuple[Path, Path, subprocess.Popen]] = []
+        pending = list(enumerate(units))
+        running: list[tuple[Path, Path, subprocess.Popen]] = []
         while pending or running:
             while pending and len(running) < max(1, jobs):
-                i, path = pending.pop(0)
+                i, (path, unit_args) = pending.pop(0)
                 out_json, log = Path(tmp) / f"{i}.json", Path(tmp) / f"{i}.log"
                 cmd = [sys.executable, "-m", "tracealign_jax.cli", "compile-check", "--config", str(path),
-                       "--json", str(out_json), *extra_args]  # fmt: skip
-                proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-                running.append((path, out_json, log, proc))
-                procs.append(running[-1])
+                       *unit_args, "--json", str(out_json), *common_args]  # fmt: skip
+                with log.open("w") as sink:
+                    proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+                running.append((out_json, log, proc))
+                started.append(running[-1])
             time.sleep(1.0)
             for item in list(running):
-                if item[3].poll() is not None:
+                if item[2].poll() is not None:
                     running.remove(item)
-                    echo(item[2].read_text())
-        for path, out_json, _, proc in procs:
-            codes.append(proc.returncode)
+                    echo(item[1].read_text())
+        for out_json, _, _ in started:
             if out_json.exists():
                 rows += read_json(out_json)
+        codes = [proc.returncode for _, _, proc in started]
     return rows, codes
