@@ -41,8 +41,18 @@ def flat_params(model_or_state: Any) -> dict[str, jax.Array]:
         state = nnx.state(model_or_state, nnx.Param)
     elif isinstance(model_or_state, nnx.State):
         state = model_or_state
-    else:
-        return dict(model_or_state)
+    else:  # a dict: flat {"layers.wq": array} or nested {"layers": {"wq": array}} (e.g. from Orbax)
+        flat: dict[str, jax.Array] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, Mapping):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                flat[prefix] = node.get_value() if isinstance(node, nnx.Variable) else node
+
+        walk("", model_or_state)
+        return flat
     return {
         ".".join(str(k) for k in path): (var.get_value() if isinstance(var, nnx.Variable) else var)
         for path, var in nnx.to_flat_state(state)
