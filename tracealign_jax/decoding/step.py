@@ -34,7 +34,7 @@ class LogitsHook(Protocol):
 
     Args: logprobs_BxV float32 (nats), context_BxC int32 right-aligned, context_len_B int32
     (number of real tokens at the right end of ``context_BxC``).
-    Returns: (adjusted logprobs_BxV float32, vetoed_BxV bool: candidates the hook penalized/forbade).
+    Returns: (adjusted logprobs_BxV float32, vetoes_B int32: distinct candidates it penalized/forbade).
     """
 
     def __call__(
@@ -87,8 +87,8 @@ def next_logprobs(
     logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     if logits_hook is None:
         return logprobs_BxV, jnp.zeros(last_tokens_B.shape, jnp.int32), state
-    logprobs_BxV, vetoed_BxV = logits_hook(logprobs_BxV, context_BxC, context_len_B)
-    return logprobs_BxV, vetoed_BxV.sum(axis=-1, dtype=jnp.int32), state
+    logprobs_BxV, vetoes_B = logits_hook(logprobs_BxV, context_BxC, context_len_B)
+    return logprobs_BxV, vetoes_B, state
 
 
 def push_context(

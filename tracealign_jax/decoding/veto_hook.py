@@ -57,20 +57,13 @@ def default_lookup() -> VetoLookup:
     return veto_entries
 
 
-def veto_penalty_BxV(
-    table: Any, lookup: VetoLookup, spec: VetoSpec, context_BxC: jax.Array, context_len_B: jax.Array, vocab: int
-) -> jax.Array:
-    """Dense float32 penalty per candidate (0 where the table has none); duplicates keep the max."""
-    ids_BxE, pens_BxE, valid_BxE = lookup(table, context_BxC, context_len_B, spec.min_prefix)
-    b = ids_BxE.shape[0]
-    pens_BxE = jnp.where(valid_BxE, pens_BxE.astype(jnp.float32), 0.0)
-    ids_BxE = jnp.where(valid_BxE, ids_BxE, 0).astype(jnp.int32)
-    rows_BxE = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], ids_BxE.shape)
-    return jnp.zeros((b, vocab), jnp.float32).at[rows_BxE, ids_BxE].max(pens_BxE)
-
-
 def make_veto_hook(spec: VetoSpec, table: Any, lookup: VetoLookup | None = None) -> LogitsHook | None:
-    """The logits hook for ``spec`` (None when the veto is off). Call inside the jitted decode."""
+    """The logits hook for ``spec`` (None when the veto is off). Call inside the jitted decode.
+
+    Works on the sparse entries only (O(B x E) scatters, never a dense [B, V] penalty pass), so the
+    veto's cost does not grow with the vocabulary. Duplicate entries for one token (several
+    matching suffix lengths) act once, with their largest penalty.
+    """
     if spec.mode == "off":
         return None
     if spec.mode not in ("soft", "hard"):
@@ -78,12 +71,24 @@ def make_veto_hook(spec: VetoSpec, table: Any, lookup: VetoLookup | None = None)
     lookup = default_lookup() if lookup is None else lookup
 
     def hook(logprobs_BxV: jax.Array, context_BxC: jax.Array, context_len_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-        penalty_BxV = veto_penalty_BxV(table, lookup, spec, context_BxC, context_len_B, logprobs_BxV.shape[-1])
-        vetoed_BxV = penalty_BxV > spec.tau
+        ids_BxE, pens_BxE, valid_BxE = lookup(table, context_BxC, context_len_B, spec.min_prefix)
+        b, v = logprobs_BxV.shape
+        if ids_BxE.shape[1] == 0:  # min_prefix longer than the context window: nothing can match
+            return logprobs_BxV, jnp.zeros((b,), jnp.int32)
+        hit_BxE = valid_BxE & (pens_BxE > spec.tau)
+        ids_BxE = ids_BxE.astype(jnp.int32)
+        rows_BxE = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], ids_BxE.shape)
         if spec.mode == "soft":
-            adjusted_BxV = logprobs_BxV - jnp.where(vetoed_BxV, spec.gamma * penalty_BxV, 0.0)
+            # min over duplicates of (lp - gamma * pen) = lp - gamma * max pen.
+            current_BxE = jnp.take_along_axis(logprobs_BxV, jnp.clip(ids_BxE, 0, v - 1), axis=1)
+            new_BxE = jnp.where(hit_BxE, current_BxE - spec.gamma * pens_BxE.astype(jnp.float32), jnp.inf)
+            adjusted_BxV = logprobs_BxV.at[rows_BxE, ids_BxE].min(new_BxE, mode="drop")
         else:
-            adjusted_BxV = jnp.where(vetoed_BxV, NEG_INF, logprobs_BxV)
-        return adjusted_BxV, vetoed_BxV
+            adjusted_BxV = logprobs_BxV.at[rows_BxE, jnp.where(hit_BxE, ids_BxE, v)].set(NEG_INF, mode="drop")
+        # Distinct vetoed tokens per row: sort the hit ids (misses sort last as v) and count changes.
+        sorted_BxE = jnp.sort(jnp.where(hit_BxE, ids_BxE, v), axis=1)
+        first_BxE = jnp.concatenate([jnp.ones((b, 1), bool), sorted_BxE[:, 1:] != sorted_BxE[:, :-1]], axis=1)
+        vetoes_B = jnp.sum(first_BxE & (sorted_BxE < v), axis=1, dtype=jnp.int32)
+        return adjusted_BxV, vetoes_B
 
     return hook

@@ -1,0 +1,127 @@
+"""A decode job: policy (HF dir or Orbax checkpoint) + tokenizer + prompts JSONL -> completions JSONL.
+
+Prompt records: ``{"prompt": str}`` (tokenized without special tokens; a BOS is prepended when the
+tokenizer defines one) or ``{"prompt_ids": [int, ...]}``; an optional ``id`` is carried through
+(default: the line number). Each output line: ``id, prompt, completion (text), token_ids, score,
+logprob, veto_count, refused, truncated_prompt, vetoed_spans`` (each span: position, context_ids,
+vetoed_token_ids, penalties and, with a tokenizer, the span text ``context + vetoed token``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from tracealign_jax import sharding
+from tracealign_jax.atomic_io import atomic_write_text
+from tracealign_jax.config import Config, ConfigError
+from tracealign_jax.decoding.runner import Completion, Decoder
+from tracealign_jax.model import Transformer
+from tracealign_jax.records import RecordError, iter_records, require
+
+
+def load_policy(cfg: Config, checkpoint: str | Path, mesh: Any, rules: sharding.Rules) -> Transformer:
+    """The policy from a HF checkpoint dir (has config.json) or an Orbax training checkpoint dir.
+
+    Orbax: the architecture comes from ``cfg.model`` (hf_dir / arch) and the latest step's params are
+    restored straight onto this mesh's shardings.
+    """
+    path = Path(checkpoint)
+    dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
+    if (path / "config.json").is_file():
+        from tracealign_jax.hf_io import load_hf
+
+        model, _ = load_hf(path, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype)
+        return model
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    from flax import nnx
+
+    from tracealign_jax.training.checkpoint import restore_params
+    from tracealign_jax.training.state import abstract_train_state, graphdef_and_abstract_params
+
+    graphdef, _ = graphdef_and_abstract_params(cfg, mesh, rules)
+    params = restore_params(path, abstract_train_state(cfg, mesh, rules))
+    return nnx.merge(graphdef, params)
+
+
+def read_prompts(path: str | Path, tokenizer: Any) -> tuple[list[Any], list[str], list[list[int]]]:
+    """(ids, prompt texts, prompt token ids) from JSONL/Parquet; errors name file, line and field."""
+    ids, texts, tokens = [], [], []
+    for line, rec in iter_records(path):
+        if "prompt_ids" in rec:
+            toks = require(rec, "prompt_ids", list, path, line)
+            if not toks or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in toks):
+                raise RecordError(path, line, "prompt_ids", "expected a non-empty list of token ids")
+            text = tokenizer.decode(toks) if tokenizer is not None else ""
+        else:
+            text = require(rec, "prompt", str, path, line)
+            if tokenizer is None:
+                raise RecordError(path, line, "prompt", "text prompts need a tokenizer (--tokenizer DIR)")
+            toks = tokenizer.encode(text, add_special_tokens=False)
+            if tokenizer.bos_token_id is not None:
+                toks = [tokenizer.bos_token_id] + toks
+            if not toks:
+                raise RecordError(path, line, "prompt", "tokenizes to nothing")
+        ids.append(rec.get("id", line))
+        texts.append(text)
+        tokens.append([int(t) for t in toks])
+    return ids, texts, tokens
+
+
+def completion_record(rid: Any, prompt: str, comp: Completion, tokenizer: Any, eos_id: int) -> dict:
+    shown = comp.token_ids[:-1] if comp.token_ids[-1:] == [eos_id] else comp.token_ids
+    spans = []
+    for span in comp.vetoed_spans:
+        span = dict(span)
+        if tokenizer is not None:
+            span["texts"] = [tokenizer.decode(span["context_ids"] + [t]) for t in span["vetoed_token_ids"]]
+        spans.append(span)
+    return {
+        "id": rid, "prompt": prompt, "completion": tokenizer.decode(shown) if tokenizer is not None else "",
+        "token_ids": comp.token_ids, "score": comp.score, "logprob": comp.logprob, "veto_count": comp.vetoes,
+        "refused": comp.refused, "truncated_prompt": comp.truncated_prompt, "vetoed_spans": spans,
+    }  # fmt: skip
+
+
+def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_table: str = "",
+               tokenizer_dir: str = "", progress: bool = True) -> dict:  # fmt: skip
+    """Runs the whole job; writes ``out`` atomically; returns a summary dict (counts, seconds)."""
+    sharding.initialize_distributed(cfg.mesh)
+    mesh = sharding.build_mesh(cfg.mesh)
+    rules = sharding.resolve_rules(cfg.mesh.rules)
+    tok_dir = tokenizer_dir or cfg.data.tokenizer_dir or (checkpoint if (Path(checkpoint) / "tokenizer_config.json").is_file() else "")
+    tokenizer = None
+    if tok_dir:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    table = None
+    if cfg.decode.veto != "off":
+        if not veto_table:
+            raise ConfigError(f"decode.veto={cfg.decode.veto!r} needs --veto-table DIR")
+        from tracealign_jax.provenance.veto_table import load_veto_table
+
+        table, _ = load_veto_table(veto_table)
+    model = load_policy(cfg, checkpoint, mesh, rules)
+    refusal: list[int] = []
+    if cfg.decode.refusal:
+        if tokenizer is None:
+            raise ConfigError("decode.refusal text needs a tokenizer (--tokenizer DIR)")
+        refusal = tokenizer.encode(cfg.decode.refusal, add_special_tokens=False)
+    decoder = Decoder(model, cfg.decode, refusal_ids=refusal, veto_table=table, mesh=mesh, rules=rules)
+    ids, texts, tokens = read_prompts(prompts, tokenizer)
+    start = time.perf_counter()
+    comps = decoder.decode(tokens, progress=progress)
+    seconds = time.perf_counter() - start
+    rows = [completion_record(i, t, c, tokenizer, decoder.eos_id) for i, t, c in zip(ids, texts, comps)]
+    atomic_write_text(out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return {
+        "prompts": len(rows), "out": str(out), "seconds": round(seconds, 3), "veto": cfg.decode.veto,
+        "vetoes": sum(c.vetoes for c in comps), "refused": sum(c.refused for c in comps),
+        "compiles": decoder.jitted()._cache_size(),
+    }  # fmt: skip
