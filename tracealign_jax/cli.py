@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tracealign_jax.hf_io.commands",
     "tracealign_jax.aot.commands",
     "tracealign_jax.training.commands",
+    "tracealign_jax.decoding.commands",
 )
 
 
