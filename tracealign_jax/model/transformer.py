@@ -33,8 +33,9 @@ from tracealign_jax.model.rope import apply_rope, rope_angles
 Remat = Literal["none", "full", "dots"]
 ACT = ("batch", "length", "embed")
 
-# name -> (shape builder, logical axes, init kind) of each stacked per-layer weight.
+
 def _layer_specs(arch: ModelArch) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    """name -> (shape, logical axes, init kind) of each stacked per-layer weight."""
     n, d, f = arch.num_hidden_layers, arch.hidden_size, arch.intermediate_size
     h, g, e = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
     specs = {
