@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tracealign_jax.aot.commands",
     "tracealign_jax.training.commands",
     "tracealign_jax.decoding.commands",
+    "tracealign_jax.evaluation.commands",
 )
 
 

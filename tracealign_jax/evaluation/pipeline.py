@@ -1,0 +1,182 @@
+"""The demo's provenance, evaluation and export stages (each ``fn(stage_dir) -> JSON result``).
+
+Kept apart from ``demo.py`` (which orders and caches the stages) so each stage is importable and
+testable on its own, and so ``tracealign eval adb`` reuses ``evaluate_stage`` on any models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tracealign_jax.atomic_io import atomic_write_json, atomic_write_text
+from tracealign_jax.config import Config
+
+Stage = Callable[[Path], dict]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def index_stage(data_dir: Path, tok_dir: str) -> Stage:
+    def run(out: Path) -> dict:
+        from tracealign_jax.index import build_index
+
+        path = build_index([data_dir / "corpus.jsonl"], tok_dir, out / "index", progress=True)
+        return {"dir": str(path)}
+
+    return run
+
+
+def calibrate_stage(cfg: Config, index_dir: str, data_dir: Path, tokenizer: Any) -> Stage:
+    """tau from the held-out compliant text (split "calibration"), FPR measured on a disjoint half."""
+
+    def run(out: Path) -> dict:
+        from tracealign_jax.index import TraceIndex
+        from tracealign_jax.provenance import BCIScorer, calibrate
+        from tracealign_jax.provenance.calibrate import split_heldout
+
+        index = TraceIndex.open(index_dir)
+        texts = [h["text"] for h in _read_jsonl(data_dir / "heldout.jsonl") if h["split"] == "calibration"]
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        cal, held = split_heldout(ids, 0.5, seed=0)
+        thr = calibrate(BCIScorer(index, cfg.provenance), cal, held, cfg.provenance.target_fpr)
+        thr.save(out / "threshold.json")
+        return {"threshold": str(out / "threshold.json"), "tau": thr.tau, "measured_fpr": thr.measured_fpr,
+                "n_calibration": thr.n_calibration, "n_heldout": thr.n_heldout}
+
+    return run
+
+
+def arrays_stage(dpo_cfg: Config, index_dir: str, tau: float) -> Stage:
+    """Per-token BCI of the preference set (tensorstore) + the provenance veto table."""
+
+    def run(out: Path) -> dict:
+        from transformers import AutoTokenizer
+
+        from tracealign_jax.index import TraceIndex
+        from tracealign_jax.provenance import BCIScorer, build_veto_table, save_veto_table
+        from tracealign_jax.provenance.token_bci import token_bci_for_pairs, write_token_bci
+        from tracealign_jax.training.data import load_pairs
+
+        index = TraceIndex.open(index_dir)
+        scorer = BCIScorer(index, dpo_cfg.provenance)
+        tokenizer = AutoTokenizer.from_pretrained(dpo_cfg.data.tokenizer_dir)
+        pairs = load_pairs(dataclasses.replace(dpo_cfg.data, cache_dir=str(out / "data_cache")), tokenizer=tokenizer)
+        examples = token_bci_for_pairs(scorer, pairs, tau)
+        store = write_token_bci(str(out / "token_bci"), examples, meta={"index_hash": str(index.manifest_hash), "tau": tau})
+        table, meta = build_veto_table(index, scorer, dpo_cfg.provenance, tau)
+        save_veto_table(table, out / "veto_table", meta=meta)
+        nonzero = [float((c > 0).mean()) for c, _ in examples] + [float((r > 0).mean()) for _, r in examples]
+        return {"token_bci": str(out / "token_bci"), "store_url": store, "veto_table": str(out / "veto_table"),
+                "num_spans": meta["num_spans"], "num_contexts": meta["num_contexts"],
+                "mean_flagged_token_share": float(np.mean(nonzero)) if nonzero else 0.0}
+
+    return run
+
+
+def run_adb_eval(cfg: Config, *, prompts: str | Path, policies: dict[str, str], index_dir: str, threshold: str,
+                 veto_table: str = "", forbidden: str | Path = "", qa: str | Path = "", heldout: str | Path = "",
+                 out_dir: str | Path, tokenizer: Any = None, log: Callable[[str], None] = print) -> dict:
+    """The ADB evaluation on given HF policy dirs; writes completions.jsonl + report files to ``out_dir``.
+
+    Defenses that need a missing piece (the cbd policy, a veto table) are skipped with a note.
+    ``heldout`` JSONL records with ``split`` keep only the "utility" split.
+    """
+    from transformers import AutoTokenizer
+
+    from tracealign_jax.evaluation import adb
+    from tracealign_jax.evaluation.judges import make_judge
+    from tracealign_jax.evaluation.report import write_report
+    from tracealign_jax.evaluation.scoring import build_report
+    from tracealign_jax.evaluation.synthetic_data import REFUSAL
+    from tracealign_jax.hf_io import load_hf
+    from tracealign_jax.index import TraceIndex
+    from tracealign_jax.provenance import BCIScorer, Threshold, TraceShield, load_veto_table
+
+    ev, out_dir = cfg.eval, Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = TraceIndex.open(index_dir)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(index.tokenizer_dir))
+    thr = Threshold.load(threshold, index)
+    decode = dataclasses.replace(cfg.decode, tau=thr.tau) if cfg.decode.tau <= 0 else cfg.decode
+    cfg = dataclasses.replace(cfg, decode=decode)
+    scorer = BCIScorer(index, cfg.provenance)
+    shield = TraceShield(index, scorer, thr, tokenizer=tokenizer, top_sources=0)
+    table = load_veto_table(veto_table)[0] if veto_table else None
+    if "dpo" not in policies:
+        raise ValueError("--policy dpo=DIR (the aligned policy) is required")
+    wanted = _defenses(ev.defenses)
+    defenses = [d for d in wanted if adb.DEFENSES[d].policy in policies and (table is not None or not adb.DEFENSES[d].veto)]
+    if len(defenses) < len(wanted):
+        log(f"  skipping defenses {sorted(set(wanted) - set(defenses))}: no cbd policy / veto table given")
+    models = {name: load_hf(d, progress=False)[0] for name, d in policies.items()}
+    if ev.judge == "exact" and not forbidden:
+        raise ValueError("the exact judge needs the forbidden strings (--forbidden); or set eval.judge=classifier")
+    judge = make_judge(ev.judge, forbidden or None, ev.classifier_dir or None, window=ev.judge_window)
+    adb_prompts = adb.load_adb(prompts, ev.max_prompts)
+    qa_recs = _read_jsonl(Path(qa)) if qa else []
+    qa_prompts = [adb.AdbPrompt(q["id"], q["id"], "benign_qa", "qa", q["prompt"], "comply") for q in qa_recs]
+    judged, rows = adb.evaluate_defenses(models, tokenizer, adb_prompts + qa_prompts, cfg.decode, judge,
+                                         defenses=defenses, refusal_text=REFUSAL, veto_table=table, shield=shield,
+                                         progress=True, log=log)
+    atomic_write_text(out_dir / "completions.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    texts = [h["text"] for h in _read_jsonl(Path(heldout)) if h.get("split", "utility") == "utility"] if heldout else []
+    report = build_report(cfg, judged, rows, qa_recs, models, tokenizer, texts, table, index, scorer, thr.tau,
+                          adb_prompts, log)
+    write_report(report, out_dir)
+    return report
+
+
+def evaluate_stage(cfg: Config, data_dir: Path, tokenizer: Any, index_dir: str, cal: dict, arrays: dict,
+                   policy_dirs: dict[str, str], log: Callable[[str], None]) -> Stage:
+    def run(out: Path) -> dict:
+        report = run_adb_eval(cfg, prompts=data_dir / "adb.jsonl", policies=policy_dirs, index_dir=index_dir,
+                              threshold=cal["threshold"], veto_table=arrays["veto_table"],
+                              forbidden=data_dir / "forbidden.jsonl", qa=data_dir / "benign_qa.jsonl",
+                              heldout=data_dir / "heldout.jsonl", out_dir=out, tokenizer=tokenizer, log=log)
+        atomic_write_json(out / "report.json", report)
+        return {"report_json": str(out / "report.json"), "completions": str(out / "completions.jsonl")}
+
+    return run
+
+
+def _defenses(names: Any) -> list[str]:
+    names = list(names)
+    return names if "none" in names else ["none"] + names
+
+
+def export_stage(hf_dir: str, tokenizer: Any, data_dir: Path, log: Callable[[str], None]) -> Stage:
+    """Reloads the exported policy with transformers (PyTorch) and compares logits with ours."""
+
+    def run(out: Path) -> dict:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            log("[export] torch is not installed: skipping the transformers reload "
+                "(install the test extra: pip install 'tracealign-jax[test]')")
+            return {"hf_dir": hf_dir, "reloaded": False, "reason": "torch not installed"}
+        import jax.numpy as jnp
+
+        from tracealign_jax.hf_io import load_hf
+
+        texts = [d["text"] for d in _read_jsonl(data_dir / "corpus.jsonl")[:4]]
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        model, _ = load_hf(hf_dir, progress=False)
+        diff = 0.0
+        for text in texts:  # one text at a time: no padding conventions to reconcile
+            ids = np.asarray(tokenizer(text)["input_ids"], np.int32)[None]
+            with torch.no_grad():
+                theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+            ours, _ = model(jnp.asarray(ids), jnp.arange(ids.shape[1], dtype=jnp.int32)[None])
+            diff = max(diff, float(np.max(np.abs(np.asarray(ours) - theirs))))
+        log(f"[export] {hf_dir} reloaded with transformers {type(hf).__name__}: max |logit diff| = {diff:.2e}")
+        return {"hf_dir": hf_dir, "reloaded": True, "architecture": type(hf).__name__, "max_abs_logit_diff": diff}
+
+    return run

@@ -1,0 +1,70 @@
+"""Utility of a (defended) policy on benign text: token NLL / perplexity, with or without Prov-Decode.
+
+With the veto on, the distribution the decoder actually samples from is the policy's log-softmax
+adjusted by the veto hook (soft: minus gamma x penalty on vetoed tokens; hard: vetoed tokens
+forbidden), renormalised. Perplexity under that distribution is the utility cost of decoding with
+the veto: zero when no benign token is ever vetoed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tracealign_jax.config import DecodeConfig
+
+
+@functools.lru_cache(maxsize=8)
+def _nll_fn(graphdef: Any, spec: Any, table_present: bool):
+    """The jitted NLL function, one per (architecture, veto spec): policies of one architecture share it."""
+    from tracealign_jax.decoding.veto_hook import make_veto_hook
+    from tracealign_jax.training.logprobs import veto_contexts
+
+    def fn(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, table: Any) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        positions = jnp.maximum(jnp.cumsum(valid_BxL, axis=1) - 1, 0).astype(jnp.int32)
+        logits_BxLxV, _ = model(tokens_BxL, positions, valid_BxL)
+        lp_BxLxV = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)  # predicts token t+1
+        if table_present:
+            b, l1, v = lp_BxLxV.shape
+            ctx_BxLxC, ctx_len_BxL = veto_contexts(tokens_BxL, spec.context_len)
+            hook = make_veto_hook(spec, table)
+            adj, _ = hook(lp_BxLxV.reshape(b * l1, v), ctx_BxLxC[:, 1:].reshape(b * l1, -1),
+                          ctx_len_BxL[:, 1:].reshape(b * l1))
+            lp_BxLxV = jax.nn.log_softmax(adj.reshape(b, l1, v), axis=-1)
+        tgt = jnp.take_along_axis(lp_BxLxV, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+        mask = valid_BxL[:, 1:] & valid_BxL[:, :-1]
+        return -jnp.sum(jnp.where(mask, tgt, 0.0), axis=-1)
+
+    return jax.jit(fn)
+
+
+def sequence_nll(model: Any, token_lists: Sequence[Sequence[int]], *, veto_table: Any = None,
+                 decode_cfg: DecodeConfig | None = None, batch_size: int = 16, pad_id: int = 0) -> tuple[float, int]:
+    """(sum of token NLL in nats, number of predicted tokens) over ``token_lists`` (the first token
+    of each list is context only). With ``veto_table`` and ``decode_cfg.veto`` != off, under the
+    veto-adjusted distribution. Right-padded fixed-shape batches: one compile per call."""
+    from tracealign_jax.decoding.veto_hook import VetoSpec
+
+    use_veto = veto_table is not None and decode_cfg is not None and decode_cfg.veto != "off"
+    spec = VetoSpec.from_config(decode_cfg, veto_table.context_len) if use_veto else None
+    graphdef, params = nnx.split(model)
+    fn = _nll_fn(graphdef, spec, use_veto)
+    length = max(len(t) for t in token_lists)
+    total, count = 0.0, 0
+    for s in range(0, len(token_lists), batch_size):
+        chunk = token_lists[s:s + batch_size]
+        tokens = np.full((batch_size, length), pad_id, np.int32)
+        valid = np.zeros((batch_size, length), bool)
+        for i, t in enumerate(chunk):
+            tokens[i, :len(t)] = t
+            valid[i, :len(t)] = True
+        nll = np.asarray(fn(params, tokens, valid, veto_table if use_veto else None))
+        total += float(nll[:len(chunk)].sum())
+        count += sum(max(len(t) - 1, 0) for t in chunk)
+    return total, count
