@@ -188,8 +188,16 @@ def test_cli_convert_rewrites_dtype_and_files(checkpoints, tmp_path):
     assert cli.main(["hf", "convert", "--in", str(path), "--out", str(out), "--dtype", "bfloat16",
                      "--max-shard-bytes", "100000"]) == 0
     assert (out / "model.safetensors.index.json").is_file() and (out / "manifest.json").is_file()
+    assert json.loads((out / "generation_config.json").read_text()) == json.loads(
+        (path / "generation_config.json").read_text())  # the source's generation settings are kept
     model, arch = load_hf(out, param_dtype=jnp.bfloat16, progress=False)
     assert arch.torch_dtype == "bfloat16" and arch.sliding_window == 4 and arch.head_dim == 24
     source, _ = load_hf(path, progress=False)
-    expected = np.asarray(source.layers.wk[...]).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(model.layers.wk[...]), expected)
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(source))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()).astype(jnp.bfloat16),
+                                      err_msg=str(p))
+    back = tmp_path / "back"  # bf16 -> f32 is exact, and a single file again
+    assert cli.main(["hf", "convert", "--in", str(out), "--out", str(back), "--dtype", "float32"]) == 0
+    assert (back / "model.safetensors").is_file() and not (back / "model.safetensors.index.json").exists()
+    again, _ = load_hf(back, progress=False)
+    np.testing.assert_array_equal(again.layers.wk[...], np.asarray(model.layers.wk[...]).astype(np.float32))

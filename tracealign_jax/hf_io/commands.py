@@ -1,11 +1,10 @@
-"""``tracealign hf convert`` (load + re-export a HF checkpoint) and ``tracealign hf info``."""
+"""``tracealign hf convert`` (stream a HF checkpoint to a new dtype / file sharding) and ``tracealign hf info``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from tracealign_jax.hf_io.save import DEFAULT_MAX_SHARD_BYTES
 
@@ -14,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hf = subparsers.add_parser("hf", help="Hugging Face checkpoints: convert (dtype, file sharding), info")
     sub = hf.add_subparsers(dest="hf_command", metavar="ACTION")
 
-    convert = sub.add_parser("convert", help="load a safetensors HF checkpoint and write it back out")
+    convert = sub.add_parser("convert", help="rewrite a safetensors HF checkpoint (dtype, file sharding), streamed")
     convert.add_argument("--in", dest="in_dir", required=True, help="HF checkpoint directory (safetensors)")
     convert.add_argument("--out", dest="out_dir", required=True, help="output directory (written atomically)")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -31,21 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-
-    from tracealign_jax.hf_io.load import load_hf
-    from tracealign_jax.hf_io.save import TOKENIZER_FILES, save_hf
-    from tracealign_jax.model import ModelArch
+    from tracealign_jax.hf_io.convert import convert_hf
 
     try:
-        arch = ModelArch.from_hf_dir(args.in_dir)
-        dtype = args.dtype or (arch.torch_dtype if arch.torch_dtype in ("float32", "bfloat16", "float16") else "float32")
-        # Keep the source precision in memory when it is wider than the target (no double rounding).
-        model, arch = load_hf(args.in_dir, param_dtype=jnp.float32)
-        tok_dir = args.tokenizer_dir or args.in_dir
-        has_tokenizer = any((Path(tok_dir) / f).is_file() for f in TOKENIZER_FILES)
-        out = save_hf(model, arch, args.out_dir, tok_dir if has_tokenizer else None, args.max_shard_bytes,
-                      dtype=dtype, overwrite=args.overwrite)
+        out, arch, dtype = convert_hf(args.in_dir, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
+                                      max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
     except ValueError as err:
         print(f"tracealign hf convert: error: {err}", file=sys.stderr)
         return 2

@@ -122,6 +122,12 @@ def _split(plans: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPla
     return shards
 
 
+def _dtype_name(dtype: str) -> str:
+    if dtype not in _TORCH_DTYPE_NAMES:
+        raise ValueError(f"export dtype must be one of {sorted(_TORCH_DTYPE_NAMES)}, got {dtype!r}")
+    return dtype
+
+
 def save_hf(
     model_or_state: Any,
     arch: ModelArch,
@@ -134,25 +140,41 @@ def save_hf(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Writes the HF checkpoint directory ``out_dir`` and returns it.
+    """Writes the HF checkpoint directory ``out_dir`` from our parameters and returns it.
 
     dtype: stored weight dtype (float32 | bfloat16 | float16); default: the parameters' dtype.
     generation_config: extra ``generation_config.json`` fields (token ids come from ``arch``).
     """
     params = flat_params(model_or_state)
-    dtype_name = dtype or str(np.dtype(params["embed"].dtype))
-    if dtype_name not in _TORCH_DTYPE_NAMES:
-        raise ValueError(f"export dtype must be one of {sorted(_TORCH_DTYPE_NAMES)}, got {dtype_name!r}")
-    np_dtype = np.dtype(jnp.dtype(dtype_name))
-    shards = _split(_plan(params, arch, np_dtype), max_shard_bytes)
-    out_dir = Path(out_dir)
+    dtype_name = _dtype_name(dtype or str(np.dtype(params["embed"].dtype)))
+    plans = _plan(params, arch, np.dtype(jnp.dtype(dtype_name)))
     if jax.process_index() != 0:
         # Other processes only take part in the gathers of sharded arrays; process 0 writes.
-        for plan in (p for shard in shards for p in shard):
+        for plan in plans:
             plan[3]()
-        return out_dir
+        return Path(out_dir)
+    return write_hf_dir(plans, arch, out_dir, dtype_name, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes,
+                        generation_config=generation_config, overwrite=overwrite, progress=progress)
+
+
+def write_hf_dir(
+    plans: list[TensorPlan],
+    arch: ModelArch,
+    out_dir: str | Path,
+    dtype_name: str,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    generation_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Writes planned tensors (HF names and layout) plus config, generation config, tokenizer files
+    and manifest into ``out_dir``, atomically."""
+    shards = _split(plans, max_shard_bytes)
+    out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        bar = tqdm(total=sum(len(s) for s in shards), desc=f"export {out_dir.name}", disable=not progress, unit="tensor")
+        bar = tqdm(total=len(plans), desc=f"export {out_dir.name}", disable=not progress, unit="tensor")
         names = [SINGLE_FILE] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
         ]
