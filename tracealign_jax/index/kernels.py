@@ -164,13 +164,16 @@ def count_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q):
 
 
 @njit(**_JIT)
-def ranges_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, q_offsets_N1, valid_N):
-    """Per query and shard, the SA range [lo, hi) of the query; invalid queries get empty ranges."""
+def ranges_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, q_offsets_N1, valid_N, order_N):
+    """Per query and shard, the SA range [lo, hi) of the query; invalid queries get empty ranges.
+    Queries are visited in ``order_N`` (a permutation of 0..N-1; sorted queries share cached
+    search paths)."""
     n = len(q_offsets_N1) - 1
     n_shards = len(shard_starts_S1) - 1
     lo_NxS = np.zeros((n, n_shards), np.int64)
     hi_NxS = np.zeros((n, n_shards), np.int64)
-    for i in range(n):
+    for k in range(n):
+        i = order_N[k]
         if not valid_N[i]:
             continue
         for s in range(n_shards):
@@ -182,10 +185,12 @@ def ranges_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, q_
 
 
 @njit(**_JIT)
-def count_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, q_offsets_N1, valid_N):
+def count_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, q_offsets_N1, valid_N, order_N):
+    """Counts of N queries, visited in ``order_N``."""
     n = len(q_offsets_N1) - 1
     out_N = np.zeros(n, np.int64)
-    for i in range(n):
+    for k in range(n):
+        i = order_N[k]
         if not valid_N[i]:
             continue
         total = np.int64(0)
