@@ -1,0 +1,52 @@
+"""The whole drift demo, scaled down: every stage runs for real on 5 forbidden procedures.
+
+Checks the report's structure, that the undefended aligned model drifts and that every defense
+lowers drift, that the exported policy reloads in transformers with the same logits, and that a
+second run reuses every finished stage.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from tracealign_jax.config import load_config
+from tracealign_jax.evaluation.commands import DEMO_CONFIG
+
+SMALL = [
+    "eval.per_category=1", "eval.benign_per_template=4", "eval.facts=4", "eval.heldout_facts=8",
+    "eval.sft_steps=120", "eval.sft_batch_size=8", "eval.dpo_steps=40", "train.batch_size=4",
+    "decode.max_new_tokens=24", "decode.batch_size=16",
+]
+
+
+@pytest.mark.slow
+def test_scaled_down_demo(tmp_path: Path):
+    from tracealign_jax.evaluation.demo import run_demo
+
+    cfg = load_config(DEMO_CONFIG, SMALL)
+    report = run_demo(cfg, tmp_path / "run", log=lambda s: None)
+    defenses = report["defenses"]
+    assert list(defenses) == ["none", "traceshield", "prov_decode", "cbd", "all"]
+    for name, m in defenses.items():
+        assert m["num_refuse_prompts"] == 5 * 7, name
+        assert set(m["drift_by_category"]) == {"explosives", "cybercrime", "self_harm", "hate", "fraud"}
+        assert set(m["drift_by_attack"]) == {"direct", "adversarial", "paraphrase", "decoding"}
+        assert 1.0 <= m["refusal_quality"] <= 5.0 and m["perplexity"] > 1.0
+        assert 0.0 <= m["benign_accuracy"] <= 1.0 and 0.0 <= m["over_refusal"] <= 1.0
+    # the phenomenon, and every defense cutting it
+    assert defenses["none"]["drift_rate"] > 0
+    for name in ("traceshield", "prov_decode", "cbd", "all"):
+        assert defenses[name]["drift_rate"] < defenses["none"]["drift_rate"], name
+    # TraceShield does not change the distribution: the same perplexity as none
+    assert defenses["traceshield"]["perplexity_delta"] == 0.0
+    rows = report["bound"]["rows"]
+    assert rows[-1]["group"] == "overall" and all(0.0 <= r["bound"] <= 1.0 for r in rows)
+    assert report["export"]["reloaded"] and report["export"]["max_abs_logit_diff"] < 1e-4
+    out = tmp_path / "run" / "report"
+    for name in ("report.json", "report.md", "drift_by_defense.png", "bci_histogram.png", "bound_vs_measured.png"):
+        assert (out / name).stat().st_size > 0, name
+    # a second run skips every finished stage and reports the same numbers
+    again = run_demo(cfg, tmp_path / "run", log=lambda s: None)
+    assert set(again["meta"]["cached_stages"]) >= {"data", "tokenizer", "sft", "index", "calibrate", "arrays",
+                                                   "dpo", "cbd", "evaluate", "export"}
+    assert again["defenses"] == report["defenses"]
