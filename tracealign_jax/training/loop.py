@@ -92,6 +92,9 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
     if pairs is None:
         pairs = load_pairs(cfg.data, sft=sft, show_progress=show_progress and jax.process_index() == 0)
     bci = None
+    if cfg.loss.cbd_data_weight and not sft and not cfg.data.bci_path:
+        raise ValueError("loss.cbd_data_weight > 0 needs per-token BCI arrays: set data.bci_path "
+                         "(written by `tracealign provenance token-bci`)")
     if cfg.data.bci_path and not sft:
         from tracealign_jax.provenance.token_bci import TokenBCIReader
 
