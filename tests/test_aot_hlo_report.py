@@ -121,10 +121,17 @@ def test_parser_on_handwritten_hlo_with_loop_and_async_collectives():
   ROOT %t = (s32[], bf16[128,256]) tuple(%i, %ag)
 }
 
+%async_rs (x.9: bf16[128,256]) -> bf16[16,256] {
+  %x.9 = bf16[128,256]{1,0} parameter(0)
+  ROOT %rs.2 = bf16[16,256]{1,0} reduce-scatter(%x.9), dimensions={0}, to_apply=%add
+}
+
 ENTRY %main (a: bf16[128,256]) -> bf16[128,256] {
   %a = bf16[128,256]{1,0} parameter(0)
   %w = bf16[256,32]{1,0} parameter(1)
   %loop = (s32[], bf16[128,256]) while(%init), condition=%cond, body=%body
+  %as = ((bf16[128,256]), bf16[16,256]) async-start(%a), calls=%async_rs
+  %ad = bf16[16,256]{1,0} async-done(%as), calls=%async_rs
   ROOT %rs = bf16[16,256]{1,0} reduce-scatter(%a), dimensions={0}, to_apply=%add
 }
 """
@@ -133,7 +140,8 @@ ENTRY %main (a: bf16[128,256]) -> bf16[128,256] {
     assert (c["all-gather"].count, c["all-gather"].bytes) == (4, 4 * 128 * 256 * 2)
     assert (c["all-reduce"].count, c["all-reduce"].bytes) == (4, 4 * 2 * 64 * 4)  # -done not double counted
     assert (c["collective-permute"].count, c["collective-permute"].bytes) == (4, 4 * 8 * 8 * 2)
-    assert (c["reduce-scatter"].count, c["reduce-scatter"].bytes) == (1, 16 * 256 * 2)
+    # one plain, one wrapped in async-start/-done (counted once, not once per async op)
+    assert (c["reduce-scatter"].count, c["reduce-scatter"].bytes) == (2, 2 * 16 * 256 * 2)
     assert costs.matmul_flops == 4 * 2 * 128 * 32 * 256
 
 
