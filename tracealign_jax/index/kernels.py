@@ -412,24 +412,8 @@ def next_counts_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, vo
 
 
 @njit(**_JIT)
-def next_runs_count(tokens, sa_u8, width, shard_starts_S1, sep, q_offsets_N1, lo_NxS, hi_NxS):
-    """Pass 1 of batched next-token counts: the number of (shard, next token) runs per context."""
-    n = lo_NxS.shape[0]
-    runs_N = np.zeros(n, np.int64)
-    dummy = np.empty(0, np.int64)
-    for i in range(n):
-        m = q_offsets_N1[i + 1] - q_offsets_N1[i]
-        c = np.int64(0)
-        for s in range(lo_NxS.shape[1]):
-            c = _next_runs(tokens, sa_u8, width, shard_starts_S1[s], shard_starts_S1[s + 1], sep, m,
-                           lo_NxS[i, s], hi_NxS[i, s], dummy, dummy, c, False)
-        runs_N[i] = c
-    return runs_N
-
-
-@njit(**_JIT)
 def next_runs_fill(tokens, sa_u8, width, shard_starts_S1, sep, q_offsets_N1, lo_NxS, hi_NxS, cap_offsets_N1):
-    """Pass 2: writes each context's runs at its offset, merged across shards; returns
+    """Writes each context's runs at its offset (room for every run), merged across shards; returns
     (token ids, counts, number of distinct next tokens per context)."""
     n = lo_NxS.shape[0]
     base0 = cap_offsets_N1[0]

@@ -26,6 +26,8 @@ SpanLike = Sequence[int] | np.ndarray
 # Below this many queries a batch runs on the calling thread; above, in chunks on a thread pool
 # (the kernels release the GIL). Thread hand-off costs tens of microseconds.
 PARALLEL_MIN_QUERIES = 256
+# Batched next-token counts fill a buffer of at most this many (token, count) entries at a time.
+NEXT_BUFFER_ENTRIES = 1 << 22
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -294,17 +296,24 @@ class TraceIndex:
         per context ``(token_ids int64[M] ascending, counts int64[M])``; document ends are not tokens."""
         lo, hi, offsets = self._ranges(contexts)
         a = self._a
-        # two passes (count the runs, then fill them) so memory is exactly the output's
-        runs = np.concatenate(_chunked(len(lo), lambda i, j: K.next_runs_count(
-            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets[i:j + 1], lo[i:j], hi[i:j])))
-        cap = np.zeros(len(runs) + 1, np.int64)
-        np.cumsum(runs, out=cap[1:])
-        parts = _chunked(len(lo), lambda i, j: K.next_runs_fill(
-            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets[i:j + 1], lo[i:j], hi[i:j], cap[i:j + 1]))
-        tok = np.concatenate([p[0] for p in parts])
-        cnt = np.concatenate([p[1] for p in parts])
-        distinct = np.concatenate([p[2] for p in parts])
-        return [(tok[cap[i]:cap[i] + distinct[i]], cnt[cap[i]:cap[i] + distinct[i]]) for i in range(len(runs))]
+        # one pass into a buffer sized by the most runs a context can have (range size, at most V per
+        # shard), in groups of <= NEXT_BUFFER_ENTRIES so a batch of frequent contexts stays bounded
+        cap_N = np.minimum(hi - lo, self.vocab_size).sum(axis=1)
+        csum = np.cumsum(cap_N)
+        result: list[tuple[np.ndarray, np.ndarray]] = []
+        g0 = 0
+        while g0 < len(cap_N):
+            before = csum[g0 - 1] if g0 else 0
+            g1 = max(g0 + 1, int(np.searchsorted(csum, before + NEXT_BUFFER_ENTRIES, side="right")))
+            cap = np.zeros(g1 - g0 + 1, np.int64)
+            np.cumsum(cap_N[g0:g1], out=cap[1:])
+            parts = _chunked(g1 - g0, lambda i, j: K.next_runs_fill(
+                a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets[g0 + i:g0 + j + 1], lo[g0 + i:g0 + j],
+                hi[g0 + i:g0 + j], cap[i:j + 1]))
+            tok, cnt, distinct = (np.concatenate([p[k] for p in parts]) for k in range(3))
+            result.extend((tok[c:c + d].copy(), cnt[c:c + d].copy()) for c, d in zip(cap[:-1].tolist(), distinct.tolist()))
+            g0 = g1
+        return result
 
     def next_token_counts(self, context: SpanLike) -> tuple[np.ndarray, np.ndarray]:
         q = np.asarray(context, dtype=np.int64).reshape(-1)
