@@ -1,6 +1,8 @@
 """TraceIndex: memory-mapped, read-only queries over a built index; every shard in one compiled call.
 
-Spans are sequences (or 1-D arrays) of token ids; batched forms take lists of spans. A span with a
+Spans are sequences (or 1-D arrays) of token ids; batched forms take lists of spans (or a 2-D int
+array of equal-length spans) and run in one compiled call, split over a thread pool once a batch
+has >= ``PARALLEL_MIN_QUERIES`` items. A span with a
 token outside ``[0, vocab_size)`` never occurs (count 0). The empty span occurs at every token
 position (count = ``num_tokens``), the infini-gram convention. Positions are token offsets.
 """
@@ -311,7 +313,8 @@ class TraceIndex:
                 a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets[g0 + i:g0 + j + 1], lo[g0 + i:g0 + j],
                 hi[g0 + i:g0 + j], cap[i:j + 1]))
             tok, cnt, distinct = (np.concatenate([p[k] for p in parts]) for k in range(3))
-            result.extend((tok[c:c + d].copy(), cnt[c:c + d].copy()) for c, d in zip(cap[:-1].tolist(), distinct.tolist()))
+            result.extend((tok[c:c + d].copy(), cnt[c:c + d].copy())
+                          for c, d in zip(cap[:-1].tolist(), distinct.tolist()))
             g0 = g1
         return result
 
