@@ -174,3 +174,18 @@ def test_uint32_tokens_and_wide_vocab(tmp_path):
     assert ix.count_batch(queries).tolist() == want
     ids, counts = ix.next_token_counts([vocab - 1])
     assert dict(zip(ids.tolist(), counts.tolist())) == naive_next([[int(x) for x in d] for d in docs], [vocab - 1])
+
+
+def test_long_query_split_across_threads(tmp_path):
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(0, 4, size=int(n)).tolist() for n in rng.integers(5, 60, size=12)]
+    ix = TraceIndex.open(build_index_from_tokens([np.asarray(d) for d in docs], tmp_path / "i", vocab_size=4,
+                                                 metadata=[{"unsafe": False}] * len(docs), shard_tokens=150))
+    gen = rng.integers(0, 5, size=200).tolist()  # >= SPLIT_MIN_TOKENS: positions split over the pool
+    longest = ix.longest_matches(gen)
+    assert longest.dtype == np.int32 and longest.tolist() == naive_longest(docs, gen)
+    assert np.array_equal(longest, ix.longest_matches_batch([gen])[0])
+    for min_len, max_count in ((1, None), (3, 4)):
+        assert ix.maximal_spans(gen, min_len, max_count) == ix.maximal_spans_batch([gen], min_len, max_count)[0]
+    spans = ix.maximal_spans(gen)
+    assert spans and all(s.count == len(naive_occurrences(docs, gen[s.start:s.end])) for s in spans)

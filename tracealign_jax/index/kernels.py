@@ -307,24 +307,53 @@ def maximal_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q_fl
         _valid_limits(q_flat, qs, qe, sep, limit_L)
         longest_L = np.empty(qe - qs, np.int64)
         _longest_into(tokens, sa_u8, width, shard_starts_S1, q_flat, qs, qe, limit_L, longest_L)
-        prev_end = np.int64(-1)
-        for j in range(qe - qs):
-            ln = longest_L[j]
-            if ln > 0 and j + ln > prev_end and ln >= min_len:
-                span_len[qs - base0 + j] = ln
-                c = np.int64(0)
-                for s in range(len(shard_starts_S1) - 1):
-                    lo, hi = _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s,
-                                          q_flat, qs + j, qs + j + ln)
-                    c += hi - lo
-                span_count[qs - base0 + j] = c
-                lp = 0.0
-                for k in range(qs + j, qs + j + ln):
-                    lp += logp_V[q_flat[k]]
-                span_logp[qs - base0 + j] = lp
-            if ln > 0 and j + ln > prev_end:
-                prev_end = j + ln
+        _maximal_from_longest(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, qs, longest_L, 0,
+                              qe - qs, min_len, logp_V, span_len[qs - base0:qe - base0],
+                              span_count[qs - base0:qe - base0], span_logp[qs - base0:qe - base0])
     return span_len, span_count, span_logp
+
+
+@njit(**_JIT)
+def _maximal_from_longest(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q, qs, longest_L, j0, j1, min_len,
+                          logp_V, out_len, out_count, out_logp):
+    """Maximal spans starting at query positions [j0, j1), from the whole query's longest matches;
+    writes length / count / log-prob at index j - j0 (length 0: no maximal span starts there)."""
+    for j in range(j0, j1):
+        ln = longest_L[j]
+        prev_end = j - 1 + longest_L[j - 1] if j > 0 else np.int64(-1)
+        if ln > 0 and j + ln > prev_end and ln >= min_len:
+            out_len[j - j0] = ln
+            c = np.int64(0)
+            for s in range(len(shard_starts_S1) - 1):
+                lo, hi = _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s, q, qs + j, qs + j + ln)
+                c += hi - lo
+            out_count[j - j0] = c
+            lp = 0.0
+            for k in range(qs + j, qs + j + ln):
+                lp += logp_V[q[k]]
+            out_logp[j - j0] = lp
+
+
+@njit(**_JIT)
+def longest_slice(tokens, sa_u8, width, shard_starts_S1, sep, q, p0, p1):
+    """Longest matches at positions [p0, p1) of one query q (int64[L]): int64[p1 - p0]. Lets one
+    long query be split across threads."""
+    limit_L = np.empty(len(q), np.int64)
+    _valid_limits(q, 0, len(q), sep, limit_L)
+    out = np.zeros(p1 - p0, np.int64)
+    _longest_into(tokens, sa_u8, width, shard_starts_S1, q, p0, p1, limit_L[p0:p1] - p0, out)
+    return out
+
+
+@njit(**_JIT)
+def maximal_slice(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q, longest_L, j0, j1, min_len, logp_V):
+    """Maximal spans of one query starting at positions [j0, j1), given its longest matches."""
+    out_len = np.zeros(j1 - j0, np.int64)
+    out_count = np.zeros(j1 - j0, np.int64)
+    out_logp = np.zeros(j1 - j0, np.float64)
+    _maximal_from_longest(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q, 0, longest_L, j0, j1, min_len,
+                          logp_V, out_len, out_count, out_logp)
+    return out_len, out_count, out_logp
 
 
 @njit(**_JIT)

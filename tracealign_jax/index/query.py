@@ -28,16 +28,18 @@ SpanLike = Sequence[int] | np.ndarray
 # Below this many queries a batch runs on the calling thread; above, in chunks on a thread pool
 # (the kernels release the GIL). Thread hand-off costs tens of microseconds.
 PARALLEL_MIN_QUERIES = 256
+# A single query at least this long has its positions split across the pool (longest / maximal).
+SPLIT_MIN_TOKENS = 128
 # Batched next-token counts fill a buffer of at most this many (token, count) entries at a time.
 NEXT_BUFFER_ENTRIES = 1 << 22
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _chunked(n: int, call: Callable[[int, int], Any]) -> list[Any]:
-    """``[call(a, b), ...]`` over consecutive query ranges covering [0, n), in order."""
+def _chunked(n: int, call: Callable[[int, int], Any], min_items: int = PARALLEL_MIN_QUERIES) -> list[Any]:
+    """``[call(a, b), ...]`` over consecutive item ranges covering [0, n), in order."""
     global _POOL
-    bounds = _chunk_bounds(n)
+    bounds = _chunk_bounds(n, min_items)
     if len(bounds) == 1:
         return [call(0, n)]
     with _POOL_LOCK:
@@ -46,11 +48,11 @@ def _chunked(n: int, call: Callable[[int, int], Any]) -> list[Any]:
     return list(_POOL.map(lambda ab: call(*ab), bounds))
 
 
-def _chunk_bounds(n: int) -> list[tuple[int, int]]:
+def _chunk_bounds(n: int, min_items: int = PARALLEL_MIN_QUERIES) -> list[tuple[int, int]]:
     threads = os.cpu_count() or 1
-    if n < PARALLEL_MIN_QUERIES or threads == 1:
+    if n < min_items or threads == 1:
         return [(0, n)]
-    edges = np.linspace(0, n, 2 * threads + 1).astype(np.int64).tolist()  # 2 chunks per thread: uneven queries
+    edges = np.linspace(0, n, 2 * threads + 1).astype(np.int64).tolist()  # 2 chunks per thread: uneven work
     return list(zip(edges[:-1], edges[1:]))
 
 
@@ -262,7 +264,16 @@ class TraceIndex:
         return [out[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
     def longest_matches(self, tokens: SpanLike) -> np.ndarray:
-        return self.longest_matches_batch([tokens])[0]
+        q = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(q) < SPLIT_MIN_TOKENS:
+            return self.longest_matches_batch([q])[0]
+        return self._longest_split(q).astype(np.int32)
+
+    def _longest_split(self, q: np.ndarray) -> np.ndarray:
+        """One long query's positions split across the thread pool (int64[L])."""
+        a = self._a
+        return np.concatenate(_chunked(len(q), lambda i, j: K.longest_slice(
+            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, q, i, j), min_items=SPLIT_MIN_TOKENS))
 
     def maximal_spans_batch(self, token_lists: Sequence[SpanLike], min_len: int = 1,
                             max_count: int | None = None) -> list[list[Span]]:
@@ -276,22 +287,33 @@ class TraceIndex:
             a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, a.sep, flat, offsets[i:j + 1],
             max(int(min_len), 1), logp_V))
         span_len, span_count, span_logp = (np.concatenate([p[k] for p in parts]) for k in range(3))
-        result = []
-        for i in range(len(offsets) - 1):
-            s0, s1 = offsets[i], offsets[i + 1]
-            starts = np.flatnonzero(span_len[s0:s1])
-            lens, counts, logps = span_len[s0:s1][starts], span_count[s0:s1][starts], span_logp[s0:s1][starts]
-            if max_count is not None:
-                keep = counts <= max_count
-                starts, lens, counts, logps = starts[keep], lens[keep], counts[keep], logps[keep]
-            # rounded so that near-equal sums of different tokens still order by start
-            order = np.lexsort((starts, np.round(logps, 9)))
-            result.append([Span(*t) for t in zip(starts[order].tolist(), (starts + lens)[order].tolist(),
-                                                 counts[order].tolist(), logps[order].tolist())])
-        return result
+        return [self._rank_spans(span_len[s0:s1], span_count[s0:s1], span_logp[s0:s1], max_count)
+                for s0, s1 in zip(offsets[:-1], offsets[1:])]
 
     def maximal_spans(self, tokens: SpanLike, min_len: int = 1, max_count: int | None = None) -> list[Span]:
-        return self.maximal_spans_batch([tokens], min_len, max_count)[0]
+        q = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(q) < SPLIT_MIN_TOKENS:
+            return self.maximal_spans_batch([q], min_len, max_count)[0]
+        a = self._a
+        longest_L = self._longest_split(q)
+        parts = _chunked(len(q), lambda i, j: K.maximal_slice(
+            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, q, longest_L, i, j, max(int(min_len), 1),
+            self.unigram_logprobs()), min_items=SPLIT_MIN_TOKENS)
+        span_len, span_count, span_logp = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        return self._rank_spans(span_len, span_count, span_logp, max_count)
+
+    @staticmethod
+    def _rank_spans(span_len: np.ndarray, span_count: np.ndarray, span_logp: np.ndarray,
+                    max_count: int | None) -> list[Span]:
+        starts = np.flatnonzero(span_len)
+        lens, counts, logps = span_len[starts], span_count[starts], span_logp[starts]
+        if max_count is not None:
+            keep = counts <= max_count
+            starts, lens, counts, logps = starts[keep], lens[keep], counts[keep], logps[keep]
+        # rounded so that near-equal sums of different tokens still order by start
+        order = np.lexsort((starts, np.round(logps, 9)))
+        return [Span(*t) for t in zip(starts[order].tolist(), (starts + lens)[order].tolist(),
+                                      counts[order].tolist(), logps[order].tolist())]
 
     def next_token_counts_batch(self, contexts: Sequence[SpanLike]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Exact counts of every token that follows each context in the corpus (no sampling):
