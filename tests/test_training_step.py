@@ -154,3 +154,15 @@ def test_tiny_llama_learns_toy_preferences(toy):
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert {"lr", "grad_norm", "tokens_per_s", "rewards/chosen", "logps/rejected"} <= set(rows[0])
     assert list((d / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_bf16_compute_with_fp32_master_weights_and_remat(toy):
+    path, d = toy
+    cfg = toy_config(path, d / "f", "model.dtype=bfloat16", "model.remat=full", "train.logprob_chunk=8")
+    batches = _host_batches(cfg, 2)
+    _, state, m = _run(cfg, MeshConfig(data=1), jax.devices()[:1], batches)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.ref_params)} == {jnp.dtype(jnp.bfloat16)}
+    assert all(np.isfinite(r["loss/total"]) and r["nonfinite"] == 0 for r in m)
+    np.testing.assert_allclose(m[0]["loss/total"], np.log(2.0), rtol=1e-2)  # policy == reference at step 1
+    assert m[1]["loss/total"] < m[0]["loss/total"]
