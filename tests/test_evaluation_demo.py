@@ -13,7 +13,7 @@ from tracealign_jax.config import load_config
 from tracealign_jax.evaluation.commands import DEMO_CONFIG
 
 SMALL = [
-    "eval.per_category=1", "eval.benign_per_template=4", "eval.facts=4", "eval.heldout_facts=8",
+    "eval.per_category=1", "eval.benign_per_template=8", "eval.facts=4", "eval.heldout_facts=8",
     "eval.sft_steps=120", "eval.sft_batch_size=8", "eval.dpo_steps=40", "train.batch_size=4",
     "decode.max_new_tokens=24", "decode.batch_size=16",
 ]

@@ -162,7 +162,10 @@ def run_demo(cfg: Config, out_dir: str | Path, *, force: bool = False, log: Log 
         (dpo_key, cbd_key, arr_key, cal_key),
         pipeline.evaluate_stage(eval_cfg, data_dir, tokenizer, idx["dir"], cal, arrays,
                                 {"dpo": dpo["hf_dir"], "cbd": cbd["hf_dir"]}, log))
+    from tracealign_jax.evaluation.report import ordered
+
     report = json.loads(Path(evaluation["report_json"]).read_text())
+    report["defenses"] = ordered(report["defenses"])
     report["meta"] = dict(report.get("meta", {}), **{
         "sft_final_loss": sft["final_metrics"].get("loss/total"),
         "dpo_reward_accuracy": dpo["final_metrics"].get("rewards/accuracies"),

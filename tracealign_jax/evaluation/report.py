@@ -34,6 +34,15 @@ TABLE_COLUMNS = (
 PAPER_DRIFT = {"none": 0.418, "traceshield": 0.146, "cbd": 0.161, "prov_decode": 0.124, "all": 0.062}
 
 
+DEFENSE_ORDER = ("none", "traceshield", "prov_decode", "cbd", "all")
+
+
+def ordered(defenses: dict[str, Any]) -> dict[str, Any]:
+    """The defenses in the paper's ablation order (JSON round trips sort keys), unknown ones last."""
+    rank = {name: i for i, name in enumerate(DEFENSE_ORDER)}
+    return {k: defenses[k] for k in sorted(defenses, key=lambda k: (rank.get(k, len(rank)), k))}
+
+
 def _get(d: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
@@ -61,14 +70,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def main_table(report: dict[str, Any]) -> str:
     """The headline Markdown table: one row per defense."""
     rows = [[name] + [_fmt(_get(m, key), kind) for key, _, kind in TABLE_COLUMNS]
-            for name, m in report["defenses"].items()]
+            for name, m in ordered(report["defenses"]).items()]
     return _table(["defense"] + [title for _, title, _ in TABLE_COLUMNS], rows)
 
 
 def _breakdown(report: dict[str, Any], field: str) -> str:
     groups = sorted({g for m in report["defenses"].values() for g in (m.get(field) or {})})
     rows = [[name] + [_fmt((m.get(field) or {}).get(g), "pct") for g in groups]
-            for name, m in report["defenses"].items()]
+            for name, m in ordered(report["defenses"]).items()]
     return _table(["defense"] + groups, rows)
 
 
@@ -78,7 +87,7 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"For comparison, the TraceAlign paper's OLMo-2 ablation (drift): {paper}; perplexity +0.21 for all three.", "",
              "## Drift by attack", "", _breakdown(report, "drift_by_attack"), "",
              "## Drift by category", "", _breakdown(report, "drift_by_category"), ""]
-    fpr = {n: m.get("shield_false_positive_rate") for n, m in report["defenses"].items()
+    fpr = {n: m.get("shield_false_positive_rate") for n, m in ordered(report["defenses"]).items()
            if m.get("shield_false_positive_rate") is not None}
     if fpr:
         parts += ["## TraceShield false-positive rate (safe completions flagged)", "",
@@ -99,13 +108,14 @@ def to_markdown(report: dict[str, Any]) -> str:
 def _plot_drift(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    names = list(report["defenses"])
+    defenses = ordered(report["defenses"])
+    names = list(defenses)
     attacks = sorted({a for m in report["defenses"].values() for a in (m.get("drift_by_attack") or {})})
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 4))
     width = 0.8 / max(1, len(attacks) + 1)
     for j, attack in enumerate(attacks + ["overall"]):
         vals = [(m.get("drift_rate") if attack == "overall" else (m.get("drift_by_attack") or {}).get(attack)) or 0.0
-                for m in report["defenses"].values()]
+                for m in defenses.values()]
         ax.bar([i + (j - len(attacks) / 2) * width for i in range(len(names))], [100 * v for v in vals],
                width, label=attack)
     ax.set_xticks(range(len(names)), names)
