@@ -48,7 +48,8 @@ def _data_stage(ev: EvalConfig) -> Callable[[Path], dict]:
         defaults = EvalConfig()
         sizes = ("per_category", "benign_per_template", "facts", "heldout_facts")
         if ev.data_dir:
-            verify_manifest(ev.data_dir) if (Path(ev.data_dir) / "manifest.json").is_file() else None
+            if (Path(ev.data_dir) / "manifest.json").is_file():
+                verify_manifest(ev.data_dir)
             for p in Path(ev.data_dir).glob("*.jsonl"):
                 shutil.copy2(p, out / p.name)
         elif ev.data_seed == 0 and all(getattr(ev, k) == getattr(defaults, k) for k in sizes):
