@@ -166,3 +166,22 @@ def test_bf16_compute_with_fp32_master_weights_and_remat(toy):
     assert all(np.isfinite(r["loss/total"]) and r["nonfinite"] == 0 for r in m)
     np.testing.assert_allclose(m[0]["loss/total"], np.log(2.0), rtol=1e-2)  # policy == reference at step 1
     assert m[1]["loss/total"] < m[0]["loss/total"]
+
+
+def test_loop_aborts_after_n_nonfinite_steps_in_a_row(toy):
+    """A reference store full of NaN makes every loss non-finite: the loop stops at the N-th in a row."""
+    from tracealign_jax.provenance.token_bci import write_token_bci
+    from tracealign_jax.training import reference
+    from tracealign_jax.training.loop import NonFiniteLossError
+
+    path, d = toy
+    cfg = toy_config(path, d / "g", "loss.reference=precomputed", f"data.ref_logps_path={d / 'g-refs'}",
+                     "train.max_nonfinite_in_row=3", "train.steps=10")  # fmt: skip
+    pairs = load_pairs(cfg.data)
+    nan = [(np.full(len(pairs.get("chosen", i)), np.nan, np.float32), np.full(len(pairs.get("rejected", i)), np.nan, np.float32))
+           for i in range(len(pairs))]  # fmt: skip
+    write_token_bci(reference.store_path(cfg, pairs), nan, meta={"kind": "reference_logps"})
+    with pytest.raises(NonFiniteLossError, match="step 3: 3 consecutive non-finite"):
+        train(cfg, show_progress=False)
+    rows = [json.loads(x) for x in (d / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_total"] for r in rows] == [1, 2, 3]
