@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from tracealign_jax import sharding
@@ -106,6 +106,9 @@ class Decoder:
         self.eos_id = eos_id if eos_id is not None else _first_id(getattr(arch, "eos_token_id", None), 0)
         self.pad_id = pad_id if pad_id is not None else _first_id(getattr(arch, "pad_token_id", None), 0)
         self.refusal_ids = tuple(int(t) for t in refusal_ids)
+        if mesh is not None and veto_table is not None:  # every device looks up its own rows: replicate
+            replicated = NamedSharding(mesh, PartitionSpec())
+            veto_table = jax.tree.map(lambda x: jax.device_put(x, replicated), veto_table)
         self.veto_table = veto_table
         self.veto_lookup = veto_lookup
         self.mesh, self.rules = mesh, rules
