@@ -108,7 +108,9 @@ class Decoder:
         self.refusal_ids = tuple(int(t) for t in refusal_ids)
         if mesh is not None and veto_table is not None:  # every device looks up its own rows: replicate
             replicated = NamedSharding(mesh, PartitionSpec())
-            veto_table = jax.tree.map(lambda x: jax.device_put(x, replicated), veto_table)
+            veto_table = jax.tree.map(  # abstract tables (AOT) keep their ShapeDtypeStructs
+                lambda x: jax.device_put(x, replicated) if isinstance(x, (jax.Array, np.ndarray)) else x, veto_table
+            )
         self.veto_table = veto_table
         self.veto_lookup = veto_lookup
         self.mesh, self.rules = mesh, rules
