@@ -68,6 +68,8 @@ def make_veto_hook(spec: VetoSpec, table: Any, lookup: VetoLookup | None = None)
         return None
     if spec.mode not in ("soft", "hard"):
         raise ValueError(f"decode.veto: unknown mode {spec.mode!r} (expected off | soft | hard)")
+    # provenance's veto_entries returns each token at most once per row; other lookups may repeat one.
+    distinct = lookup is None
     lookup = default_lookup() if lookup is None else lookup
 
     def hook(logprobs_BxV: jax.Array, context_BxC: jax.Array, context_len_B: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -85,6 +87,8 @@ def make_veto_hook(spec: VetoSpec, table: Any, lookup: VetoLookup | None = None)
             adjusted_BxV = logprobs_BxV.at[rows_BxE, ids_BxE].min(new_BxE, mode="drop")
         else:
             adjusted_BxV = logprobs_BxV.at[rows_BxE, jnp.where(hit_BxE, ids_BxE, v)].set(NEG_INF, mode="drop")
+        if distinct:
+            return adjusted_BxV, jnp.sum(hit_BxE, axis=1, dtype=jnp.int32)
         # Distinct vetoed tokens per row: sort the hit ids (misses sort last as v) and count changes.
         sorted_BxE = jnp.sort(jnp.where(hit_BxE, ids_BxE, v), axis=1)
         first_BxE = jnp.concatenate([jnp.ones((b, 1), bool), sorted_BxE[:, 1:] != sorted_BxE[:, :-1]], axis=1)
