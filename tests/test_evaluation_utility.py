@@ -67,3 +67,9 @@ def test_veto_adjusted_nll_matches_dictionary_reference(model, mode, min_prefix)
     else:
         np.testing.assert_allclose(nll, ref, rtol=1e-5)
         assert nll > sequence_nll(model, SEQS)[0]
+
+
+def test_score_from_skips_prompt_tokens(model):
+    full, n_full = sequence_nll(model, SEQS)
+    part, n_part = sequence_nll(model, SEQS, score_from=[3, 1, 4])
+    assert n_part == n_full - 2 - 0 - 3 and part < full

@@ -113,10 +113,12 @@ def over_refusal(records: Sequence[Judged]) -> float | None:
 
 
 def perplexity(nll_sum: float, num_tokens: int) -> float:
-    """exp(mean token NLL); ``nll_sum`` in nats over ``num_tokens`` predicted tokens."""
+    """exp(mean token NLL); ``nll_sum`` in nats over ``num_tokens`` predicted tokens. ``inf`` when
+    the mean NLL overflows (a hard veto forbidding a token of the text makes its probability 0)."""
     if num_tokens <= 0:
         raise ValueError("perplexity needs at least one token")
-    return math.exp(nll_sum / num_tokens)
+    mean = nll_sum / num_tokens
+    return math.exp(mean) if mean < 700.0 else math.inf
 
 
 def contains_answer(completion: str, answer: str) -> bool:

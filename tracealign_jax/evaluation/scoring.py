@@ -26,7 +26,10 @@ def utility(cfg: Config, policies: dict[str, Any], tokenizer: Any, heldout: Sequ
     """Perplexity of ``heldout`` per defense (computed once per (policy, veto) pair)."""
     from tracealign_jax.evaluation.utility import sequence_nll
 
+    # score the response only: the prompt is user input, the response is what the policy generates
+    marker = "### Response:"
     ids = [tokenizer(t)["input_ids"] for t in heldout]
+    starts = [len(tokenizer(t[:t.index(marker) + len(marker)])["input_ids"]) if marker in t else 1 for t in heldout]
     cache: dict[tuple[str, bool], float] = {}
     out = {}
     for name in defenses:
@@ -34,7 +37,7 @@ def utility(cfg: Config, policies: dict[str, Any], tokenizer: Any, heldout: Sequ
         key = (d.policy, d.veto)
         if key not in cache:
             nll, n = sequence_nll(policies[d.policy], ids, veto_table=table if d.veto else None,
-                                  decode_cfg=cfg.decode, pad_id=tokenizer.pad_token_id)
+                                  decode_cfg=cfg.decode, pad_id=tokenizer.pad_token_id, score_from=starts)
             cache[key] = metrics.perplexity(nll, n)
         out[name] = cache[key]
     return out

@@ -25,7 +25,7 @@ def _nll_fn(graphdef: Any, spec: Any, table_present: bool):
     from tracealign_jax.decoding.veto_hook import make_veto_hook
     from tracealign_jax.training.logprobs import veto_contexts
 
-    def fn(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, table: Any) -> jax.Array:
+    def fn(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, scored_BxL: jax.Array, table: Any) -> jax.Array:
         model = nnx.merge(graphdef, params)
         positions = jnp.maximum(jnp.cumsum(valid_BxL, axis=1) - 1, 0).astype(jnp.int32)
         logits_BxLxV, _ = model(tokens_BxL, positions, valid_BxL)
@@ -38,17 +38,19 @@ def _nll_fn(graphdef: Any, spec: Any, table_present: bool):
                           ctx_len_BxL[:, 1:].reshape(b * l1))
             lp_BxLxV = jax.nn.log_softmax(adj.reshape(b, l1, v), axis=-1)
         tgt = jnp.take_along_axis(lp_BxLxV, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
-        mask = valid_BxL[:, 1:] & valid_BxL[:, :-1]
+        mask = valid_BxL[:, 1:] & valid_BxL[:, :-1] & scored_BxL[:, 1:]
         return -jnp.sum(jnp.where(mask, tgt, 0.0), axis=-1)
 
     return jax.jit(fn)
 
 
 def sequence_nll(model: Any, token_lists: Sequence[Sequence[int]], *, veto_table: Any = None,
-                 decode_cfg: DecodeConfig | None = None, batch_size: int = 16, pad_id: int = 0) -> tuple[float, int]:
-    """(sum of token NLL in nats, number of predicted tokens) over ``token_lists`` (the first token
-    of each list is context only). With ``veto_table`` and ``decode_cfg.veto`` != off, under the
-    veto-adjusted distribution. Right-padded fixed-shape batches: one compile per call."""
+                 decode_cfg: DecodeConfig | None = None, batch_size: int = 16, pad_id: int = 0,
+                 score_from: Sequence[int] | None = None) -> tuple[float, int]:
+    """(sum of token NLL in nats, number of predicted tokens) over ``token_lists``. Token t of a list
+    is scored when t >= max(1, score_from[i]) (e.g. the prompt length: only the response is scored).
+    With ``veto_table`` and ``decode_cfg.veto`` != off, under the veto-adjusted distribution.
+    Right-padded fixed-shape batches: one compile per (architecture, veto setting)."""
     from tracealign_jax.decoding.veto_hook import VetoSpec
 
     use_veto = veto_table is not None and decode_cfg is not None and decode_cfg.veto != "off"
@@ -56,15 +58,18 @@ def sequence_nll(model: Any, token_lists: Sequence[Sequence[int]], *, veto_table
     graphdef, params = nnx.split(model)
     fn = _nll_fn(graphdef, spec, use_veto)
     length = max(len(t) for t in token_lists)
+    starts = [max(1, int(x)) for x in score_from] if score_from is not None else [1] * len(token_lists)
     total, count = 0.0, 0
     for s in range(0, len(token_lists), batch_size):
         chunk = token_lists[s:s + batch_size]
         tokens = np.full((batch_size, length), pad_id, np.int32)
         valid = np.zeros((batch_size, length), bool)
+        scored = np.zeros((batch_size, length), bool)
         for i, t in enumerate(chunk):
             tokens[i, :len(t)] = t
             valid[i, :len(t)] = True
-        nll = np.asarray(fn(params, tokens, valid, veto_table if use_veto else None))
+            scored[i, starts[s + i]:len(t)] = True
+            count += max(len(t) - starts[s + i], 0)
+        nll = np.asarray(fn(params, tokens, valid, scored, veto_table if use_veto else None))
         total += float(nll[:len(chunk)].sum())
-        count += sum(max(len(t) - 1, 0) for t in chunk)
     return total, count
