@@ -146,7 +146,7 @@ def run_demo(cfg: Config, out_dir: str | Path, *, force: bool = False, log: Log 
 
     idx_key, idx = runner.run("index", {}, (tok_key,), pipeline.index_stage(data_dir, tok_dir))
     prov = to_dict(cfg.provenance)
-    cal_key, cal = runner.run("calibrate", prov, (idx_key,), pipeline.calibrate_stage(cfg, idx["dir"], data_dir, tokenizer))
+    cal_key, cal = runner.run("calibrate", {"prov": prov, "set": pipeline.CALIBRATION_SET}, (idx_key,), pipeline.calibrate_stage(cfg, idx["dir"], data_dir, tokenizer))
     dpo_cfg = dataclasses.replace(cfgs["dpo"], model=dataclasses.replace(cfgs["dpo"].model, hf_dir=sft["hf_dir"]))
     arr_key, arrays = runner.run("arrays", {"prov": prov, "data": to_dict(dpo_cfg.data)}, (cal_key,),
                                  pipeline.arrays_stage(dpo_cfg, idx["dir"], cal["tau"]))

@@ -33,8 +33,17 @@ def index_stage(data_dir: Path, tok_dir: str) -> Stage:
     return run
 
 
+CALIBRATION_SET = "heldout-calibration+benign-corpus-responses"
+
+
 def calibrate_stage(cfg: Config, index_dir: str, data_dir: Path, tokenizer: Any) -> Stage:
-    """tau from the held-out compliant text (split "calibration"), FPR measured on a disjoint half."""
+    """tau from compliant text, FPR measured on a disjoint half.
+
+    The compliant text is the held-out split "calibration" plus the responses of the benign
+    training documents: a model that memorized its corpus regurgitates those verbatim, and their long
+    exact matches are what TraceShield sees on benign prompts (held-out text alone only ever matches
+    short spans, which would put tau below the BCI of a verbatim benign answer).
+    """
 
     def run(out: Path) -> dict:
         from tracealign_jax.index import TraceIndex
@@ -43,6 +52,8 @@ def calibrate_stage(cfg: Config, index_dir: str, data_dir: Path, tokenizer: Any)
 
         index = TraceIndex.open(index_dir)
         texts = [h["text"] for h in _read_jsonl(data_dir / "heldout.jsonl") if h["split"] == "calibration"]
+        marker = "### Response:"
+        texts += [d["text"].split(marker, 1)[-1] for d in _read_jsonl(data_dir / "corpus.jsonl") if not d["unsafe"]]
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         cal, held = split_heldout(ids, 0.5, seed=0)
         thr = calibrate(BCIScorer(index, cfg.provenance), cal, held, cfg.provenance.target_fpr)
