@@ -33,6 +33,9 @@ from tracealign_jax.evaluation import synthetic_data as sd
 from tracealign_jax.evaluation.stages import StageRunner
 
 Log = Callable[[str], None]
+# The EvalConfig fields the data stage reads (its cache key): changing a training or defense
+# setting must not regenerate the data and retrain everything downstream of it.
+DATA_FIELDS = ("data_dir", "data_seed", "per_category", "benign_per_template", "facts", "heldout_facts")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -129,7 +132,8 @@ def run_demo(cfg: Config, out_dir: str | Path, *, force: bool = False, log: Log 
     t_start = time.perf_counter()
     runner = StageRunner(out_dir, log=log, force=force)
     ev = cfg.eval
-    data_key, data = runner.run("data", {"eval": to_dict(ev), "generator": sd.GENERATOR_VERSION}, (), _data_stage(ev))
+    data_settings = {k: getattr(ev, k) for k in DATA_FIELDS}
+    data_key, data = runner.run("data", dict(data_settings, generator=sd.GENERATOR_VERSION), (), _data_stage(ev))
     data_dir = Path(data["dir"])
     tok_key, tok = runner.run("tokenizer", {"vocab": ev.vocab_size}, (data_key,), _tokenizer_stage(data_dir, ev.vocab_size))
     tok_dir = tok["dir"]
