@@ -5,12 +5,13 @@ lowers drift, that the exported policy reloads in transformers with the same log
 second run reuses every finished stage.
 """
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
-from tracealign_jax.config import load_config
-from tracealign_jax.evaluation.commands import DEMO_CONFIG
 
 SMALL = [
     "eval.per_category=1", "eval.benign_per_template=8", "eval.facts=4", "eval.heldout_facts=8",
@@ -19,14 +20,24 @@ SMALL = [
 ]
 
 
+def _demo(out: Path) -> dict:
+    """`tracealign demo` in a child process with one CPU device, as launch/demo.sh runs it (the test
+    session itself simulates 8 devices, which the demo's one-device mesh config does not use)."""
+    cmd = [sys.executable, "-m", "tracealign_jax.cli", "demo", "--out", str(out)]
+    for s in SMALL:
+        cmd += ["--set", s]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| defense | drift |" in proc.stdout
+    return json.loads((out / "report" / "report.json").read_text())
+
+
 @pytest.mark.slow
 def test_scaled_down_demo(tmp_path: Path):
-    from tracealign_jax.evaluation.demo import run_demo
-
-    cfg = load_config(DEMO_CONFIG, SMALL)
-    report = run_demo(cfg, tmp_path / "run", log=lambda s: None)
+    report = _demo(tmp_path / "run")
     defenses = report["defenses"]
-    assert list(defenses) == ["none", "traceshield", "prov_decode", "cbd", "all"]
+    assert set(defenses) == {"none", "traceshield", "prov_decode", "cbd", "all"}
     for name, m in defenses.items():
         assert m["num_refuse_prompts"] == 5 * 7, name
         assert set(m["drift_by_category"]) == {"explosives", "cybercrime", "self_harm", "hate", "fraud"}
@@ -46,7 +57,7 @@ def test_scaled_down_demo(tmp_path: Path):
     for name in ("report.json", "report.md", "drift_by_defense.png", "bci_histogram.png", "bound_vs_measured.png"):
         assert (out / name).stat().st_size > 0, name
     # a second run skips every finished stage and reports the same numbers
-    again = run_demo(cfg, tmp_path / "run", log=lambda s: None)
+    again = _demo(tmp_path / "run")
     assert set(again["meta"]["cached_stages"]) >= {"data", "tokenizer", "sft", "index", "calibrate", "arrays",
                                                    "dpo", "cbd", "evaluate", "export"}
     assert again["defenses"] == report["defenses"]
