@@ -1,7 +1,7 @@
 """``tracealign compile-check``: ahead-of-time compile the train / decode steps of a config for a TPU slice.
 
     tracealign compile-check --config configs/llama3_8b_v5p.yaml --topology v5p:4x4x2 --step both
-    tracealign compile-check --all --markdown docs/POD_READINESS.md --update-configs
+    tracealign compile-check --all --markdown README.md --update-configs
 
 Exit status: 0 every compiled step fits (with the headroom), 1 one does not (the message names the
 largest buffers), 2 configuration error or libtpu missing (the message says how to install it).
