@@ -16,9 +16,11 @@ class RecordError(ValueError):
         super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_records(path: str | Path, yield_errors: bool = False) -> Iterator[tuple[int, Any]]:
     """Yields ``(line_number, record)`` from a .jsonl/.json-lines or .parquet file (lines 1-based;
-    for Parquet the row number + 1). Blank JSONL lines are skipped; bad JSON raises RecordError."""
+    for Parquet the row number + 1). Blank JSONL lines are skipped; a line that is not a JSON object
+    raises RecordError, or with ``yield_errors`` is yielded as ``(line, RecordError)`` so a caller that
+    skips malformed records still reads the lines after it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -35,10 +37,15 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(path, i, None, f"not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(rec, dict):
-                raise RecordError(path, i, None, f"expected a JSON object, got {type(rec).__name__}")
+                if not isinstance(rec, dict):
+                    raise RecordError(path, i, None, f"expected a JSON object, got {type(rec).__name__}")
+            except (json.JSONDecodeError, RecordError) as err:
+                if isinstance(err, json.JSONDecodeError):
+                    err = RecordError(path, i, None, f"not valid JSON ({err.msg} at column {err.colno})")
+                if not yield_errors:
+                    raise err from None
+                yield i, err
+                continue
             yield i, rec
 
 

@@ -102,24 +102,6 @@ def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Seq
     return out
 
 
-def _records(path: Path, skip: bool) -> Iterator[tuple[int, dict | RecordError]]:
-    """``iter_records``, except that with ``skip`` an unparsable JSONL line yields its RecordError
-    instead of ending the iteration (so the lines after it are still read)."""
-    if not skip or path.suffix == ".parquet":
-        yield from iter_records(path)
-        return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield i, RecordError(path, i, None, f"not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            yield i, rec if isinstance(rec, dict) else RecordError(path, i, None, "expected a JSON object")
-
-
 def _truncate(ids: list[int], n: int, keep_end: bool) -> list[int]:
     return ids[-n:] if keep_end and len(ids) > n else ids[:n]
 
@@ -161,7 +143,7 @@ def load_pairs(cfg: DataConfig, *, sft: bool = False, tokenizer: Any = None, sho
     cols: dict[str, list[list[int]]] = {f: [] for f in fields}
     lines: list[int] = []
     skipped = 0
-    records = _records(path, cfg.skip_malformed)
+    records = iter_records(path, yield_errors=cfg.skip_malformed)
     if show_progress:
         from tqdm import tqdm
 
