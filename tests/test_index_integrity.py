@@ -35,17 +35,23 @@ def test_layout_and_sizes(built):
     ix = TraceIndex.open(path, verify="full", expected_tokenizer_hash="abc123")
     n = sum(map(len, docs))
     m = ix.manifest
-    assert (m["format"], m["format_version"], m["token_dtype"]) == ("tracealign-index", 1, "<u2")
-    w = m["sa_width"]
-    assert w == 1 and max(np.diff(m["shard_starts"])) < 256  # shards of ~200 positions: 1-byte entries
+    assert (m["format"], m["format_version"], m["token_dtype"]) == ("tracealign-index", 2, "<u2")
+    bits = m["sa_bits"]
+    longest = max(np.diff(m["shard_starts"]))
+    assert 2 ** (bits - 1) < longest <= 2 ** bits  # shards of ~200 positions: 8-bit entries, no more
     assert ix.num_shards == len(m["shard_starts"]) - 1 >= 3
     # the token file is raw little-endian uint16, memmap-able, separator = vocab size after each doc
     raw = np.fromfile(path / fmt.TOKENS_FILE, "<u2")
     assert raw.size == n + len(docs) and (raw == 50).sum() == len(docs)
     assert np.array_equal(raw[raw != 50], np.concatenate(docs))
-    assert (path / fmt.SA_FILE).stat().st_size == (n + len(docs)) * w
-    # every shard's packed suffix array sorts that shard's suffixes
-    sa = np.fromfile(path / fmt.SA_FILE, np.uint8).reshape(-1, w).astype(np.int64) @ 256 ** np.arange(w)
+    assert (path / fmt.SA_FILE).stat().st_size == ((n + len(docs)) * bits + 7) // 8 + fmt.SA_PAD_BYTES
+    # every shard's bit-packed suffix array sorts that shard's suffixes (entry g = bits [g * bits, (g + 1) * bits))
+    stream = np.unpackbits(np.fromfile(path / fmt.SA_FILE, np.uint8), bitorder="little")
+    sa = stream[:(n + len(docs)) * bits].reshape(-1, bits).astype(np.int64) @ 2 ** np.arange(bits)
+    # per-shard token counts: the last column counts separators, the rows add up to the corpus counts
+    counts = np.fromfile(path / fmt.SHARD_COUNTS_FILE, "<i4").reshape(ix.num_shards, 51)
+    assert np.array_equal(counts.sum(axis=0), np.bincount(raw, minlength=51))
+    assert np.array_equal(ix.unigram_counts(), np.bincount(np.concatenate(docs), minlength=50))
     for a, b in zip(m["shard_starts"][:-1], m["shard_starts"][1:]):
         suffixes = [tuple(raw[a + p:b]) for p in sa[a:b]]
         assert suffixes == sorted(suffixes) and sorted(sa[a:b]) == list(range(b - a))
@@ -66,6 +72,16 @@ def test_corrupted_file_refused_by_full_check(copy):
     TraceIndex.open(copy)  # same size: the cheap check passes ...
     with pytest.raises(IntegrityError, match=r"tokens\.bin.*SHA-256"):
         TraceIndex.open(copy, verify="full")  # ... the checksum does not
+
+
+def test_inconsistent_shard_counts_refused(copy):
+    # same size, so only the checksum or the open-time consistency check can catch it; the kernels
+    # would otherwise search outside a shard
+    counts = np.fromfile(copy / fmt.SHARD_COUNTS_FILE, "<i4")
+    counts[3] += 1000
+    counts.tofile(copy / fmt.SHARD_COUNTS_FILE)
+    with pytest.raises(IntegrityError, match=r"shard_counts\.bin.*corrupted"):
+        TraceIndex.open(copy)
 
 
 def test_missing_file_and_manifest(copy):

@@ -56,7 +56,7 @@ def run_build(args: argparse.Namespace) -> int:
     seconds = m["tokenize_seconds"] + m["build"]["write_seconds"]
     size = sum(f["bytes"] for f in m["files"].values())
     print(f"index {out}: {m['num_tokens']:,} tokens, {m['num_docs']:,} docs, {len(m['shard_starts']) - 1} shards, "
-          f"{m['token_dtype']} tokens, {m['sa_width']}-byte SA, {size / max(m['num_tokens'], 1):.2f} bytes/token, "
+          f"{m['token_dtype']} tokens, {m['sa_bits']}-bit SA, {size / max(m['num_tokens'], 1):.2f} bytes/token, "
           f"{seconds:.2f} s ({m['num_tokens'] / max(seconds, 1e-9) / 1e6:.2f} M tok/s; sort "
           f"{m['build']['sort_seconds']:.2f} s), peak RSS {m['build']['peak_rss_bytes'] / 2**20:.0f} MiB, "
           f"tokenizer {m['tokenizer_name']} ({m['tokenizer_hash']})")

@@ -1,18 +1,24 @@
-"""On-disk format of a TraceIndex (version 1): raw little-endian arrays, np.memmap-able, + manifest.
+"""On-disk format of a TraceIndex (version 2): raw little-endian arrays, np.memmap-able, + manifest.
 
 Files in an index directory:
   ``tokens.bin``          uint16 (vocab <= 65535) or uint32 token ids, documents back to back, each
                           followed by the separator ``sep = vocab_size`` (larger than every token, so it
                           sorts last and no match crosses a document).
   ``suffix_array.bin``    the suffix arrays of all shards back to back (one entry per token position),
-                          each entry a shard-local position in ``sa_width`` little-endian bytes,
-                          ``sa_width = ceil(log2(max shard length) / 8)`` (3 bytes below 2^24 tokens).
-                          Shards are contiguous runs of whole documents, < 2^31 positions each
-                          (pydivsufsort returns int32), sorted independently and in parallel.
+                          each entry a shard-local position of ``sa_bits = ceil(log2(max shard length))``
+                          bits, bit-packed: entry g occupies bits ``[g * sa_bits, (g + 1) * sa_bits)`` of
+                          the file read as one little-endian integer (23 bits for 5 M-position shards,
+                          where whole bytes would take 24). ``SA_PAD_BYTES`` zero bytes follow, so a
+                          reader may always load 5 bytes at an entry's first byte.
+                          Shards are contiguous runs of whole documents, < 2^31 positions each,
+                          sorted independently and in parallel.
   ``doc_starts.bin``      int64[num_docs + 1]: token position where each document starts; document d
                           holds tokens ``[starts[d], starts[d+1] - 1)`` and its separator at
                           ``starts[d+1] - 1``.
-  ``unigram_counts.bin``  int64[vocab_size]: corpus count of every token (separators excluded).
+  ``shard_counts.bin``    int32[num_shards, vocab_size + 1]: count of every token (last column: the
+                          separator) in each shard. Their running sum is where each first token's block
+                          starts in the shard's suffix array, so a search starts inside that block; their
+                          sum over shards is the corpus unigram count.
   ``metadata.parquet``    one row per document: ``risk`` float64 in [0, 1], ``category`` string,
                           ``meta_json`` (the record's metadata fields as JSON; no pickle).
   ``tokenizer/``          (optional) the tokenizer files the corpus was tokenized with.
@@ -20,7 +26,7 @@ Files in an index directory:
                           boundaries, build stats and every file's size and SHA-256.
 
 All shards live in one token file and one suffix-array file (shards are logical) so a query passes
-four plain arrays to one compiled call: a numba typed list of per-shard arrays costs ~2-5 us just to
+a few plain arrays to one compiled call: a numba typed list of per-shard arrays costs ~2-5 us just to
 unbox per call, which alone is half the per-count budget.
 """
 
@@ -36,14 +42,15 @@ import numpy as np
 from tracealign_jax.atomic_io import IntegrityError
 
 FORMAT_NAME = "tracealign-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TOKENS_FILE = "tokens.bin"
 SA_FILE = "suffix_array.bin"
 DOC_STARTS_FILE = "doc_starts.bin"
-UNIGRAM_FILE = "unigram_counts.bin"
+SHARD_COUNTS_FILE = "shard_counts.bin"
 METADATA_FILE = "metadata.parquet"
 TOKENIZER_DIR = "tokenizer"
 MAX_SHARD_POSITIONS = 2**31 - 1
+SA_PAD_BYTES = 4
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -57,9 +64,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size {vocab_size} does not fit uint32 token ids")
 
 
-def sa_width(max_shard_positions: int) -> int:
-    """Bytes per suffix-array entry: enough for positions 0 .. max_shard_positions - 1."""
-    return max(1, math.ceil(math.log2(max(max_shard_positions, 2)) / 8))
+def sa_bits(max_shard_positions: int) -> int:
+    """Bits per suffix-array entry: enough for positions 0 .. max_shard_positions - 1."""
+    return max(1, math.ceil(math.log2(max(max_shard_positions, 2))))
+
+
+def sa_bytes(num_positions: int, bits: int) -> int:
+    """Size of ``suffix_array.bin``: the packed entries rounded up to a byte, plus the padding."""
+    return (num_positions * bits + 7) // 8 + SA_PAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class Layout:
     num_tokens: int
     num_docs: int
     shard_starts: tuple[int, ...]  # len num_shards + 1, in positions
-    sa_width: int
+    sa_bits: int
 
     @property
     def num_shards(self) -> int:
@@ -81,9 +93,9 @@ class Layout:
     def expected_bytes(self) -> dict[str, int]:
         return {
             TOKENS_FILE: self.num_positions * self.dtype.itemsize,
-            SA_FILE: self.num_positions * self.sa_width,
+            SA_FILE: sa_bytes(self.num_positions, self.sa_bits),
             DOC_STARTS_FILE: (self.num_docs + 1) * 8,
-            UNIGRAM_FILE: self.vocab_size * 8,
+            SHARD_COUNTS_FILE: self.num_shards * (self.vocab_size + 1) * 4,
         }
 
 
@@ -103,7 +115,7 @@ def layout_from_manifest(manifest: dict[str, Any], directory: Path) -> Layout:
             num_tokens=int(manifest["num_tokens"]),
             num_docs=int(manifest["num_docs"]),
             shard_starts=tuple(int(x) for x in manifest["shard_starts"]),
-            sa_width=int(manifest["sa_width"]),
+            sa_bits=int(manifest["sa_bits"]),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise IntegrityError(f"{where}: malformed layout field ({err!r})") from err
@@ -111,6 +123,8 @@ def layout_from_manifest(manifest: dict[str, Any], directory: Path) -> Layout:
         raise IntegrityError(f"{where}: token_dtype {layout.dtype} does not match vocab_size {layout.vocab_size}")
     if layout.num_positions != layout.num_tokens + layout.num_docs:
         raise IntegrityError(f"{where}: num_positions != num_tokens + num_docs")
+    if not 1 <= layout.sa_bits <= 31:
+        raise IntegrityError(f"{where}: sa_bits {layout.sa_bits} is outside [1, 31]")
     starts = layout.shard_starts
     if starts[0] != 0 or starts[-1] != layout.num_positions or any(b <= a for a, b in zip(starts, starts[1:])):
         raise IntegrityError(f"{where}: shard_starts {list(starts)[:8]}... do not partition the token array")

@@ -3,9 +3,13 @@
 Layout the kernels see (see ``format.py``): ``tokens`` is the whole token array (uint16/uint32,
 every document followed by the separator ``sep`` = vocab size, the largest value, so suffixes sort in
 numeric token order and no match can cross a document); ``sa_u8`` holds the suffix arrays of all
-shards back to back, each entry a shard-local position packed little-endian into ``width`` bytes;
+shards back to back, each entry a shard-local position bit-packed into ``bits`` bits;
 ``shard_starts_S1`` (int64[S+1]) are the token offsets where shards begin (shard s covers tokens
-``[shard_starts[s], shard_starts[s+1])`` and SA entries with the same indices).
+``[shard_starts[s], shard_starts[s+1])`` and SA entries with the same indices); ``bucket_SxV2``
+(int64[S, V+2]) is where each first token's block starts in a shard's suffix array
+(``bucket[s, t]`` .. ``bucket[s, t + 1]``; ``bucket[s, sep]`` = the shard's non-separator suffixes,
+``bucket[s, sep + 1]`` = the shard's length), so every search starts inside one block, already
+knowing one matching token, and a one-token count needs no search at all.
 
 Queries arrive as int64 arrays. Callers guarantee query tokens lie in ``[0, sep)``: a token outside
 the vocabulary can never match and is handled before the kernels (or, in ``longest_matches``, by
@@ -16,9 +20,10 @@ slice, so the caller splits a big batch into chunks and runs them in threads: ev
 ``nogil``, and Python threads that block are kinder to a busy machine than an OpenMP team that spins.
 
 Binary searches keep the LCP with both bracket ends (Manber-Myers ``min(llcp, hlcp)`` skip), so a
-comparison starts where the known common prefix ends. At the end of a lower-bound search the two
-LCPs are exactly the LCPs with the suffixes at ranks ``r - 1`` and ``r`` (``r`` the insertion point,
-including ``r = 0`` and ``r = n``): the longest match needs nothing more.
+comparison starts where the known common prefix ends. Inside a first-token block both brackets
+start at 1. At the end of a lower-bound search the larger of the two LCPs is the longest match in
+the shard: a bracket still at the block's edge reads 1 where the true LCP with the rank outside the
+block is 0, but then the other bracket was compared and is >= 1, so the maximum is exact.
 """
 
 from __future__ import annotations
@@ -30,15 +35,16 @@ _JIT = dict(nogil=True, cache=True)
 
 
 @njit(inline="always", **_JIT)
-def _sa_at(sa_u8, width, index):
-    """Shard-local position stored at global SA index ``index`` (``width`` little-endian bytes)."""
-    off = index * width
-    if width == 3:  # the common case (shards below 2^24 positions): straight-line loads
-        return np.int64(sa_u8[off]) | (np.int64(sa_u8[off + 1]) << 8) | (np.int64(sa_u8[off + 2]) << 16)
-    v = np.int64(0)
-    for b in range(width):
-        v |= np.int64(sa_u8[off + b]) << (8 * b)
-    return v
+def _sa_at(sa_u8, bits, index):
+    """Shard-local position stored at global SA index ``index`` (``bits``-bit little-endian field).
+    The file's padding makes the 4- or 5-byte load safe at the last entry."""
+    bit = index * bits
+    off = bit >> 3
+    v = (np.int64(sa_u8[off]) | (np.int64(sa_u8[off + 1]) << 8) | (np.int64(sa_u8[off + 2]) << 16)
+         | (np.int64(sa_u8[off + 3]) << 24))
+    if bits > 25:  # the field may reach into a fifth byte
+        v |= np.int64(sa_u8[off + 4]) << 32
+    return (v >> (bit & 7)) & ((np.int64(1) << bits) - 1)
 
 
 @njit(inline="always", **_JIT)
@@ -63,16 +69,15 @@ def _compare(tokens, pos, end, q, qs, qe, k0):
 
 
 @njit(**_JIT)
-def _lower_bound(tokens, sa_u8, width, s0, s1, q, qs, qe):
-    """First shard rank whose suffix is >= q (as a prefix); returns (rank, lcp(rank-1), lcp(rank))."""
-    lo = np.int64(0)
-    hi = s1 - s0
-    llcp = np.int64(0)
-    hlcp = np.int64(0)
+def _lower_bound(tokens, sa_u8, bits, s0, s1, lo, hi, q, qs, qe):
+    """First shard rank in the first-token block [lo, hi) whose suffix is >= q (as a prefix), with
+    q[qs] equal to the block's token; returns (rank, llcp, hlcp) (see the module docstring)."""
+    llcp = np.int64(1)
+    hlcp = np.int64(1)
     while lo < hi:
         mid = (lo + hi) >> 1
         k0 = llcp if llcp < hlcp else hlcp
-        c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, width, s0 + mid), s1, q, qs, qe, k0)
+        c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, bits, s0 + mid), s1, q, qs, qe, k0)
         if c < 0:
             lo = mid + 1
             llcp = lcp
@@ -83,14 +88,14 @@ def _lower_bound(tokens, sa_u8, width, s0, s1, q, qs, qe):
 
 
 @njit(**_JIT)
-def _upper_bound(tokens, sa_u8, width, s0, s1, q, qs, qe, lo, hi, hlcp):
+def _upper_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, hi, hlcp):
     """First shard rank in [lo, hi] whose suffix sorts after every suffix starting with q, given
     that rank lo - 1 starts with q and rank hi (if < n) does not, sharing ``hlcp`` tokens with q."""
     llcp = qe - qs
     while lo < hi:
         mid = (lo + hi) >> 1
         k0 = llcp if llcp < hlcp else hlcp
-        c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, width, s0 + mid), s1, q, qs, qe, k0)
+        c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, bits, s0 + mid), s1, q, qs, qe, k0)
         if c <= 0:
             lo = mid + 1
             llcp = lcp
@@ -101,25 +106,29 @@ def _upper_bound(tokens, sa_u8, width, s0, s1, q, qs, qe, lo, hi, hlcp):
 
 
 @njit(**_JIT)
-def _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s, q, qs, qe):
-    """[lo, hi) shard ranks whose suffixes start with q[qs:qe]; the empty query spans every
-    non-separator suffix (separators sort last).
+def _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, s, q, qs, qe):
+    """[lo, hi) shard ranks whose suffixes start with q[qs:qe] (tokens in [0, sep)); the empty query
+    spans every non-separator suffix (separators sort last).
 
-    One shared bisection runs until it hits a suffix starting with q; from there the lower and the
-    upper bound are two independent bisections of the two halves, each keeping its LCP brackets."""
-    s0 = shard_starts_S1[s]
-    s1 = shard_starts_S1[s + 1]
+    The search starts in q's first-token block. One shared bisection runs until it hits a suffix
+    starting with q; from there the lower and the upper bound are two independent bisections of the
+    two halves, each keeping its LCP brackets."""
     m = qe - qs
     if m == 0:
-        return np.int64(0), s1 - s0 - shard_seps_S[s]
-    lo = np.int64(0)
-    hi = s1 - s0
-    llcp = np.int64(0)
-    hlcp = np.int64(0)
+        return np.int64(0), bucket_SxV2[s, bucket_SxV2.shape[1] - 2]
+    t = q[qs]
+    lo = bucket_SxV2[s, t]
+    hi = bucket_SxV2[s, t + 1]
+    if m == 1 or lo == hi:
+        return lo, hi
+    s0 = shard_starts_S1[s]
+    s1 = shard_starts_S1[s + 1]
+    llcp = np.int64(1)
+    hlcp = np.int64(1)
     while lo < hi:
         mid = (lo + hi) >> 1
         k0 = llcp if llcp < hlcp else hlcp
-        c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, width, s0 + mid), s1, q, qs, qe, k0)
+        c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, bits, s0 + mid), s1, q, qs, qe, k0)
         if c < 0:
             lo = mid + 1
             llcp = lcp
@@ -132,73 +141,125 @@ def _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s, q, qs, 
             while a < b:
                 x = (a + b) >> 1
                 k0 = alcp if alcp < blcp else blcp
-                c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, width, s0 + x), s1, q, qs, qe, k0)
+                c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, bits, s0 + x), s1, q, qs, qe, k0)
                 if c < 0:
                     a = x + 1
                     alcp = lcp
                 else:
                     b = x
                     blcp = lcp
-            return a, _upper_bound(tokens, sa_u8, width, s0, s1, q, qs, qe, mid + 1, hi, hlcp)
+            return a, _upper_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, mid + 1, hi, hlcp)
     return lo, lo
 
 
 @njit(inline="always", **_JIT)
-def _in_vocab(q, sep):
-    for k in range(len(q)):
+def _in_vocab(q, qs, qe, sep):
+    for k in range(qs, qe):
         if q[k] < 0 or q[k] >= sep:
             return False
     return True
 
 
-@njit(**_JIT)
-def count_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q):
-    """Occurrences of q (int64[L]); 0 when a token is outside the vocabulary [0, sep)."""
-    if not _in_vocab(q, sep):
-        return np.int64(0)
+@njit(inline="always", **_JIT)
+def _count(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs, qe):
     total = np.int64(0)
     for s in range(len(shard_starts_S1) - 1):
-        lo, hi = _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s, q, 0, len(q))
+        lo, hi = _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, s, q, qs, qe)
         total += hi - lo
     return total
 
 
 @njit(**_JIT)
-def ranges_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, q_offsets_N1, valid_N, order_N):
-    """Per query and shard, the SA range [lo, hi) of the query; invalid queries get empty ranges.
-    Queries are visited in ``order_N`` (a permutation of 0..N-1; sorted queries share cached
-    search paths)."""
+def count_one(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q):
+    """Occurrences of q (int64[L]); 0 when a token is outside the vocabulary [0, sep)."""
+    if not _in_vocab(q, 0, len(q), bucket_SxV2.shape[1] - 2):
+        return np.int64(0)
+    return _count(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, 0, len(q))
+
+
+@njit(**_JIT)
+def search_keys(q_flat, q_offsets_N1, sep):
+    """uint64[N] sort keys: the first tokens of each query, ``tok + 1`` in fixed-width fields (0 past
+    the end), so sorting the keys orders queries lexicographically on those tokens and queries that
+    walk the same suffix-array path run back to back (their search paths stay in cache)."""
+    n = len(q_offsets_N1) - 1
+    field = np.int64(1)
+    while (np.int64(1) << field) <= sep + 1:
+        field += 1
+    per_key = 64 // field
+    keys = np.zeros(n, np.uint64)
+    for i in range(n):
+        qs = q_offsets_N1[i]
+        qe = q_offsets_N1[i + 1]
+        k = np.uint64(0)
+        for j in range(per_key):
+            v = np.int64(0)
+            if qs + j < qe:
+                v = q_flat[qs + j] + 1
+                if v < 0 or v > sep:
+                    v = sep + 1  # out of vocabulary: never matches, any place in the order will do
+            k = (k << np.uint64(field)) | np.uint64(v)
+        keys[i] = k
+    return keys
+
+
+@njit(inline="always", **_JIT)
+def _same_query(q, a0, a1, b0, b1):
+    if a1 - a0 != b1 - b0:
+        return False
+    for k in range(a1 - a0):
+        if q[a0 + k] != q[b0 + k]:
+            return False
+    return True
+
+
+@njit(**_JIT)
+def ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, order_N):
+    """Per query and shard, the SA range [lo, hi) of the query; a query with a token outside the
+    vocabulary gets empty ranges. Queries are visited in ``order_N`` (a permutation of 0..N-1; sorted
+    queries share cached search paths, and a repeat of the previous query is not searched again)."""
     n = len(q_offsets_N1) - 1
     n_shards = len(shard_starts_S1) - 1
+    sep = bucket_SxV2.shape[1] - 2
     lo_NxS = np.zeros((n, n_shards), np.int64)
     hi_NxS = np.zeros((n, n_shards), np.int64)
+    prev = np.int64(-1)
     for k in range(n):
         i = order_N[k]
-        if not valid_N[i]:
+        qs = q_offsets_N1[i]
+        qe = q_offsets_N1[i + 1]
+        if not _in_vocab(q_flat, qs, qe, sep):
             continue
-        for s in range(n_shards):
-            lo, hi = _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s,
-                                  q_flat, q_offsets_N1[i], q_offsets_N1[i + 1])
-            lo_NxS[i, s] = lo
-            hi_NxS[i, s] = hi
+        if prev >= 0 and _same_query(q_flat, q_offsets_N1[prev], q_offsets_N1[prev + 1], qs, qe):
+            lo_NxS[i] = lo_NxS[prev]
+            hi_NxS[i] = hi_NxS[prev]
+        else:
+            for s in range(n_shards):
+                lo, hi = _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, s, q_flat, qs, qe)
+                lo_NxS[i, s] = lo
+                hi_NxS[i, s] = hi
+        prev = i
     return lo_NxS, hi_NxS
 
 
 @njit(**_JIT)
-def count_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, q_offsets_N1, valid_N, order_N):
-    """Counts of N queries, visited in ``order_N``."""
+def count_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, order_N):
+    """Counts of N queries, visited in ``order_N`` (see ``ranges_batch``)."""
     n = len(q_offsets_N1) - 1
+    sep = bucket_SxV2.shape[1] - 2
     out_N = np.zeros(n, np.int64)
+    prev = np.int64(-1)
     for k in range(n):
         i = order_N[k]
-        if not valid_N[i]:
+        qs = q_offsets_N1[i]
+        qe = q_offsets_N1[i + 1]
+        if not _in_vocab(q_flat, qs, qe, sep):
             continue
-        total = np.int64(0)
-        for s in range(len(shard_starts_S1) - 1):
-            lo, hi = _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s,
-                                  q_flat, q_offsets_N1[i], q_offsets_N1[i + 1])
-            total += hi - lo
-        out_N[i] = total
+        if prev >= 0 and _same_query(q_flat, q_offsets_N1[prev], q_offsets_N1[prev + 1], qs, qe):
+            out_N[i] = out_N[prev]
+        else:
+            out_N[i] = _count(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs, qe)
+        prev = i
     return out_N
 
 
@@ -209,7 +270,7 @@ def _doc_of(doc_starts_D1, gpos):
 
 
 @njit(**_JIT)
-def gather_positions(sa_u8, width, shard_starts_S1, doc_starts_D1, lo_NxS, hi_NxS, take_N, seed_frac,
+def gather_positions(sa_u8, bits, shard_starts_S1, doc_starts_D1, lo_NxS, hi_NxS, take_N, seed_frac,
                      out_offsets_N1, want_offsets):
     """Fills, for query i, ``take_N[i]`` occurrences from its ranges: all of them in shard/rank
     order when ``take >= total``, else a stratified deterministic sample of the concatenated ranges
@@ -236,7 +297,7 @@ def gather_positions(sa_u8, width, shard_starts_S1, doc_starts_D1, lo_NxS, hi_Nx
                 skipped += hi_NxS[i, s] - lo_NxS[i, s]
                 s += 1
             r = lo_NxS[i, s] + g - skipped
-            gpos = shard_starts_S1[s] + _sa_at(sa_u8, width, shard_starts_S1[s] + r)
+            gpos = shard_starts_S1[s] + _sa_at(sa_u8, bits, shard_starts_S1[s] + r)
             d = _doc_of(doc_starts_D1, gpos)
             docs[base + j] = d
             if want_offsets:
@@ -245,19 +306,29 @@ def gather_positions(sa_u8, width, shard_starts_S1, doc_starts_D1, lo_NxS, hi_Nx
 
 
 @njit(**_JIT)
-def _longest_into(tokens, sa_u8, width, shard_starts_S1, q, qs, qe, limit_L, out_L):
+def _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs, qe, limit_L, out_L):
     """out_L[i] = longest prefix of q[qs+i : qs+limit_L[i]] occurring in the corpus."""
     n_shards = len(shard_starts_S1) - 1
     for i in range(qe - qs):
         best = np.int64(0)
         end = qs + limit_L[i]
         if end > qs + i:
+            t = q[qs + i]
             for s in range(n_shards):
-                _, llcp, hlcp = _lower_bound(tokens, sa_u8, width, shard_starts_S1[s], shard_starts_S1[s + 1],
-                                             q, qs + i, end)
+                lo = bucket_SxV2[s, t]
+                hi = bucket_SxV2[s, t + 1]
+                if lo == hi:
+                    continue
+                if end == qs + i + 1:
+                    best = 1
+                    break
+                _, llcp, hlcp = _lower_bound(tokens, sa_u8, bits, shard_starts_S1[s], shard_starts_S1[s + 1],
+                                             lo, hi, q, qs + i, end)
                 m = llcp if llcp > hlcp else hlcp
                 if m > best:
                     best = m
+                    if best == end - qs - i:  # the whole remaining query matches: no shard can beat it
+                        break
         out_L[i] = best
 
 
@@ -273,23 +344,24 @@ def _valid_limits(q, qs, qe, sep, limit_L):
 
 
 @njit(**_JIT)
-def longest_batch(tokens, sa_u8, width, shard_starts_S1, sep, q_flat, q_offsets_N1):
+def longest_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1):
     """Longest corpus match starting at every position of every query: int32, flat over
     ``q_flat[q_offsets_N1[0]:q_offsets_N1[-1]]``."""
     base0 = q_offsets_N1[0]
+    sep = bucket_SxV2.shape[1] - 2
     out = np.zeros(q_offsets_N1[-1] - base0, np.int64)
     for i in range(len(q_offsets_N1) - 1):
         qs = q_offsets_N1[i]
         qe = q_offsets_N1[i + 1]
         limit_L = np.empty(qe - qs, np.int64)
         _valid_limits(q_flat, qs, qe, sep, limit_L)
-        _longest_into(tokens, sa_u8, width, shard_starts_S1, q_flat, qs, qe, limit_L, out[qs - base0:qe - base0])
+        _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs, qe, limit_L,
+                      out[qs - base0:qe - base0])
     return out.astype(np.int32)
 
 
 @njit(**_JIT)
-def maximal_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q_flat, q_offsets_N1, min_len,
-                  logp_V):
+def maximal_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, min_len, logp_V):
     """Maximal matching spans (not contained in another) of length >= min_len for each query.
 
     Since ``i + longest[i]`` never decreases along a query, span ``[i, i + longest[i])`` is maximal
@@ -297,6 +369,7 @@ def maximal_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q_fl
     ``span_len`` (0 where no maximal span starts), ``span_count`` (its corpus count) and
     ``span_logp`` (the sum of ``logp_V`` over its tokens, left to right)."""
     base0 = q_offsets_N1[0]
+    sep = bucket_SxV2.shape[1] - 2
     span_len = np.zeros(q_offsets_N1[-1] - base0, np.int64)
     span_count = np.zeros(q_offsets_N1[-1] - base0, np.int64)
     span_logp = np.zeros(q_offsets_N1[-1] - base0, np.float64)
@@ -306,15 +379,15 @@ def maximal_batch(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, q_fl
         limit_L = np.empty(qe - qs, np.int64)
         _valid_limits(q_flat, qs, qe, sep, limit_L)
         longest_L = np.empty(qe - qs, np.int64)
-        _longest_into(tokens, sa_u8, width, shard_starts_S1, q_flat, qs, qe, limit_L, longest_L)
-        _maximal_from_longest(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q_flat, qs, longest_L, 0,
+        _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs, qe, limit_L, longest_L)
+        _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs, longest_L, 0,
                               qe - qs, min_len, logp_V, span_len[qs - base0:qe - base0],
                               span_count[qs - base0:qe - base0], span_logp[qs - base0:qe - base0])
     return span_len, span_count, span_logp
 
 
 @njit(**_JIT)
-def _maximal_from_longest(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q, qs, longest_L, j0, j1, min_len,
+def _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs, longest_L, j0, j1, min_len,
                           logp_V, out_len, out_count, out_logp):
     """Maximal spans starting at query positions [j0, j1), from the whole query's longest matches;
     writes length / count / log-prob at index j - j0 (length 0: no maximal span starts there)."""
@@ -323,11 +396,7 @@ def _maximal_from_longest(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q
         prev_end = j - 1 + longest_L[j - 1] if j > 0 else np.int64(-1)
         if ln > 0 and j + ln > prev_end and ln >= min_len:
             out_len[j - j0] = ln
-            c = np.int64(0)
-            for s in range(len(shard_starts_S1) - 1):
-                lo, hi = _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s, q, qs + j, qs + j + ln)
-                c += hi - lo
-            out_count[j - j0] = c
+            out_count[j - j0] = _count(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs + j, qs + j + ln)
             lp = 0.0
             for k in range(qs + j, qs + j + ln):
                 lp += logp_V[q[k]]
@@ -335,34 +404,34 @@ def _maximal_from_longest(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q
 
 
 @njit(**_JIT)
-def longest_slice(tokens, sa_u8, width, shard_starts_S1, sep, q, p0, p1):
+def longest_slice(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, p0, p1):
     """Longest matches at positions [p0, p1) of one query q (int64[L]): int64[p1 - p0]. Lets one
     long query be split across threads."""
     limit_L = np.empty(len(q), np.int64)
-    _valid_limits(q, 0, len(q), sep, limit_L)
+    _valid_limits(q, 0, len(q), bucket_SxV2.shape[1] - 2, limit_L)
     out = np.zeros(p1 - p0, np.int64)
-    _longest_into(tokens, sa_u8, width, shard_starts_S1, q, p0, p1, limit_L[p0:p1] - p0, out)
+    _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, p0, p1, limit_L[p0:p1] - p0, out)
     return out
 
 
 @njit(**_JIT)
-def maximal_slice(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q, longest_L, j0, j1, min_len, logp_V):
+def maximal_slice(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, longest_L, j0, j1, min_len, logp_V):
     """Maximal spans of one query starting at positions [j0, j1), given its longest matches."""
     out_len = np.zeros(j1 - j0, np.int64)
     out_count = np.zeros(j1 - j0, np.int64)
     out_logp = np.zeros(j1 - j0, np.float64)
-    _maximal_from_longest(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, q, 0, longest_L, j0, j1, min_len,
+    _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, 0, longest_L, j0, j1, min_len,
                           logp_V, out_len, out_count, out_logp)
     return out_len, out_count, out_logp
 
 
 @njit(**_JIT)
-def _next_runs(tokens, sa_u8, width, s0, s1, sep, m, lo, hi, tok_out, cnt_out, n_out, store):
+def _next_runs(tokens, sa_u8, bits, s0, s1, sep, m, lo, hi, tok_out, cnt_out, n_out):
     """Appends (next token, count) runs of SA range [lo, hi) of a length-m context: the next tokens
     are sorted inside the range, so each run's end is found by galloping then binary search."""
     r = lo
     while r < hi:
-        p = s0 + _sa_at(sa_u8, width, s0 + r) + m
+        p = s0 + _sa_at(sa_u8, bits, s0 + r) + m
         if p >= s1:  # suffix ends with the context (cannot happen: every document ends with sep)
             r += 1
             continue
@@ -372,7 +441,7 @@ def _next_runs(tokens, sa_u8, width, s0, s1, sep, m, lo, hi, tok_out, cnt_out, n
         a = r  # last rank known to have next token t
         step = np.int64(1)
         b = r + 1
-        while b < hi and tokens[s0 + _sa_at(sa_u8, width, s0 + b) + m] == t:
+        while b < hi and tokens[s0 + _sa_at(sa_u8, bits, s0 + b) + m] == t:
             a = b
             step <<= 1
             b = r + step
@@ -380,39 +449,15 @@ def _next_runs(tokens, sa_u8, width, s0, s1, sep, m, lo, hi, tok_out, cnt_out, n
             b = hi
         while b - a > 1:  # tokens at a == t, at b != t (or b == hi)
             mid = (a + b) >> 1
-            if tokens[s0 + _sa_at(sa_u8, width, s0 + mid) + m] == t:
+            if tokens[s0 + _sa_at(sa_u8, bits, s0 + mid) + m] == t:
                 a = mid
             else:
                 b = mid
-        if store:
-            tok_out[n_out] = t
-            cnt_out[n_out] = b - r
+        tok_out[n_out] = t
+        cnt_out[n_out] = b - r
         n_out += 1
         r = b
     return n_out
-
-
-@njit(**_JIT)
-def _next_counts_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, vocab, q, qs, qe):
-    n_shards = len(shard_starts_S1) - 1
-    m = qe - qs
-    los = np.empty(n_shards, np.int64)
-    his = np.empty(n_shards, np.int64)
-    cap = np.int64(0)
-    for s in range(n_shards):
-        lo, hi = _shard_range(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, s, q, qs, qe)
-        los[s] = lo
-        his[s] = hi
-        cap += min(hi - lo, vocab)
-    tok = np.empty(cap, np.int64)
-    cnt = np.empty(cap, np.int64)
-    n_out = np.int64(0)
-    for s in range(n_shards):
-        n_out = _next_runs(tokens, sa_u8, width, shard_starts_S1[s], shard_starts_S1[s + 1], sep, m,
-                           los[s], his[s], tok, cnt, n_out, True)
-    if n_shards > 1:
-        n_out = _merge_runs(tok, cnt, 0, n_out)
-    return tok[:n_out].copy(), cnt[:n_out].copy()
 
 
 @njit(**_JIT)
@@ -434,14 +479,33 @@ def _merge_runs(tok, cnt, a, b):
 
 
 @njit(**_JIT)
-def next_counts_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, vocab, q):
-    if not _in_vocab(q, sep):
+def next_counts_one(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q):
+    """Every token following context q (int64[M]) and its count, ascending by token id."""
+    sep = bucket_SxV2.shape[1] - 2
+    if not _in_vocab(q, 0, len(q), sep):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return _next_counts_one(tokens, sa_u8, width, shard_starts_S1, shard_seps_S, sep, vocab, q, 0, len(q))
+    n_shards = len(shard_starts_S1) - 1
+    los = np.empty(n_shards, np.int64)
+    his = np.empty(n_shards, np.int64)
+    cap = np.int64(0)
+    for s in range(n_shards):
+        lo, hi = _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, s, q, 0, len(q))
+        los[s] = lo
+        his[s] = hi
+        cap += min(hi - lo, sep)
+    tok = np.empty(cap, np.int64)
+    cnt = np.empty(cap, np.int64)
+    n_out = np.int64(0)
+    for s in range(n_shards):
+        n_out = _next_runs(tokens, sa_u8, bits, shard_starts_S1[s], shard_starts_S1[s + 1], sep, len(q),
+                           los[s], his[s], tok, cnt, n_out)
+    if n_shards > 1:
+        n_out = _merge_runs(tok, cnt, 0, n_out)
+    return tok[:n_out].copy(), cnt[:n_out].copy()
 
 
 @njit(**_JIT)
-def next_runs_fill(tokens, sa_u8, width, shard_starts_S1, sep, q_offsets_N1, lo_NxS, hi_NxS, cap_offsets_N1):
+def next_runs_fill(tokens, sa_u8, bits, shard_starts_S1, sep, q_offsets_N1, lo_NxS, hi_NxS, cap_offsets_N1):
     """Writes each context's runs at its offset (room for every run), merged across shards; returns
     (token ids, counts, number of distinct next tokens per context)."""
     n = lo_NxS.shape[0]
@@ -453,18 +517,97 @@ def next_runs_fill(tokens, sa_u8, width, shard_starts_S1, sep, q_offsets_N1, lo_
         m = q_offsets_N1[i + 1] - q_offsets_N1[i]
         c = cap_offsets_N1[i] - base0
         for s in range(lo_NxS.shape[1]):
-            c = _next_runs(tokens, sa_u8, width, shard_starts_S1[s], shard_starts_S1[s + 1], sep, m,
-                           lo_NxS[i, s], hi_NxS[i, s], tok, cnt, c, True)
+            c = _next_runs(tokens, sa_u8, bits, shard_starts_S1[s], shard_starts_S1[s + 1], sep, m,
+                           lo_NxS[i, s], hi_NxS[i, s], tok, cnt, c)
         if lo_NxS.shape[1] > 1:
             c = _merge_runs(tok, cnt, cap_offsets_N1[i] - base0, c)
         distinct_N[i] = c - (cap_offsets_N1[i] - base0)
     return tok, cnt, distinct_N
 
 
-@njit(nogil=True, cache=True)
-def pack_suffix_array(sa, out_u8, width):
-    """Writes int32 suffix-array entries into ``out_u8`` as ``width``-byte little-endian integers."""
+@njit(**_JIT)
+def encode_bytes(tokens, first_b, second_b):
+    """The shard's text in a byte code (``first_b[t]``, then ``second_b[t]`` unless it is -1) and,
+    per byte, the index of the token whose code starts there (-1 inside a code)."""
+    n = np.int64(0)
+    for i in range(len(tokens)):
+        n += 1 if second_b[tokens[i]] < 0 else 2
+    text = np.empty(n, np.uint8)
+    token_of = np.empty(n, np.int32)
+    j = 0
+    for i in range(len(tokens)):
+        t = tokens[i]
+        text[j] = first_b[t]
+        token_of[j] = i
+        j += 1
+        if second_b[t] >= 0:
+            text[j] = second_b[t]
+            token_of[j] = -1
+            j += 1
+    return text, token_of
+
+
+@njit(**_JIT)
+def pack_suffix_array(sa, token_of, step, out_u8, g0, bits, keep0, keep1):
+    """Bit-packs a suffix array computed over a shard's bytes into entries g0, g0 + 1, ... of
+    ``out_u8`` (zero-filled). The token suffixes are the entries where a token's code starts, in
+    order: ``token_of[entry]`` when given (-1 inside a code), else every ``step``-th byte.
+
+    Only bytes in [keep0, keep1) are written, so threads packing neighbouring shards never share
+    a byte; an entry that touches a byte outside goes to the returned (index, value) list, for the
+    caller to write once every thread has finished. Returns (edge_index int64[k], edge_value)."""
+    mask = (np.int64(1) << bits) - 1
+    edge_g = np.empty(64, np.int64)
+    edge_v = np.empty(64, np.int64)
+    n_edge = 0
+    g = g0
+    mapped = len(token_of) > 0
     for i in range(len(sa)):
-        v = np.int64(sa[i])
-        for b in range(width):
-            out_u8[i * width + b] = (v >> (8 * b)) & 0xFF
+        x = np.int64(sa[i])
+        if mapped:
+            v = np.int64(token_of[x])
+            if v < 0:
+                continue
+        else:
+            if x % step != 0:
+                continue
+            v = x // step
+        v &= mask
+        bit = g * bits
+        first = bit >> 3
+        last = (bit + bits - 1) >> 3
+        if first < keep0 or last >= keep1:
+            if n_edge == len(edge_g):
+                edge_g = np.concatenate((edge_g, edge_g))
+                edge_v = np.concatenate((edge_v, edge_v))
+            edge_g[n_edge] = g
+            edge_v[n_edge] = v
+            n_edge += 1
+        else:
+            w = v << (bit & 7)
+            for b in range(first, last + 1):
+                out_u8[b] |= np.uint8(w & 0xFF)
+                w >>= 8
+        g += 1
+    return edge_g[:n_edge].copy(), edge_v[:n_edge].copy()
+
+
+@njit(**_JIT)
+def shard_counts(tokens_P, bounds_S1, num_symbols):
+    """int32[S, num_symbols]: count of every token id (the separator included) in each shard."""
+    out = np.zeros((len(bounds_S1) - 1, num_symbols), np.int32)
+    for s in range(len(bounds_S1) - 1):
+        for i in range(bounds_S1[s], bounds_S1[s + 1]):
+            out[s, tokens_P[i]] += 1
+    return out
+
+
+@njit(nogil=True, cache=True)
+def write_entries(out_u8, bits, g_K, v_K):
+    """ORs entries (index g_K[k], value v_K[k]) into the zero-filled bit-packed ``out_u8``."""
+    for k in range(len(g_K)):
+        bit = g_K[k] * bits
+        w = v_K[k] << (bit & 7)
+        for b in range(bit >> 3, ((bit + bits - 1) >> 3) + 1):
+            out_u8[b] |= np.uint8(w & 0xFF)
+            w >>= 8

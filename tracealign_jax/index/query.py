@@ -57,21 +57,16 @@ def _chunk_bounds(n: int, min_items: int = PARALLEL_MIN_QUERIES) -> list[tuple[i
 
 
 def _search_order(flat: np.ndarray, offsets: np.ndarray, vocab_size: int) -> np.ndarray:
-    """A visiting order for a batch: within each chunk of ``_chunked``, queries sorted by their
-    first two tokens, so consecutive binary searches walk the same (cached) suffix-array paths
-    (2-3x faster on a 10 M-token index). Returns chunk-local permutations, concatenated."""
+    """A visiting order for a batch: within each chunk of ``_chunked``, queries sorted on their first
+    tokens (``K.search_keys``), so consecutive binary searches walk the same (cached) suffix-array
+    paths and repeated queries are adjacent. Returns chunk-local permutations, concatenated."""
     n = len(offsets) - 1
     if n < 64:
         return np.arange(n, dtype=np.int64)
-    lengths = np.diff(offsets)
-    first = np.where(lengths > 0, flat[np.minimum(offsets[:-1], max(len(flat) - 1, 0))], -1) if len(flat) else \
-        np.full(n, -1)
-    second = np.where(lengths > 1, flat[np.minimum(offsets[:-1] + 1, max(len(flat) - 1, 0))], -1) if len(flat) else \
-        np.full(n, -1)
-    key = (np.clip(first, -1, vocab_size) + 1) * (vocab_size + 2) + np.clip(second, -1, vocab_size) + 1
+    keys = K.search_keys(flat, offsets, vocab_size)
     order = np.empty(n, np.int64)
     for a, b in _chunk_bounds(n):
-        order[a:b] = a + np.argsort(key[a:b], kind="stable")
+        order[a:b] = a + np.argsort(keys[a:b])
     return order
 
 
@@ -88,17 +83,31 @@ class Span(NamedTuple):
 
 @dataclass(frozen=True)
 class _Arrays:
+    """What the kernels see (see ``kernels.py``)."""
+
     tokens: np.ndarray
     sa_u8: np.ndarray
-    width: int
+    bits: int
     shard_starts_S1: np.ndarray
-    shard_seps_S: np.ndarray
+    bucket_SxV2: np.ndarray  # int64[S, V+2]: start of each first token's block in each shard's SA
     doc_starts_D1: np.ndarray
     sep: int
 
 
-def _flatten(spans: Sequence[SpanLike] | np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenates spans into (q_flat int64, q_offsets_N1 int64, valid_N bool: all ids in vocab).
+def _buckets(counts_SxV1: np.ndarray, starts_S1: np.ndarray, path: Path) -> np.ndarray:
+    """First-token block starts (int64[S, V+2]) from the per-shard counts, checked against the
+    shard sizes: the kernels index the suffix array with them unchecked."""
+    bucket = np.zeros((counts_SxV1.shape[0], counts_SxV1.shape[1] + 1), np.int64)
+    np.cumsum(counts_SxV1, axis=1, out=bucket[:, 1:])
+    if (counts_SxV1 < 0).any() or not np.array_equal(bucket[:, -1], np.diff(starts_S1)):
+        raise IntegrityError(f"{path / fmt.SHARD_COUNTS_FILE}: token counts do not add up to the shard sizes "
+                             f"(corrupted)")
+    return bucket
+
+
+def _flatten(spans: Sequence[SpanLike] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenates spans into (q_flat int64, q_offsets_N1 int64); the kernels skip a span with a
+    token outside the vocabulary (it never occurs).
 
     ``spans`` is a list of int sequences / 1-D arrays, or a 2-D int array of N equal-length spans."""
     if isinstance(spans, np.ndarray) and spans.ndim == 2:
@@ -107,17 +116,12 @@ def _flatten(spans: Sequence[SpanLike] | np.ndarray, vocab_size: int) -> tuple[n
         lengths = np.full(n, length, np.int64)
     else:
         lengths = np.fromiter(map(len, spans), np.int64, count=len(spans))
-        flat = np.concatenate(spans).astype(np.int64, copy=False) if len(spans) else np.zeros(0, np.int64)
+        flat = np.concatenate(spans, dtype=np.int64, casting="unsafe") if len(spans) else np.zeros(0, np.int64)
         if flat.ndim != 1 or len(flat) != lengths.sum():
             raise ValueError("spans must be 1-D sequences of token ids")
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    bad = (flat < 0) | (flat >= vocab_size)
-    valid = np.ones(len(lengths), bool)
-    if bad.any():
-        owner = np.repeat(np.arange(len(lengths)), lengths)
-        valid[owner[bad]] = False
-    return flat, offsets, valid
+    return flat, offsets
 
 
 class TraceIndex:
@@ -139,19 +143,18 @@ class TraceIndex:
         tok_dir = path / fmt.TOKENIZER_DIR
         self.tokenizer_dir: Path | None = tok_dir if tok_dir.is_dir() else None
         starts = np.asarray(layout.shard_starts, np.int64)
-        doc_starts = fmt.memmap(path / fmt.DOC_STARTS_FILE, "<i8", layout.num_docs + 1)
-        # separators per shard = documents whose separator (at starts[d+1] - 1) lies in the shard
-        shard_seps = np.diff(np.searchsorted(doc_starts[1:] - 1, starts, side="left")).astype(np.int64)
+        counts = fmt.memmap(path / fmt.SHARD_COUNTS_FILE, "<i4", layout.num_shards * (layout.vocab_size + 1))
+        counts_SxV1 = counts.reshape(layout.num_shards, layout.vocab_size + 1)
         self._a = _Arrays(
             tokens=fmt.memmap(path / fmt.TOKENS_FILE, layout.dtype, layout.num_positions),
-            sa_u8=fmt.memmap(path / fmt.SA_FILE, np.uint8, layout.num_positions * layout.sa_width),
-            width=layout.sa_width,
+            sa_u8=fmt.memmap(path / fmt.SA_FILE, np.uint8, fmt.sa_bytes(layout.num_positions, layout.sa_bits)),
+            bits=layout.sa_bits,
             shard_starts_S1=starts,
-            shard_seps_S=shard_seps,
-            doc_starts_D1=np.ascontiguousarray(doc_starts),
+            bucket_SxV2=_buckets(counts_SxV1, starts, path),
+            doc_starts_D1=fmt.memmap(path / fmt.DOC_STARTS_FILE, "<i8", layout.num_docs + 1),
             sep=layout.vocab_size,
         )
-        self._unigram_counts = fmt.memmap(path / fmt.UNIGRAM_FILE, "<i8", layout.vocab_size)
+        self._unigram_counts = counts_SxV1[:, :-1].sum(axis=0, dtype=np.int64)
         self._logprobs_V: np.ndarray | None = None
         self._meta_table = None
         self._risk_D: np.ndarray | None = None
@@ -183,25 +186,23 @@ class TraceIndex:
         """Number of occurrences of ``span`` in the corpus (never across documents)."""
         a = self._a
         q = np.asarray(span, dtype=np.int64).reshape(-1)
-        return int(K.count_one(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, a.sep, q))
+        return int(K.count_one(a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, q))
 
     def count_batch(self, spans: Sequence[SpanLike]) -> np.ndarray:
-        """int64[N] counts of N spans, searched in parallel inside one compiled call."""
-        flat, offsets, valid = _flatten(spans, self.vocab_size)
+        """int64[N] counts of N spans: sorted, split over the thread pool, each chunk one compiled call."""
+        flat, offsets = _flatten(spans)
         a = self._a
         order = _search_order(flat, offsets, self.vocab_size)
-        return np.concatenate(_chunked(len(valid), lambda i, j: K.count_batch(
-            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets[i:j + 1], valid[i:j],
-            order[i:j] - i)))
+        return np.concatenate(_chunked(len(offsets) - 1, lambda i, j: K.count_batch(
+            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, flat, offsets[i:j + 1], order[i:j] - i)))
 
     def _ranges(self, spans: Sequence[SpanLike]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per span and shard the SA range [lo, hi), plus the spans' offsets into their flat array."""
-        flat, offsets, valid = _flatten(spans, self.vocab_size)
+        flat, offsets = _flatten(spans)
         a = self._a
         order = _search_order(flat, offsets, self.vocab_size)
-        parts = _chunked(len(valid), lambda i, j: K.ranges_batch(
-            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, flat, offsets[i:j + 1], valid[i:j],
-            order[i:j] - i))
+        parts = _chunked(len(offsets) - 1, lambda i, j: K.ranges_batch(
+            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, flat, offsets[i:j + 1], order[i:j] - i))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), offsets
 
     def _gather(self, lo_NxS: np.ndarray, hi_NxS: np.ndarray, take_N: np.ndarray, seed: int,
@@ -212,7 +213,7 @@ class TraceIndex:
         a = self._a
         take_N = take_N.astype(np.int64)
         parts = _chunked(len(take_N), lambda i, j: K.gather_positions(
-            a.sa_u8, a.width, a.shard_starts_S1, a.doc_starts_D1, lo_NxS[i:j], hi_NxS[i:j], take_N[i:j], seed_frac,
+            a.sa_u8, a.bits, a.shard_starts_S1, a.doc_starts_D1, lo_NxS[i:j], hi_NxS[i:j], take_N[i:j], seed_frac,
             out_offsets[i:j + 1], want_offsets))
         return out_offsets, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -257,10 +258,10 @@ class TraceIndex:
 
     def longest_matches_batch(self, token_lists: Sequence[SpanLike]) -> list[np.ndarray]:
         """For each token list, int32[L]: length of the longest corpus match starting at each position."""
-        flat, offsets, _ = _flatten(token_lists, self.vocab_size)
+        flat, offsets = _flatten(token_lists)
         a = self._a
         out = np.concatenate(_chunked(len(offsets) - 1, lambda i, j: K.longest_batch(
-            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, flat, offsets[i:j + 1])))
+            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, flat, offsets[i:j + 1])))
         return [out[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
     def longest_matches(self, tokens: SpanLike) -> np.ndarray:
@@ -273,18 +274,18 @@ class TraceIndex:
         """One long query's positions split across the thread pool (int64[L])."""
         a = self._a
         return np.concatenate(_chunked(len(q), lambda i, j: K.longest_slice(
-            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, q, i, j), min_items=SPLIT_MIN_TOKENS))
+            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, q, i, j), min_items=SPLIT_MIN_TOKENS))
 
     def maximal_spans_batch(self, token_lists: Sequence[SpanLike], min_len: int = 1,
                             max_count: int | None = None) -> list[list[Span]]:
         """Maximal matching spans (not contained in another matching span) of each token list with
         length >= min_len and, if given, count <= max_count; ranked by span unigram log-prob,
         rarest (most negative) first, ties by start."""
-        flat, offsets, _ = _flatten(token_lists, self.vocab_size)
+        flat, offsets = _flatten(token_lists)
         a = self._a
         logp_V = self.unigram_logprobs()
         parts = _chunked(len(offsets) - 1, lambda i, j: K.maximal_batch(
-            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, a.sep, flat, offsets[i:j + 1],
+            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, flat, offsets[i:j + 1],
             max(int(min_len), 1), logp_V))
         span_len, span_count, span_logp = (np.concatenate([p[k] for p in parts]) for k in range(3))
         return [self._rank_spans(span_len[s0:s1], span_count[s0:s1], span_logp[s0:s1], max_count)
@@ -297,7 +298,7 @@ class TraceIndex:
         a = self._a
         longest_L = self._longest_split(q)
         parts = _chunked(len(q), lambda i, j: K.maximal_slice(
-            a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, q, longest_L, i, j, max(int(min_len), 1),
+            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, q, longest_L, i, j, max(int(min_len), 1),
             self.unigram_logprobs()), min_items=SPLIT_MIN_TOKENS)
         span_len, span_count, span_logp = (np.concatenate([p[k] for p in parts]) for k in range(3))
         return self._rank_spans(span_len, span_count, span_logp, max_count)
@@ -332,7 +333,7 @@ class TraceIndex:
             cap = np.zeros(g1 - g0 + 1, np.int64)
             np.cumsum(cap_N[g0:g1], out=cap[1:])
             parts = _chunked(g1 - g0, lambda i, j: K.next_runs_fill(
-                a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.sep, offsets[g0 + i:g0 + j + 1], lo[g0 + i:g0 + j],
+                a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.sep, offsets[g0 + i:g0 + j + 1], lo[g0 + i:g0 + j],
                 hi[g0 + i:g0 + j], cap[i:j + 1]))
             tok, cnt, distinct = (np.concatenate([p[k] for p in parts]) for k in range(3))
             result.extend((tok[c:c + d].copy(), cnt[c:c + d].copy())
@@ -343,8 +344,7 @@ class TraceIndex:
     def next_token_counts(self, context: SpanLike) -> tuple[np.ndarray, np.ndarray]:
         q = np.asarray(context, dtype=np.int64).reshape(-1)
         a = self._a
-        return K.next_counts_one(a.tokens, a.sa_u8, a.width, a.shard_starts_S1, a.shard_seps_S, a.sep,
-                                 self.vocab_size, q)
+        return K.next_counts_one(a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, q)
 
     # ---- corpus statistics and documents ------------------------------------------------------
 
