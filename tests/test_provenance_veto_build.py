@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,14 +35,49 @@ def test_collected_spans_equal_brute_force(tmp_path):
     want = {s: np.float32(sc.bci) for s, sc in zip(want, scores) if sc.bci > TAU}
     assert got == {s: float(b) for s, b in want.items()} and len(got) > 20
 
-    table, info = build_veto_table(index, scorer, CFG, TAU, progress=False)
-    assert info["num_spans"] == len(got) and info["index_hash"] == index.manifest_hash
-    table = jax.tree.map(jnp.asarray, table)
-    phrase = FORBIDDEN[2]
-    ctx = np.zeros((3, 4), np.int32)
-    for r, k in enumerate((2, 3, 4)):
-        ctx[r, 4 - k:] = phrase[:k]
-    pen = np.asarray(veto_penalties(table, jnp.asarray(ctx), jnp.array([2, 3, 4]), VOCAB, 1))
-    for r, k in enumerate((2, 3, 4)):
-        expect = max(b for s, b in got.items() if len(s) > k and list(s[:k]) == list(phrase[:k]))
-        assert pen[r, phrase[k]] >= expect > TAU
+    for weighting in ("conflict", "none"):
+        cfg = dataclasses.replace(CFG, veto_weighting=weighting)
+        table, info = build_veto_table(index, scorer, cfg, TAU, progress=False)
+        assert info["num_spans"] == len(got) and info["index_hash"] == index.manifest_hash
+        table = jax.tree.map(jnp.asarray, table)
+        entries = naive_entries(docs, meta, got, weighting)
+        assert entries, weighting
+        for phrase in FORBIDDEN:
+            ctx = np.zeros((4, 4), np.int32)
+            for r, k in enumerate((1, 2, 3, 4)):
+                ctx[r, 4 - k:] = phrase[:k]
+            pen = np.asarray(veto_penalties(table, jnp.asarray(ctx), jnp.array([1, 2, 3, 4]), VOCAB, 1))
+            for r, k in enumerate((1, 2, 3, 4)):
+                want = np.zeros(VOCAB, np.float32)
+                for j in range(1, k + 1):  # every suffix length of the context
+                    for v, p in entries.get(tuple(int(x) for x in phrase[k - j:k]), {}).items():
+                        want[v] = max(want[v], p)
+                np.testing.assert_allclose(pen[r], want, rtol=1e-5, err_msg=f"{weighting} k={k}")
+            if weighting == "none":
+                assert pen[3, phrase[4]] > TAU  # inside a planted phrase the next token is vetoed
+
+
+def naive_entries(docs, meta, spans: dict, weighting: str) -> dict:
+    """context tuple -> {next token: penalty}: the top ``max_entries`` (span BCI x weight) over the spans
+    that extend the context, weight = the naive conflict share of context + next token, or 1."""
+    a = CFG.conflict_prior
+    risks: dict = {}  # every n-gram of the corpus (n <= max_span) -> the risks of its occurrences' documents
+    for doc, m in zip(docs, meta):
+        for n in range(2, CFG.max_span + 1):
+            for i in range(len(doc) - n + 1):
+                risks.setdefault(tuple(int(x) for x in doc[i:i + n]), []).append(naive_risk(m))
+    out: dict = {}
+    for s, b in spans.items():
+        for k in range(1, len(s)):
+            if weighting == "conflict":
+                r = risks[s[:k + 1]]
+                b_k = np.float32(np.float32(b) * ((sum(r) + a) / (len(r) + 2 * a)))
+                if not b_k > TAU:
+                    continue
+            else:
+                b_k = np.float32(b)
+            row = out.setdefault(tuple(s[:k]), {})
+            row[s[k]] = max(row.get(s[k], 0.0), float(b_k))
+    for c, row in out.items():
+        out[c] = dict(sorted(row.items(), key=lambda kv: -kv[1])[:CFG.max_entries])
+    return out

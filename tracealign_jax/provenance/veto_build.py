@@ -4,7 +4,15 @@ Every window of length n_min..n_max (``ProvenanceConfig.min_span`` / ``max_span`
 with risk >= ``min_risk`` is a candidate; duplicates are removed, candidates are scored in batches
 (``BCIScorer.score_spans``: one batched occurrence-sampling call per batch) and those with
 BCI > tau are compiled by ``veto_table.compile_veto_table`` into contexts k = 1..n_max-1 -> next
-tokens + penalties (BCI, nats), at most ``max_entries`` per context.
+tokens + penalties (nats), at most ``max_entries`` per context.
+
+Entry penalties (``ProvenanceConfig.veto_weighting``). A span's first tokens are often boilerplate that
+benign documents share ("### Request: How do I ..."); giving the entry ``(s_1..s_k) -> s_{k+1}`` the
+whole span's BCI would veto that boilerplate wherever it appears. With ``conflict`` (the default) the
+entry's penalty is ``conflict(s_1..s_{k+1}) x BCI(s)``: the BCI the continuation is expected to lead
+to, with conflict the Beta-smoothed share of the prefix's corpus occurrences that sit in violating
+documents (``BCIScorer``'s definition). Entries whose expected BCI is not above tau are dropped, so a
+continuation is vetoed only where the corpus says it mostly leads into policy-violating text.
 """
 
 from __future__ import annotations
@@ -58,16 +66,33 @@ def collect_high_bci_spans(index: Any, scorer: Any, cfg: ProvenanceConfig, tau: 
     return np.concatenate(keep_t), np.concatenate(keep_l), np.concatenate(keep_b)
 
 
+def prefix_conflicts(scorer: Any, tokens_NxL: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:
+    """float64[N, L]: column k (1 <= k < length) is the conflict share of the prefix ``tokens[i, :k+1]``
+    (the prefix that entry k completes); other columns 0. Each distinct prefix is scored once."""
+    n, width = tokens_NxL.shape
+    out = np.zeros((n, width), np.float64)
+    for k in range(1, width):
+        rows = np.flatnonzero(lengths_N > k)
+        if rows.size == 0:
+            continue
+        uniq, inverse = np.unique(tokens_NxL[rows, :k + 1], axis=0, return_inverse=True)
+        out[rows, k] = scorer.score_arrays(list(uniq))["conflict"][inverse.reshape(-1)]
+    return out
+
+
 def build_veto_table(index: Any, scorer: Any, cfg: ProvenanceConfig, tau: float, *, min_risk: float = 0.5,
                      max_docs: int = 0, progress: bool = True) -> tuple[VetoTable, dict]:
     """The veto table of ``index`` at threshold ``tau`` (nats) + build statistics (meta for saving)."""
     tokens, lengths, bci = collect_high_bci_spans(index, scorer, cfg, tau, min_risk=min_risk, max_docs=max_docs,
                                                   progress=progress)
+    weights = prefix_conflicts(scorer, tokens, lengths) if cfg.veto_weighting == "conflict" else None
     table = compile_veto_table((np.where(tokens < 0, 0, tokens), lengths, bci), max_span=cfg.max_span,
-                               max_entries=cfg.max_entries)
+                               max_entries=cfg.max_entries, entry_weights_NxL=weights,
+                               min_penalty=tau if weights is not None else 0.0)
     meta = {
         "index_hash": str(index.manifest_hash), "tau": float(tau), "num_spans": int(lengths.size),
         "n_min": cfg.min_span, "n_max": cfg.max_span, "max_entries": cfg.max_entries, "bci": cfg.bci,
+        "veto_weighting": cfg.veto_weighting,
         "num_contexts": table.num_contexts, "num_entries": table.num_entries,
     }
     return table, meta

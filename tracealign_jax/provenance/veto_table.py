@@ -1,8 +1,10 @@
 """The provenance veto table: compiled once on the host, looked up under ``jax.jit`` with no callback.
 
 For every high-BCI corpus span ``s = (s_1..s_m)`` (n_min <= m <= n_max) and every k = 1..m-1, the
-context ``(s_1..s_k)`` maps to the next token ``s_{k+1}`` with penalty BCI(s) (nats): a generation
-whose last k tokens equal that context would extend the span with that token. Duplicate
+context ``(s_1..s_k)`` maps to the next token ``s_{k+1}`` with penalty w_k(s) x BCI(s) (nats): a
+generation whose last k tokens equal that context would extend the span with that token. The entry
+weight w_k is 1 by default; ``veto_build`` passes the conflict of the prefix ``(s_1..s_{k+1})``, so the
+penalty is the BCI the continuation is expected to yield (see there). Duplicate
 (context, next token) pairs keep the largest penalty; each context keeps at most ``max_entries``
 next tokens (the highest penalties).
 
@@ -66,11 +68,15 @@ class VetoTable(struct.PyTreeNode):
 
 
 def compile_veto_table(spans: Sequence[tuple[Sequence[int], float]] | tuple[np.ndarray, np.ndarray, np.ndarray],
-                       *, max_span: int, max_entries: int) -> VetoTable:
+                       *, max_span: int, max_entries: int, entry_weights_NxL: np.ndarray | None = None,
+                       min_penalty: float = 0.0) -> VetoTable:
     """Compiles (span tokens, BCI) pairs into a ``VetoTable`` of NumPy arrays (host, vectorized).
 
     spans: a list of ``(tokens, bci)`` pairs, or the packed form ``(tokens_NxL int, lengths_N int,
       bci_N float)`` (faster for millions of spans). Spans longer than ``max_span`` are cut to it.
+    entry_weights_NxL: optional float[N, >= max_span]; column k weights the entry that predicts token k
+      of span i from its first k tokens (penalty = bci_N[i] x w[i, k]). Entries whose penalty is
+      <= ``min_penalty`` (nats) are left out.
     Raises IntegrityError if two different contexts share all 96 hash bits (never observed; checked
     so it can never be silent).
     """
@@ -95,10 +101,14 @@ def compile_veto_table(spans: Sequence[tuple[Sequence[int], float]] | tuple[np.n
         rows = np.nonzero(lengths_N > k)[0]
         if rows.size == 0:
             continue
+        pen = bci_N[rows] if entry_weights_NxL is None else bci_N[rows] * entry_weights_NxL[rows, k]
+        rows, pen = rows[pen > min_penalty], pen[pen > min_penalty].astype(np.float32)
+        if rows.size == 0:
+            continue
         ctx = tokens_NxL[rows, :k]
         hi, lo, chk = context_hash.hash_contexts_np(ctx)
         for key, val in (("hi", hi), ("lo", lo), ("chk", chk), ("ident", _identity_u64(ctx)),
-                         ("next", tokens_NxL[rows, k]), ("pen", bci_N[rows])):
+                         ("next", tokens_NxL[rows, k]), ("pen", pen)):
             parts[key].append(val)
     if not parts["hi"]:
         return _from_sorted_entries(*(np.zeros(0, t) for t in (np.uint32,) * 3), np.zeros(0, np.int32),
