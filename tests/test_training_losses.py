@@ -32,13 +32,13 @@ def np_pref(pc, pr, rc, rr, loss_type, beta, ls, lc=None, lr=None):
     return per.mean()
 
 
-def np_cbd_data(p, r, mask, bci, margin):
-    return np.sum(np.maximum(0.0, p - r + margin) * bci * mask) / mask.sum()
+def np_cbd_data(p, r, mask, bci, margin, scale):
+    return np.sum(np.maximum(0.0, p - r + margin) * np.minimum(bci / scale, 1.0) * mask) / mask.sum()
 
 
-def np_cbd_cont(ent, pen, valid, mask):
-    w = valid * mask[..., None]
-    return np.sum(np.exp(ent) * pen * w) / mask.sum()
+def np_cbd_cont(ent, ref_ent, pen, valid, mask, margin, scale):
+    w = valid * mask[..., None] * np.minimum(pen / scale, 1.0)
+    return np.sum(np.maximum(0.0, ent - ref_ent + margin) * w) / mask.sum()
 
 
 def fd_grad(f, x, eps=1e-6):
@@ -94,23 +94,35 @@ def test_nll_and_cbd_terms_match_numpy():
 
     def ours_a(p_):
         return losses.cbd_data_loss(jnp.asarray(p_, jnp.float32), jnp.asarray(r, jnp.float32), jnp.asarray(mask),
-                                    jnp.asarray(bci, jnp.float32), 0.5)[0]  # fmt: skip
+                                    jnp.asarray(bci, jnp.float32), 0.5, 12.0)[0]  # fmt: skip
 
-    np.testing.assert_allclose(float(ours_a(p)), np_cbd_data(p, r, mask, bci, 0.5), rtol=1e-5)
+    want = np_cbd_data(p, r, mask, bci, 0.5, 12.0)
+    assert want > 0 and (bci > 12.0).any() and ((bci > 0) & (bci < 12.0)).any()  # both weight regimes present
+    np.testing.assert_allclose(float(ours_a(p)), want, rtol=1e-5)
     g = np.asarray(jax.grad(ours_a)(jnp.asarray(p, jnp.float32)))
-    np.testing.assert_allclose(g, fd_grad(lambda x: np_cbd_data(x, r, mask, bci, 0.5), p), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g, fd_grad(lambda x: np_cbd_data(x, r, mask, bci, 0.5, 12.0), p), rtol=1e-4, atol=1e-5)
 
     ent = rng.normal(-4, 1, size=(3, 5, 4))
+    ref_ent = ent + rng.normal(0, 1.5, size=(3, 5, 4))  # some entries already below the reference by > margin
     pen = rng.uniform(0, 20, size=(3, 5, 4))
     valid = (rng.random((3, 5, 4)) < 0.6).astype(float)
 
     def ours_b(e):
-        return losses.cbd_continuation_loss(jnp.asarray(e, jnp.float32), jnp.asarray(pen, jnp.float32),
-                                            jnp.asarray(valid > 0), jnp.asarray(mask))[0]  # fmt: skip
+        return losses.cbd_continuation_loss(jnp.asarray(e, jnp.float32), jnp.asarray(ref_ent, jnp.float32),
+                                            jnp.asarray(pen, jnp.float32), jnp.asarray(valid > 0), jnp.asarray(mask),
+                                            0.5, 12.0)[0]  # fmt: skip
 
-    np.testing.assert_allclose(float(ours_b(ent)), np_cbd_cont(ent, pen, valid, mask), rtol=1e-5)
+    gap = ent - ref_ent + 0.5
+    assert (gap > 0.01).any() and (gap < -0.01).any()  # active and inactive hinges both present
+    np.testing.assert_allclose(float(ours_b(ent)), np_cbd_cont(ent, ref_ent, pen, valid, mask, 0.5, 12.0), rtol=1e-5)
     g = np.asarray(jax.grad(ours_b)(jnp.asarray(ent, jnp.float32)))
-    np.testing.assert_allclose(g, fd_grad(lambda x: np_cbd_cont(x, pen, valid, mask), ent), rtol=1e-4, atol=1e-5)
+    want_g = fd_grad(lambda x: np_cbd_cont(x, ref_ent, pen, valid, mask, 0.5, 12.0), ent)
+    np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-5)
+
+
+def test_cbd_bci_scale_must_be_positive():
+    with pytest.raises(ValueError, match="cbd_bci_scale"):
+        losses.bci_weights(jnp.ones(3), 0.0)
 
 
 def _objective_inputs(seed=2, b=3, l=7, e=4):
@@ -118,20 +130,21 @@ def _objective_inputs(seed=2, b=3, l=7, e=4):
     f = lambda *s: jnp.asarray(rng.normal(-3, 1, size=s), jnp.float32)  # noqa: E731
     mask = jnp.asarray(np.arange(l)[None, :] >= rng.integers(2, 4, size=(2 * b, 1)), jnp.float32)
     bci = jnp.asarray(np.where(rng.random((2 * b, l)) < 0.3, 10.0, 0.0), jnp.float32)
-    veto = (f(2 * b, l, e), jnp.asarray(rng.uniform(0, 9, (2 * b, l, e)), jnp.float32), jnp.asarray(rng.random((2 * b, l, e)) < 0.5))
+    veto = (f(2 * b, l, e), f(2 * b, l, e), jnp.asarray(rng.uniform(0, 9, (2 * b, l, e)), jnp.float32),
+            jnp.asarray(rng.random((2 * b, l, e)) < 0.5))
     return f(2 * b, l), f(2 * b, l), mask, bci, veto
 
 
 def test_dpo_objective_sums_terms_and_matches_numpy():
     pol, ref, mask, bci, veto = _objective_inputs()
-    cfg = LossConfig(beta=0.2, rpo_alpha=0.7, cbd_data_weight=0.3, cbd_margin=1.0, cbd_cont_weight=0.05)
+    cfg = LossConfig(beta=0.2, rpo_alpha=0.7, cbd_data_weight=0.3, cbd_margin=1.0, cbd_cont_weight=0.05, cbd_bci_scale=6.0)
     loss, m = losses.dpo_objective(cfg, pol, ref, mask, bci, veto)
     p, r, mk = np.asarray(pol, float), np.asarray(ref, float), np.asarray(mask, float)
     sp, sr = (p * mk).sum(1), (r * mk).sum(1)
     want = np_pref(sp[0::2], sp[1::2], sr[0::2], sr[1::2], "sigmoid", 0.2, 0.0)
     want += 0.7 * -np.sum(p[0::2] * mk[0::2]) / mk[0::2].sum()
-    want += 0.3 * np_cbd_data(p, r, mk, np.asarray(bci, float), 1.0)
-    want += 0.05 * np_cbd_cont(np.asarray(veto[0], float), np.asarray(veto[1], float), np.asarray(veto[2], float), mk)
+    want += 0.3 * np_cbd_data(p, r, mk, np.asarray(bci, float), 1.0, 6.0)
+    want += 0.05 * np_cbd_cont(*(np.asarray(v, float) for v in veto), mk, 1.0, 6.0)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     for key in ("loss/pref", "loss/nll", "loss/cbd_data", "loss/cbd_cont", "bci/mean"):
         assert key in m
@@ -155,7 +168,7 @@ def test_cbd_zero_weights_is_bitwise_dpo():
 def test_token_normalisation_accumulates_exactly():
     """Two halves normalised by the global counts sum to the full-batch loss (token-weighted)."""
     pol, ref, mask, bci, veto = _objective_inputs(seed=4, b=4)
-    cfg = LossConfig(beta=0.1, rpo_alpha=1.0, cbd_data_weight=0.5, cbd_cont_weight=0.1)
+    cfg = LossConfig(beta=0.1, rpo_alpha=1.0, cbd_data_weight=0.5, cbd_cont_weight=0.1, cbd_bci_scale=4.0)
     full, _ = losses.dpo_objective(cfg, pol, ref, mask, bci, veto)
     counts = dict(num_pairs=4.0, num_tokens=float(mask.sum()), num_chosen_tokens=float(mask[0::2].sum()))
     total = 0.0

@@ -107,23 +107,33 @@ def test_nonfinite_loss_skips_update_and_counts(toy):
 
 
 def test_cbd_continuation_term_matches_bruteforce(toy):
-    """CBD (b) inside the jitted step equals sum_t sum_{vetoed v} p(v | prefix_t) * penalty / tokens,
-    computed here from full logits and a naive suffix match against the span list."""
+    """CBD (b) inside the jitted step equals
+    sum_t sum_{vetoed v} min(penalty / scale, 1) * max(0, logp(v | prefix_t) - logp_ref(v | prefix_t) + margin) / tokens,
+    computed here from full logits of policy and reference and a naive suffix match against the span list."""
     from tracealign_jax.provenance.veto_table import compile_veto_table
 
     path, d = toy
     spans = [([10, 11, 12, 13], 7.0), ([12, 13, 14], 3.0), ([150, 160], 2.0), ([14, 15, 16, 17, 18], 11.0)]
     veto = jax.tree.map(jnp.asarray, compile_veto_table(spans, max_span=5, max_entries=4))
-    cfg = toy_config(path, d / "e", "loss.cbd_cont_weight=0.5", "train.learning_rate=0.0")
+    margin, scale = 0.02, 5.0
+    cfg = toy_config(path, d / "e", "loss.cbd_cont_weight=0.5", "train.learning_rate=0.0", f"loss.cbd_margin={margin}",
+                     f"loss.cbd_bci_scale={scale}")  # fmt: skip
     hb = _host_batches(cfg, 1)[0]
     graphdef, state, fn, b_sh = _runner(cfg, MeshConfig(data=1), jax.devices()[:1], veto)
+    # a policy that differs from the reference, so the hinge is active for some entries and not others
+    state = state.replace(params=jax.tree.map(lambda x: x * 1.3, state.params))
     params = jax.tree.map(np.asarray, state.params)
+    ref_params = jax.tree.map(np.asarray, state.ref_params)
     _, m = fn(state, to_device_batch({k: hb[k] for k in batch_fields(cfg)}, b_sh))
-    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
-    logits, _ = model(jnp.asarray(hb["tokens"]), jnp.asarray(hb["positions"]), jnp.asarray(hb["valid"]))
-    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+
+    def full_logp(p):
+        model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, p))
+        logits, _ = model(jnp.asarray(hb["tokens"]), jnp.asarray(hb["positions"]), jnp.asarray(hb["valid"]))
+        return np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+
+    logp, ref_logp = full_logp(params), full_logp(ref_params)
     mask = hb["loss_mask"]
-    total = 0.0
+    total, active, inactive = 0.0, 0, 0
     for r in range(mask.shape[0]):
         toks = hb["tokens"][r].tolist()
         for t in range(1, mask.shape[1]):
@@ -134,8 +144,11 @@ def test_cbd_continuation_term_matches_bruteforce(toy):
                 for k in range(1, len(span)):
                     if t >= k and toks[t - k : t] == span[:k]:
                         vetoed[span[k]] = max(vetoed.get(span[k], 0.0), pen)
-            total += sum(np.exp(logp[r, t - 1, v]) * p for v, p in vetoed.items())
-    assert total > 0  # the toy chosen responses do run through the vetoed spans
+            for v, pen in vetoed.items():
+                gap = logp[r, t - 1, v] - ref_logp[r, t - 1, v] + margin
+                active, inactive = active + (gap > 0), inactive + (gap <= 0)
+                total += min(pen / scale, 1.0) * max(gap, 0.0)
+    assert active > 0 and inactive > 0  # the toy responses run through the vetoed spans; both hinge sides occur
     np.testing.assert_allclose(m["loss/cbd_cont"], total / mask.sum(), rtol=1e-4)
     np.testing.assert_allclose(m["loss/total"], m["loss/pref"] + 0.5 * m["loss/cbd_cont"], rtol=1e-6)
 

@@ -90,7 +90,9 @@ class LossConfig:
     type: sigmoid | ipo | hinge | robust (label-smoothed cDPO uses sigmoid + label_smoothing).
     beta: inverse temperature on log-ratio margins (nats^-1). rpo_alpha: weight of chosen NLL.
     cbd_data_weight / cbd_margin: term (a), hinge on high-BCI response tokens (margin in nats).
-    cbd_cont_weight: term (b), expected veto-table BCI penalty of the policy's next-token distribution.
+    cbd_cont_weight: term (b), the same hinge on the veto-table continuations of every response prefix.
+    cbd_bci_scale: BCI (nats) at which a token / continuation weighs fully in both terms (w = min(b/s, 1));
+      0 = the tau recorded with the BCI arrays or the veto table.
     reference: in_step (frozen copy in the step) | precomputed (streamed reference log-probs).
     cbd_veto_table: directory of a provenance veto table (needed when cbd_cont_weight > 0).
     cbd_min_prefix: veto entries apply once this many trailing tokens match a high-BCI span's prefix.
@@ -106,6 +108,7 @@ class LossConfig:
     reference: Literal["in_step", "precomputed"] = "in_step"
     cbd_veto_table: str = ""
     cbd_min_prefix: int = 1
+    cbd_bci_scale: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +189,8 @@ class ProvenanceConfig:
     conflict_prior: Beta(a, a) smoothing of the conflict share: (n_conflict + a) / (n + 2a).
     min_span / max_span: lengths of the maximal spans scored and of the veto-table spans.
     max_entries: most next-token entries kept per veto-table context.
+    veto_weighting: conflict (default: an entry's penalty is the span's BCI x the conflict share of the
+      prefix it completes, kept only above tau) | none (every prefix carries the span's full BCI).
     target_fpr: false-positive rate the calibrated threshold tau aims for on compliant text.
     index_path / threshold_path: the TraceIndex directory and its calibrated threshold JSON.
     top_sources: training-time sources listed per offending span in TraceShield reports.
@@ -199,6 +204,7 @@ class ProvenanceConfig:
     min_span: int = 4
     max_span: int = 12
     max_entries: int = 16
+    veto_weighting: Literal["conflict", "none"] = "conflict"
     target_fpr: float = 0.02
     index_path: str = ""
     threshold_path: str = ""

@@ -55,7 +55,11 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     from tracealign_jax.training.state import graphdef_and_abstract_params, model_arch
     from tracealign_jax.training.step import batch_rows, train_step_fn_and_shardings
 
-    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, reference=reference))
+    # CBD term (b) needs the reference's log-probs of the veto entries, so it runs with in_step only;
+    # the BCI scale is a constant folded into the program (any positive value compiles the same step).
+    cont_weight = cfg.loss.cbd_cont_weight if reference == "in_step" else 0.0
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, reference=reference, cbd_cont_weight=cont_weight,
+                                                            cbd_bci_scale=cfg.loss.cbd_bci_scale or 1.0))
     bucket = max(cfg.data.buckets)
     uses_veto = cfg.train.objective == "dpo" and cfg.loss.cbd_cont_weight > 0
     fn, abs_state, abs_batch = train_step_fn_and_shardings(cfg, mesh, rules, bucket, veto if uses_veto else None)

@@ -60,15 +60,30 @@ def to_device_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> 
     return out
 
 
-def _load_veto(cfg: Config) -> Any:
+def _load_veto(cfg: Config) -> tuple[Any, dict]:
+    """(veto table, its meta) when CBD term (b) is on, else (None, {})."""
     if not cfg.loss.cbd_cont_weight or cfg.train.objective != "dpo":
-        return None
+        return None, {}
     if not cfg.loss.cbd_veto_table:
         raise ValueError("loss.cbd_cont_weight > 0 needs loss.cbd_veto_table (a provenance veto table directory)")
     from tracealign_jax.provenance.veto_table import load_veto_table
 
-    table, _ = load_veto_table(cfg.loss.cbd_veto_table)
-    return table
+    return load_veto_table(cfg.loss.cbd_veto_table)
+
+
+def _resolve_bci_scale(cfg: Config, bci: Any, veto_meta: dict) -> Config:
+    """``loss.cbd_bci_scale`` = 0 means the tau the BCI arrays / veto table were built with."""
+    loss = cfg.loss
+    if loss.cbd_bci_scale > 0 or not (loss.cbd_data_weight or loss.cbd_cont_weight) or cfg.train.objective != "dpo":
+        return cfg
+    taus = [float(m["tau"]) for m in (bci.meta if bci is not None else {}, veto_meta) if m.get("tau")]
+    if not taus:
+        raise ValueError("loss.cbd_bci_scale = 0 takes tau from the BCI arrays or veto table, but neither records "
+                         "one: set loss.cbd_bci_scale (nats, e.g. the calibrated tau)")
+    if max(taus) - min(taus) > 1e-6 * max(taus):
+        raise ValueError(f"the BCI arrays and the veto table were built with different tau ({taus[0]} vs {taus[1]}): "
+                         "rebuild one of them, or set loss.cbd_bci_scale explicitly")
+    return dataclasses.replace(cfg, loss=dataclasses.replace(loss, cbd_bci_scale=taus[0]))
 
 
 def _initial_model(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> Any:
@@ -101,7 +116,8 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         bci = TokenBCIReader(cfg.data.bci_path)
         if len(bci) != len(pairs):
             raise ValueError(f"data.bci_path: {len(bci)} examples but the dataset has {len(pairs)}")
-    veto = _load_veto(cfg)
+    veto, veto_meta = _load_veto(cfg)
+    cfg = _resolve_bci_scale(cfg, bci, veto_meta)
     ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or out_dir / "checkpoints")
     resumed_from = ckpt.latest_step()
     graphdef, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)

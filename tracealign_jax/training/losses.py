@@ -21,16 +21,23 @@ Loss types (TRL's formulas, ``ls`` = label_smoothing):
 
 CBD (Contrastive Belief Deconfliction). The TraceAlign paper does not publish a formula; its reference
 code adds ``0.01 * sum max(0, BCI - tau)`` over spans of argmax-decoded tokens as a constant, so it
-has no gradient. Ours, both differentiable:
+has no gradient. Ours, both differentiable and both bounded:
+  BCI weights: w(b) = min(b / s, 1) in [0, 1] with s = ``cbd_bci_scale`` (the calibrated tau, nats):
+      a token or continuation at or above the threshold weighs 1, one below it proportionally less.
+      Raw BCIs are sums of unigram surprisals (a memorized 100-token procedure scores ~600 nats), so
+      using them unscaled makes CBD outweigh the preference loss by orders of magnitude.
   (a) data term, over response tokens t of both responses with per-token BCI b_t (nats):
-      L_a = sum_t b_t * max(0, logp_t - logp_ref_t + margin) / num_tokens
+      L_a = sum_t w(b_t) * max(0, logp_t - logp_ref_t + margin) / num_tokens
       pushes the policy's log-prob of high-BCI tokens at least ``margin`` nats below the reference's;
-      tokens with b_t = 0 contribute nothing; b_t weights how strongly.
+      tokens with b_t = 0 contribute nothing.
   (b) continuation term, over every response position t (the model predicting token t from its
       prefix) with the sparse veto entries (token v_e, penalty r_e) of that prefix:
-      L_b = sum_t sum_e p_theta(v_e | prefix_t) * r_e / num_tokens
-      the expected BCI penalty of the policy's own next-token distribution; its gradient lowers the
-      probability of continuations that would extend a high-BCI span.
+      L_b = sum_t sum_e w(r_e) * max(0, logp(v_e | prefix_t) - logp_ref(v_e | prefix_t) + margin) / num_tokens
+      the same hinge on the policy's own next-token distribution: every continuation that would
+      extend a high-BCI span must lose ``margin`` nats against the reference. Unlike the paper's
+      expected-penalty form (sum_e p(v_e) r_e, unbounded below the reference and blind to it), the
+      hinge stops pushing once the margin is met, so it cannot drive the policy into degenerate
+      text that merely avoids every vetoed token.
 Total: L = L_pref + rpo_alpha * NLL(chosen) + cbd_data_weight * L_a + cbd_cont_weight * L_b.
 Terms with weight 0 are not traced at all, so CBD with both weights 0 is bit-for-bit plain DPO.
 """
@@ -122,22 +129,31 @@ def nll_loss(token_logps_BxL: jax.Array, mask_BxL: jax.Array, num_tokens: Any = 
     return loss, {"loss/nll": jax.lax.stop_gradient(loss)}
 
 
+def bci_weights(bci: jax.Array, scale: float) -> jax.Array:
+    """w(b) = min(b / scale, 1): BCI (nats, >= 0) mapped to a weight in [0, 1]; ``scale`` > 0 (nats)."""
+    if not scale > 0:
+        raise ValueError(f"loss.cbd_bci_scale must be > 0 (the calibrated tau, nats), got {scale}")
+    return jnp.minimum(bci / scale, 1.0)
+
+
 def cbd_data_loss(
     policy_logps_BxL: jax.Array,
     ref_logps_BxL: jax.Array,
     mask_BxL: jax.Array,
     bci_BxL: jax.Array,
     margin: float,
+    scale: float,
     num_tokens: Any = None,
 ) -> tuple[jax.Array, Metrics]:
-    """CBD term (a): ``sum b_t max(0, logp_t - logp_ref_t + margin) / num_tokens`` over masked tokens.
+    """CBD term (a): ``sum w(b_t) max(0, logp_t - logp_ref_t + margin) / num_tokens`` over masked tokens.
 
-    bci_BxL: float32 per-token BCI (nats, >= 0) of the response tokens; the reference is constant.
+    bci_BxL: float32 per-token BCI (nats, >= 0) of the response tokens; ``scale``: w(b) = min(b/scale, 1);
+    the reference is constant.
     """
     n = _count(mask_BxL, num_tokens)
     m = mask_BxL.astype(jnp.float32)
     gap = policy_logps_BxL - jax.lax.stop_gradient(ref_logps_BxL) + margin
-    hinge = jax.nn.relu(gap) * bci_BxL * m
+    hinge = jax.nn.relu(gap) * bci_weights(bci_BxL, scale) * m
     loss = jnp.sum(hinge) / n
     flagged = (bci_BxL > 0).astype(jnp.float32) * m
     metrics = {
@@ -151,25 +167,31 @@ def cbd_data_loss(
 
 def cbd_continuation_loss(
     entry_logps_BxLxE: jax.Array,
+    ref_entry_logps_BxLxE: jax.Array,
     penalties_BxLxE: jax.Array,
     valid_BxLxE: jax.Array,
     mask_BxL: jax.Array,
+    margin: float,
+    scale: float,
     num_tokens: Any = None,
 ) -> tuple[jax.Array, Metrics]:
-    """CBD term (b): expected veto penalty ``sum_t sum_e p(v_e|prefix_t) r_e / num_tokens``.
+    """CBD term (b): ``sum_t sum_e w(r_e) max(0, logp(v_e) - logp_ref(v_e) + margin) / num_tokens``.
 
-    entry_logps_BxLxE: the policy's log-prob (nats) of each veto entry's token at each position;
-    penalties_BxLxE: its penalty (BCI, nats); valid_BxLxE: real entries; mask_BxL: positions that count.
+    entry_logps_BxLxE / ref_entry_logps_BxLxE: the policy's / reference's log-prob (nats) of each veto
+    entry's token at each position; penalties_BxLxE: its penalty (BCI, nats); valid_BxLxE: real
+    entries; mask_BxL: positions that count.
     """
     n = _count(mask_BxL, num_tokens)
     w = valid_BxLxE.astype(jnp.float32) * mask_BxL.astype(jnp.float32)[..., None]
-    # exp of a masked-out entry may be anything (padding ids); where() keeps its gradient exactly 0.
+    gap = entry_logps_BxLxE - jax.lax.stop_gradient(ref_entry_logps_BxLxE) + margin
+    # a masked-out entry's log-prob may be anything (padding ids); where() keeps its gradient exactly 0.
+    hinge = jnp.where(w > 0, jax.nn.relu(gap), 0.0)
+    loss = jnp.sum(hinge * bci_weights(penalties_BxLxE, scale) * w) / n
     probs = jnp.where(w > 0, jnp.exp(entry_logps_BxLxE), 0.0)
-    expected = jnp.sum(probs * penalties_BxLxE * w)
-    loss = expected / n
     return loss, {
         "loss/cbd_cont": jax.lax.stop_gradient(loss),
-        "bci/veto_mass": jax.lax.stop_gradient(jnp.sum(probs * w) / n),
+        "bci/veto_mass": jax.lax.stop_gradient(jnp.sum(probs) / n),
+        "bci/veto_active_frac": jax.lax.stop_gradient(jnp.sum((gap > 0) * w) / jnp.maximum(jnp.sum(w), 1.0)),
     }
 
 
@@ -188,7 +210,7 @@ def dpo_objective(
 
     policy/ref_logps_2BxL: per-token log-probs of each row's tokens (nats; position t scores token t);
     loss_mask_2BxL: 1 on response tokens. bci_2BxL: per-token BCI for CBD (a). veto: the CBD (b)
-    arrays ``(entry_logps_2BxLxE, penalties_2BxLxE, valid_2BxLxE)``. Counts default to the arrays'
+    arrays ``(entry_logps_2BxLxE, ref_entry_logps_2BxLxE, penalties_2BxLxE, valid_2BxLxE)``. Counts default to the arrays'
     own; the step passes the global batch's. Returns ``(loss, metrics)`` with every term reported.
     """
     b = policy_logps_2BxL.shape[0] // 2
@@ -208,13 +230,14 @@ def dpo_objective(
     if cfg.cbd_data_weight:
         if bci_2BxL is None:
             raise ValueError("loss.cbd_data_weight > 0 needs per-token BCI arrays (data.bci_path)")
-        term, m = cbd_data_loss(policy_logps_2BxL, ref_logps_2BxL, mask, bci_2BxL, cfg.cbd_margin, num_tokens)
+        term, m = cbd_data_loss(policy_logps_2BxL, ref_logps_2BxL, mask, bci_2BxL, cfg.cbd_margin, cfg.cbd_bci_scale,
+                                num_tokens)
         loss = loss + cfg.cbd_data_weight * term
         metrics.update(m)
     if cfg.cbd_cont_weight:
         if veto is None:
             raise ValueError("loss.cbd_cont_weight > 0 needs a provenance veto table (provenance.veto_table)")
-        term, m = cbd_continuation_loss(*veto, mask, num_tokens)
+        term, m = cbd_continuation_loss(*veto, mask, cfg.cbd_margin, cfg.cbd_bci_scale, num_tokens)
         loss = loss + cfg.cbd_cont_weight * term
         metrics.update(m)
     metrics["loss/total"] = jax.lax.stop_gradient(loss)

@@ -99,14 +99,17 @@ def loss_fn(params: Any, state: TrainState, batch: Batch, counts: dict[str, jax.
     if cfg.loss.cbd_cont_weight:
         if state.veto is None:
             raise ValueError("loss.cbd_cont_weight > 0 needs a veto table (loss.cbd_veto_table)")
+        if cfg.loss.reference == "precomputed":
+            raise ValueError("loss.cbd_cont_weight > 0 needs the reference's log-probs of the veto entries, "
+                             "which precomputed reference log-probs do not hold: use loss.reference=in_step")
         entry_ids, pen, ok = _veto_lookup(cfg, state.veto, batch["tokens"])
     logps, entry_logps = _forward_logps(graphdef, params, batch, chunk, entry_ids)
-    if entry_ids is not None:
-        veto = (entry_logps, pen, ok)
     if cfg.loss.reference == "precomputed":
         ref = batch["ref_logps"]
     else:
-        ref, _ = _forward_logps(graphdef, state.ref_params, batch, chunk, None)
+        ref, ref_entry_logps = _forward_logps(graphdef, state.ref_params, batch, chunk, entry_ids)
+    if entry_ids is not None:
+        veto = (entry_logps, jax.lax.stop_gradient(ref_entry_logps), pen, ok)
     return losses.dpo_objective(cfg.loss, logps, jax.lax.stop_gradient(ref), batch["loss_mask"], batch["bci"], veto,
                                 counts["pairs"], counts["tokens"], counts["chosen_tokens"])  # fmt: skip
 
