@@ -189,3 +189,49 @@ def test_long_query_split_across_threads(tmp_path):
         assert ix.maximal_spans(gen, min_len, max_count) == ix.maximal_spans_batch([gen], min_len, max_count)[0]
     spans = ix.maximal_spans(gen)
     assert spans and all(s.count == len(naive_occurrences(docs, gen[s.start:s.end])) for s in spans)
+
+
+def test_alphabetic_code_is_order_preserving_and_prefix_free():
+    from tracealign_jax.index.build import alphabetic_code
+
+    rng = np.random.default_rng(1)
+    for n_sym in (257, 300, 32001, 65536):
+        fb, sb = alphabetic_code(rng.zipf(1.3, n_sym))
+        codes = [(int(f),) if b < 0 else (int(f), int(b)) for f, b in zip(fb, sb)]
+        assert codes == sorted(codes) and len(set(codes)) == n_sym  # strictly increasing with the id
+        assert 0 <= fb.min() and fb.max() <= 255 and sb.max() <= 255
+        one_byte = {c[0] for c in codes if len(c) == 1}
+        assert not any(len(c) == 2 and c[0] in one_byte for c in codes)  # no code is a prefix of another
+    assert alphabetic_code(np.ones(65537, np.int64)) is None
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(257, 5000), st.integers(0, 2**32 - 1), st.integers(1, 4))
+def test_coded_sort_over_wide_vocab_matches_naive(vocab, seed, n_shards):
+    """Shards whose ids reach 256 are sorted as 1-2 byte codes: the packed suffix array must still
+    sort every shard's suffixes, and counts must match a scan (frequent ids get one-byte codes)."""
+    rng = np.random.default_rng(seed)
+    frequent = rng.integers(0, vocab, 6)
+    docs = [np.where(rng.random(n) < 0.6, rng.choice(frequent, n), rng.integers(0, vocab, n))
+            for n in rng.integers(0, 40, 25)]
+    docs[0] = np.append(docs[0], vocab - 1)  # the largest id is in the corpus
+    total = sum(len(d) + 1 for d in docs)
+    with tempfile.TemporaryDirectory() as tmp:
+        ix = TraceIndex.open(build_index_from_tokens(docs, Path(tmp) / "i", vocab_size=vocab,
+                                                     metadata=[{"unsafe": False}] * len(docs),
+                                                     shard_tokens=-(-total // n_shards)), verify="full")
+        m = ix.manifest
+        raw = ix._a.tokens
+        stream = np.unpackbits(np.asarray(ix._a.sa_u8), bitorder="little")
+        bits = m["sa_bits"]
+        sa = stream[:len(raw) * bits].reshape(-1, bits).astype(np.int64) @ 2 ** np.arange(bits)
+        for a, b in zip(m["shard_starts"][:-1], m["shard_starts"][1:]):
+            assert sorted(sa[a:b]) == list(range(b - a))
+            suffixes = [tuple(raw[a + p:b].tolist()) for p in sa[a:b]]
+            assert suffixes == sorted(suffixes)
+        lists = [d.tolist() for d in docs]
+        queries = [lists[0][i:i + k] for i in range(0, max(len(lists[0]) - 3, 1), 3) for k in (1, 2, 3)]
+        queries += [rng.choice(frequent, int(k)).tolist() for k in rng.integers(1, 4, 20)]
+        expected = [len(naive_occurrences(lists, q)) for q in queries]
+        assert [ix.count(q) for q in queries] == expected
+        assert ix.count_batch(queries * 40).tolist() == expected * 40

@@ -29,9 +29,32 @@ block is 0, but then the other bracket was compared and is >= 1, so the maximum 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _JIT = dict(nogil=True, cache=True)
+# Searches interleaved by the batched kernels: enough that the prefetch issued for one lane has
+# landed by the time the round comes back to it (a cache miss is ~100 ns, a lane step ~10 ns).
+LANES = 16
+
+
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Hints the CPU to load ``arr[index]`` into cache (``llvm.prefetch``: read, keep, data)."""
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, index), codegen
 
 
 @njit(inline="always", **_JIT)
@@ -66,25 +89,6 @@ def _compare(tokens, pos, end, q, qs, qe, k0):
     if k == m:
         return 0, k
     return -1, k
-
-
-@njit(**_JIT)
-def _lower_bound(tokens, sa_u8, bits, s0, s1, lo, hi, q, qs, qe):
-    """First shard rank in the first-token block [lo, hi) whose suffix is >= q (as a prefix), with
-    q[qs] equal to the block's token; returns (rank, llcp, hlcp) (see the module docstring)."""
-    llcp = np.int64(1)
-    hlcp = np.int64(1)
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        k0 = llcp if llcp < hlcp else hlcp
-        c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, bits, s0 + mid), s1, q, qs, qe, k0)
-        if c < 0:
-            lo = mid + 1
-            llcp = lcp
-        else:
-            hi = mid
-            hlcp = lcp
-    return lo, llcp, hlcp
 
 
 @njit(**_JIT)
@@ -213,16 +217,137 @@ def _same_query(q, a0, a1, b0, b1):
     return True
 
 
+# ---- interleaved searches ---------------------------------------------------------------------
+# A binary search waits on two dependent cache misses per step (the SA entry, then the suffix's
+# tokens). The batched kernels keep LANES searches in flight and advance them round-robin, one
+# half-step at a time: a lane prefetches what its next half-step reads and yields to the others,
+# so the misses of different searches overlap instead of queueing. A lane finds the SA range of one
+# query in one shard exactly as ``_shard_range`` does (shared bisection, then the lower and the
+# upper bound), as a state machine: phase 0 shared, 1 lower bound, 2 upper bound.
+
+@njit(inline="always", **_JIT)
+def _lane_start(sa_u8, bits, lane, i, s, lo, hi, s0, st_lo, st_hi, st_llcp, st_hlcp, st_phase, st_pos,
+                st_query, st_shard):
+    st_lo[lane] = lo
+    st_hi[lane] = hi
+    st_llcp[lane] = 1
+    st_hlcp[lane] = 1
+    st_phase[lane] = 0
+    st_pos[lane] = -1  # the midpoint's SA entry is not read yet
+    st_query[lane] = i
+    st_shard[lane] = s
+    _prefetch(sa_u8, ((s0 + ((lo + hi) >> 1)) * bits) >> 3)
+
+
 @njit(**_JIT)
-def ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, order_N):
-    """Per query and shard, the SA range [lo, hi) of the query; a query with a token outside the
-    vocabulary gets empty ranges. Queries are visited in ``order_N`` (a permutation of 0..N-1; sorted
-    queries share cached search paths, and a repeat of the previous query is not searched again)."""
-    n = len(q_offsets_N1) - 1
+def _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs_N, qe_N, todo_T, lo_NxS, hi_NxS):
+    """SA ranges of queries ``todo_T`` (query i is ``q_flat[qs_N[i]:qe_N[i]]``, >= 2 tokens, all in
+    the vocabulary) in every shard, written to lo_NxS / hi_NxS; LANES (query, shard) searches
+    interleaved."""
     n_shards = len(shard_starts_S1) - 1
+    st_lo = np.zeros(LANES, np.int64)
+    st_hi = np.zeros(LANES, np.int64)
+    st_llcp = np.zeros(LANES, np.int64)
+    st_hlcp = np.zeros(LANES, np.int64)
+    st_phase = np.zeros(LANES, np.int64)
+    st_pos = np.zeros(LANES, np.int64)
+    st_query = np.zeros(LANES, np.int64)
+    st_shard = np.zeros(LANES, np.int64)
+    st_up_lo = np.zeros(LANES, np.int64)  # the upper bound's range and bracket, saved at the split
+    st_up_hi = np.zeros(LANES, np.int64)
+    st_up_hlcp = np.zeros(LANES, np.int64)
+    live = np.zeros(LANES, np.bool_)
+    n_tasks = len(todo_T) * n_shards
+    task = 0
+    n_live = 0
+    first_round = True
+    while first_round or n_live > 0:
+        first_round = False
+        for g in range(LANES):
+            if live[g]:
+                i = st_query[g]
+                s = st_shard[g]
+                s0 = shard_starts_S1[s]
+                lo = st_lo[g]
+                hi = st_hi[g]
+                mid = (lo + hi) >> 1
+                k0 = st_llcp[g] if st_llcp[g] < st_hlcp[g] else st_hlcp[g]
+                if st_pos[g] < 0:  # read the midpoint's SA entry, prefetch the tokens the comparison reads
+                    pos = s0 + _sa_at(sa_u8, bits, s0 + mid)
+                    st_pos[g] = pos
+                    _prefetch(tokens, pos + k0)
+                    continue
+                qs = qs_N[i]
+                qe = qe_N[i]
+                c, lcp = _compare(tokens, st_pos[g], shard_starts_S1[s + 1], q_flat, qs, qe, k0)
+                st_pos[g] = -1
+                phase = st_phase[g]
+                if phase == 0 and c == 0:  # hit: lower bound in [lo, mid], upper bound in [mid + 1, hi]
+                    st_up_lo[g] = mid + 1
+                    st_up_hi[g] = hi
+                    st_up_hlcp[g] = st_hlcp[g]
+                    hi = mid
+                    st_hlcp[g] = lcp
+                    phase = 1
+                    st_phase[g] = 1
+                elif c < 0 or (c == 0 and phase == 2):
+                    lo = mid + 1
+                    st_llcp[g] = lcp
+                else:
+                    hi = mid
+                    st_hlcp[g] = lcp
+                if lo >= hi:
+                    if phase == 0:  # no suffix starts with q
+                        lo_NxS[i, s] = lo
+                        hi_NxS[i, s] = lo
+                        live[g] = False
+                    elif phase == 1:  # lower bound found; now the upper one, brackets (m, saved hlcp)
+                        lo_NxS[i, s] = lo
+                        lo = st_up_lo[g]
+                        hi = st_up_hi[g]
+                        st_llcp[g] = qe - qs
+                        st_hlcp[g] = st_up_hlcp[g]
+                        st_phase[g] = 2
+                        if lo >= hi:
+                            hi_NxS[i, s] = lo
+                            live[g] = False
+                    else:
+                        hi_NxS[i, s] = lo
+                        live[g] = False
+                st_lo[g] = lo
+                st_hi[g] = hi
+                if live[g]:
+                    _prefetch(sa_u8, ((s0 + ((lo + hi) >> 1)) * bits) >> 3)
+                    continue
+                n_live -= 1
+            while task < n_tasks:  # a free lane takes the next (query, shard) whose block is not empty
+                i = todo_T[task // n_shards]
+                s = task - (task // n_shards) * n_shards
+                task += 1
+                t = q_flat[qs_N[i]]
+                lo = bucket_SxV2[s, t]
+                hi = bucket_SxV2[s, t + 1]
+                if lo == hi:
+                    lo_NxS[i, s] = lo
+                    hi_NxS[i, s] = lo
+                    continue
+                _lane_start(sa_u8, bits, g, i, s, lo, hi, shard_starts_S1[s], st_lo, st_hi, st_llcp, st_hlcp,
+                            st_phase, st_pos, st_query, st_shard)
+                live[g] = True
+                n_live += 1
+                break
+
+
+@njit(**_JIT)
+def _plan_batch(q_flat, q_offsets_N1, order_N, bucket_SxV2, lo_NxS, hi_NxS):
+    """First pass over a batch in ``order_N``: answers what needs no search (a token outside the
+    vocabulary: empty; 0 or 1 tokens: the first-token blocks), marks a repeat of the previous query
+    (``dup_N[i]`` = the query it repeats, else -1) and returns (queries to search, dup_N)."""
+    n = len(q_offsets_N1) - 1
     sep = bucket_SxV2.shape[1] - 2
-    lo_NxS = np.zeros((n, n_shards), np.int64)
-    hi_NxS = np.zeros((n, n_shards), np.int64)
+    todo = np.empty(n, np.int64)
+    n_todo = 0
+    dup_N = np.full(n, -1, np.int64)
     prev = np.int64(-1)
     for k in range(n):
         i = order_N[k]
@@ -231,36 +356,57 @@ def ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_of
         if not _in_vocab(q_flat, qs, qe, sep):
             continue
         if prev >= 0 and _same_query(q_flat, q_offsets_N1[prev], q_offsets_N1[prev + 1], qs, qe):
-            lo_NxS[i] = lo_NxS[prev]
-            hi_NxS[i] = hi_NxS[prev]
+            dup_N[i] = prev if dup_N[prev] < 0 else dup_N[prev]
+        elif qe - qs == 0:
+            for s in range(lo_NxS.shape[1]):
+                hi_NxS[i, s] = bucket_SxV2[s, sep]
+        elif qe - qs == 1:
+            for s in range(lo_NxS.shape[1]):
+                lo_NxS[i, s] = bucket_SxV2[s, q_flat[qs]]
+                hi_NxS[i, s] = bucket_SxV2[s, q_flat[qs] + 1]
         else:
-            for s in range(n_shards):
-                lo, hi = _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, s, q_flat, qs, qe)
-                lo_NxS[i, s] = lo
-                hi_NxS[i, s] = hi
+            todo[n_todo] = i
+            n_todo += 1
         prev = i
+    return todo[:n_todo], dup_N
+
+
+@njit(**_JIT)
+def ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, order_N):
+    """Per query and shard, the SA range [lo, hi) of the query; a query with a token outside the
+    vocabulary gets empty ranges. Queries are searched in ``order_N`` (a permutation of 0..N-1:
+    sorted queries share cached search paths, and a repeat of the previous one is not searched)."""
+    n = len(q_offsets_N1) - 1
+    n_shards = len(shard_starts_S1) - 1
+    lo_NxS = np.zeros((n, n_shards), np.int64)
+    hi_NxS = np.zeros((n, n_shards), np.int64)
+    todo, dup_N = _plan_batch(q_flat, q_offsets_N1, order_N, bucket_SxV2, lo_NxS, hi_NxS)
+    _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1[:-1], q_offsets_N1[1:], todo,
+                  lo_NxS, hi_NxS)
+    for i in range(n):
+        if dup_N[i] >= 0:
+            lo_NxS[i] = lo_NxS[dup_N[i]]
+            hi_NxS[i] = hi_NxS[dup_N[i]]
     return lo_NxS, hi_NxS
 
 
 @njit(**_JIT)
 def count_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, order_N):
-    """Counts of N queries, visited in ``order_N`` (see ``ranges_batch``)."""
-    n = len(q_offsets_N1) - 1
-    sep = bucket_SxV2.shape[1] - 2
-    out_N = np.zeros(n, np.int64)
-    prev = np.int64(-1)
-    for k in range(n):
-        i = order_N[k]
-        qs = q_offsets_N1[i]
-        qe = q_offsets_N1[i + 1]
-        if not _in_vocab(q_flat, qs, qe, sep):
-            continue
-        if prev >= 0 and _same_query(q_flat, q_offsets_N1[prev], q_offsets_N1[prev + 1], qs, qe):
-            out_N[i] = out_N[prev]
-        else:
-            out_N[i] = _count(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs, qe)
-        prev = i
+    """Counts of N queries (see ``ranges_batch``)."""
+    lo_NxS, hi_NxS = ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1,
+                                  order_N)
+    out_N = np.zeros(len(q_offsets_N1) - 1, np.int64)
+    for i in range(len(out_N)):
+        for s in range(lo_NxS.shape[1]):
+            out_N[i] += hi_NxS[i, s] - lo_NxS[i, s]
     return out_N
+
+
+@njit(**_JIT)
+def count_batch_sorted(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1):
+    """``count_batch`` in the order of ``search_keys`` (sorted here, so a worker thread does it all)."""
+    order_N = np.argsort(search_keys(q_flat, q_offsets_N1, bucket_SxV2.shape[1] - 2))
+    return count_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, order_N)
 
 
 @njit(inline="always", **_JIT)
@@ -307,29 +453,77 @@ def gather_positions(sa_u8, bits, shard_starts_S1, doc_starts_D1, lo_NxS, hi_NxS
 
 @njit(**_JIT)
 def _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs, qe, limit_L, out_L):
-    """out_L[i] = longest prefix of q[qs+i : qs+limit_L[i]] occurring in the corpus."""
+    """out_L[i] = longest prefix of q[qs+i : qs+limit_L[i]] occurring in the corpus: per position
+    and shard one lower-bound search in the first token's block (the larger bracket LCP at its end
+    is the match), LANES of them interleaved as in ``_ranges_lanes``."""
     n_shards = len(shard_starts_S1) - 1
-    for i in range(qe - qs):
-        best = np.int64(0)
-        end = qs + limit_L[i]
-        if end > qs + i:
-            t = q[qs + i]
-            for s in range(n_shards):
+    st_lo = np.zeros(LANES, np.int64)
+    st_hi = np.zeros(LANES, np.int64)
+    st_llcp = np.zeros(LANES, np.int64)
+    st_hlcp = np.zeros(LANES, np.int64)
+    st_pos = np.zeros(LANES, np.int64)
+    st_query = np.zeros(LANES, np.int64)
+    st_shard = np.zeros(LANES, np.int64)
+    st_phase = np.zeros(LANES, np.int64)  # unused: a lower bound has one phase
+    live = np.zeros(LANES, np.bool_)
+    out_L[:] = 0
+    n_tasks = (qe - qs) * n_shards
+    task = 0
+    n_live = 0
+    first_round = True
+    while first_round or n_live > 0:
+        first_round = False
+        for g in range(LANES):
+            if live[g]:
+                i = st_query[g]
+                s = st_shard[g]
+                s0 = shard_starts_S1[s]
+                lo = st_lo[g]
+                hi = st_hi[g]
+                mid = (lo + hi) >> 1
+                k0 = st_llcp[g] if st_llcp[g] < st_hlcp[g] else st_hlcp[g]
+                if st_pos[g] < 0:
+                    pos = s0 + _sa_at(sa_u8, bits, s0 + mid)
+                    st_pos[g] = pos
+                    _prefetch(tokens, pos + k0)
+                    continue
+                c, lcp = _compare(tokens, st_pos[g], shard_starts_S1[s + 1], q, qs + i, qs + limit_L[i], k0)
+                st_pos[g] = -1
+                if c < 0:
+                    lo = mid + 1
+                    st_llcp[g] = lcp
+                else:
+                    hi = mid
+                    st_hlcp[g] = lcp
+                st_lo[g] = lo
+                st_hi[g] = hi
+                if lo < hi:
+                    _prefetch(sa_u8, ((s0 + ((lo + hi) >> 1)) * bits) >> 3)
+                    continue
+                m = st_llcp[g] if st_llcp[g] > st_hlcp[g] else st_hlcp[g]
+                if m > out_L[i]:
+                    out_L[i] = m
+                live[g] = False
+                n_live -= 1
+            while task < n_tasks:  # a free lane takes the next (position, shard) with a non-empty block
+                i = task // n_shards
+                s = task - i * n_shards
+                task += 1
+                if limit_L[i] <= i:  # the position holds an out-of-vocabulary token
+                    continue
+                t = q[qs + i]
                 lo = bucket_SxV2[s, t]
                 hi = bucket_SxV2[s, t + 1]
                 if lo == hi:
                     continue
-                if end == qs + i + 1:
-                    best = 1
-                    break
-                _, llcp, hlcp = _lower_bound(tokens, sa_u8, bits, shard_starts_S1[s], shard_starts_S1[s + 1],
-                                             lo, hi, q, qs + i, end)
-                m = llcp if llcp > hlcp else hlcp
-                if m > best:
-                    best = m
-                    if best == end - qs - i:  # the whole remaining query matches: no shard can beat it
-                        break
-        out_L[i] = best
+                if limit_L[i] == i + 1:  # one token left, and it occurs
+                    out_L[i] = 1
+                    continue
+                _lane_start(sa_u8, bits, g, i, s, lo, hi, shard_starts_S1[s], st_lo, st_hi, st_llcp, st_hlcp,
+                            st_phase, st_pos, st_query, st_shard)
+                live[g] = True
+                n_live += 1
+                break
 
 
 @njit(inline="always", **_JIT)
@@ -390,17 +584,41 @@ def maximal_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_o
 def _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs, longest_L, j0, j1, min_len,
                           logp_V, out_len, out_count, out_logp):
     """Maximal spans starting at query positions [j0, j1), from the whole query's longest matches;
-    writes length / count / log-prob at index j - j0 (length 0: no maximal span starts there)."""
+    writes length / count / log-prob at index j - j0 (length 0: no maximal span starts there). The
+    spans' counts are searched together, interleaved."""
+    n_shards = len(shard_starts_S1) - 1
+    span_qs = np.empty(j1 - j0, np.int64)
+    span_qe = np.empty(j1 - j0, np.int64)
+    todo = np.empty(j1 - j0, np.int64)
+    lo_NxS = np.zeros((j1 - j0, n_shards), np.int64)
+    hi_NxS = np.zeros((j1 - j0, n_shards), np.int64)
+    n_todo = 0
     for j in range(j0, j1):
         ln = longest_L[j]
         prev_end = j - 1 + longest_L[j - 1] if j > 0 else np.int64(-1)
         if ln > 0 and j + ln > prev_end and ln >= min_len:
             out_len[j - j0] = ln
-            out_count[j - j0] = _count(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs + j, qs + j + ln)
+            span_qs[j - j0] = qs + j
+            span_qe[j - j0] = qs + j + ln
+            if ln == 1:
+                for s in range(n_shards):
+                    lo_NxS[j - j0, s] = bucket_SxV2[s, q[qs + j]]
+                    hi_NxS[j - j0, s] = bucket_SxV2[s, q[qs + j] + 1]
+            else:
+                todo[n_todo] = j - j0
+                n_todo += 1
             lp = 0.0
             for k in range(qs + j, qs + j + ln):
                 lp += logp_V[q[k]]
             out_logp[j - j0] = lp
+    _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, span_qs, span_qe, todo[:n_todo], lo_NxS,
+                  hi_NxS)
+    for j in range(j1 - j0):
+        if out_len[j] > 0:
+            c = np.int64(0)
+            for s in range(n_shards):
+                c += hi_NxS[j, s] - lo_NxS[j, s]
+            out_count[j] = c
 
 
 @njit(**_JIT)

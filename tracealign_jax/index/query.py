@@ -36,16 +36,20 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _chunked(n: int, call: Callable[[int, int], Any], min_items: int = PARALLEL_MIN_QUERIES) -> list[Any]:
-    """``[call(a, b), ...]`` over consecutive item ranges covering [0, n), in order."""
+def _pool() -> ThreadPoolExecutor:
     global _POOL
-    bounds = _chunk_bounds(n, min_items)
-    if len(bounds) == 1:
-        return [call(0, n)]
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="traceindex")
-    return list(_POOL.map(lambda ab: call(*ab), bounds))
+    return _POOL
+
+
+def _chunked(n: int, call: Callable[[int, int], Any], min_items: int = PARALLEL_MIN_QUERIES) -> list[Any]:
+    """``[call(a, b), ...]`` over consecutive item ranges covering [0, n), in order."""
+    bounds = _chunk_bounds(n, min_items)
+    if len(bounds) == 1:
+        return [call(0, n)]
+    return list(_pool().map(lambda ab: call(*ab), bounds))
 
 
 def _chunk_bounds(n: int, min_items: int = PARALLEL_MIN_QUERIES) -> list[tuple[int, int]]:
@@ -189,12 +193,19 @@ class TraceIndex:
         return int(K.count_one(a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, q))
 
     def count_batch(self, spans: Sequence[SpanLike]) -> np.ndarray:
-        """int64[N] counts of N spans: sorted, split over the thread pool, each chunk one compiled call."""
-        flat, offsets = _flatten(spans)
+        """int64[N] counts of N spans. A large batch is cut into chunks: while a worker thread sorts
+        and searches one chunk in a compiled call, this thread converts the next one to arrays."""
         a = self._a
-        order = _search_order(flat, offsets, self.vocab_size)
-        return np.concatenate(_chunked(len(offsets) - 1, lambda i, j: K.count_batch(
-            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, flat, offsets[i:j + 1], order[i:j] - i)))
+        n = len(spans)
+
+        def run(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+            return K.count_batch_sorted(a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, flat, offsets)
+
+        bounds = _chunk_bounds(n)
+        if len(bounds) == 1:
+            return run(*_flatten(spans))
+        pool = _pool()
+        return np.concatenate([f.result() for f in [pool.submit(run, *_flatten(spans[i:j])) for i, j in bounds]])
 
     def _ranges(self, spans: Sequence[SpanLike]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per span and shard the SA range [lo, hi), plus the spans' offsets into their flat array."""
