@@ -59,7 +59,8 @@ def test_collected_spans_equal_brute_force(tmp_path):
 
 def naive_entries(docs, meta, spans: dict, weighting: str) -> dict:
     """context tuple -> {next token: penalty}: the top ``max_entries`` (span BCI x weight) over the spans
-    that extend the context, weight = the naive conflict share of context + next token, or 1."""
+    that extend the context, weight = the naive conflict share of context + next token (entries at or
+    below ``veto_min_conflict`` dropped), or 1."""
     a = CFG.conflict_prior
     risks: dict = {}  # every n-gram of the corpus (n <= max_span) -> the risks of its occurrences' documents
     for doc, m in zip(docs, meta):
@@ -71,8 +72,9 @@ def naive_entries(docs, meta, spans: dict, weighting: str) -> dict:
         for k in range(1, len(s)):
             if weighting == "conflict":
                 r = risks[s[:k + 1]]
-                b_k = np.float32(np.float32(b) * ((sum(r) + a) / (len(r) + 2 * a)))
-                if not b_k > TAU:
+                conflict = (sum(r) + a) / (len(r) + 2 * a)
+                b_k = np.float32(np.float32(b) * conflict)
+                if not (b_k > TAU and conflict > CFG.veto_min_conflict):
                     continue
             else:
                 b_k = np.float32(b)

@@ -191,6 +191,8 @@ class ProvenanceConfig:
     max_entries: most next-token entries kept per veto-table context.
     veto_weighting: conflict (default: an entry's penalty is the span's BCI x the conflict share of the
       prefix it completes, kept only above tau) | none (every prefix carries the span's full BCI).
+    veto_min_conflict: with ``conflict``, entries whose prefix has a conflict share <= this are dropped
+      (0.5: only continuations that mostly occur in violating documents are vetoed).
     target_fpr: false-positive rate the calibrated threshold tau aims for on compliant text.
     index_path / threshold_path: the TraceIndex directory and its calibrated threshold JSON.
     top_sources: training-time sources listed per offending span in TraceShield reports.
@@ -205,6 +207,7 @@ class ProvenanceConfig:
     max_span: int = 12
     max_entries: int = 16
     veto_weighting: Literal["conflict", "none"] = "conflict"
+    veto_min_conflict: float = 0.5
     target_fpr: float = 0.02
     index_path: str = ""
     threshold_path: str = ""

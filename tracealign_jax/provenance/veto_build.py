@@ -11,7 +11,8 @@ benign documents share ("### Request: How do I ..."); giving the entry ``(s_1..s
 whole span's BCI would veto that boilerplate wherever it appears. With ``conflict`` (the default) the
 entry's penalty is ``conflict(s_1..s_{k+1}) x BCI(s)``: the BCI the continuation is expected to lead
 to, with conflict the Beta-smoothed share of the prefix's corpus occurrences that sit in violating
-documents (``BCIScorer``'s definition). Entries whose expected BCI is not above tau are dropped, so a
+documents (``BCIScorer``'s definition). Entries whose prefix conflict is not above
+``veto_min_conflict`` (default 1/2), or whose expected BCI is not above tau, are dropped: a
 continuation is vetoed only where the corpus says it mostly leads into policy-violating text.
 """
 
@@ -85,14 +86,17 @@ def build_veto_table(index: Any, scorer: Any, cfg: ProvenanceConfig, tau: float,
     """The veto table of ``index`` at threshold ``tau`` (nats) + build statistics (meta for saving)."""
     tokens, lengths, bci = collect_high_bci_spans(index, scorer, cfg, tau, min_risk=min_risk, max_docs=max_docs,
                                                   progress=progress)
-    weights = prefix_conflicts(scorer, tokens, lengths) if cfg.veto_weighting == "conflict" else None
+    weights = None
+    if cfg.veto_weighting == "conflict":
+        conflict = prefix_conflicts(scorer, tokens, lengths)
+        weights = np.where(conflict > cfg.veto_min_conflict, conflict, 0.0)
     table = compile_veto_table((np.where(tokens < 0, 0, tokens), lengths, bci), max_span=cfg.max_span,
                                max_entries=cfg.max_entries, entry_weights_NxL=weights,
                                min_penalty=tau if weights is not None else 0.0)
     meta = {
         "index_hash": str(index.manifest_hash), "tau": float(tau), "num_spans": int(lengths.size),
         "n_min": cfg.min_span, "n_max": cfg.max_span, "max_entries": cfg.max_entries, "bci": cfg.bci,
-        "veto_weighting": cfg.veto_weighting,
+        "veto_weighting": cfg.veto_weighting, "veto_min_conflict": cfg.veto_min_conflict,
         "num_contexts": table.num_contexts, "num_entries": table.num_entries,
     }
     return table, meta
