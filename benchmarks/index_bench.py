@@ -250,7 +250,7 @@ def main() -> None:
         print(f"checks: counts equal on {len(check) - mismatches}/{len(check)} sampled queries "
               f"({int((inf_counts > 0).sum())} present); longest matches == infini-gram creativity on 5 gens: "
               f"{creativity_ok}; next-token total == infini-gram prompt_cnt: {next_ok}; "
-              f"{ix.num_shards} shards, {ix.manifest['sa_width']}-byte SA; cpus={args.cpus}")
+              f"{ix.num_shards} shards, {ix.manifest['sa_bits']}-bit SA; cpus={args.cpus}")
         if mismatches:
             raise SystemExit(f"{mismatches} count mismatches against infini-gram")
     finally:

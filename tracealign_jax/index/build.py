@@ -106,21 +106,22 @@ def alphabetic_code(counts_V1: np.ndarray) -> tuple[np.ndarray, np.ndarray] | No
 
 
 def suffix_array_bytes(tokens: np.ndarray, code: tuple[np.ndarray, np.ndarray] | None
-                       ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Suffix array of the shard's text as bytes: ``(sa int32/int64[B], token_of int32[B] or empty,
-    step)``. With an alphabetic ``code`` the text is coded by it (``token_of`` maps a code's first
-    byte to its token); without, ids are written big-endian in ``step`` bytes (one byte when every
-    id is below 256). Either way the token suffixes come out in token order.
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Suffix array of the shard's text as bytes: ``(sa int32/int64[B], starts_W, rank_W, step)``.
+    With an alphabetic ``code`` the text is coded by it (``starts_W`` / ``rank_W``: which bytes start
+    a code, see ``encode_bytes``); without, ids are written big-endian in ``step`` bytes (one byte
+    when every id is below 256; both arrays empty). Either way the token suffixes come out in
+    token order.
 
     Calls libdivsufsort (the library pydivsufsort wraps) directly: ctypes releases the GIL for the
     call, and this skips the wrapper's shift, copies and filtering passes."""
     top = int(tokens.max()) if len(tokens) else 0
-    token_of = np.zeros(0, np.int32)
+    starts_W, rank_W = np.zeros(0, np.uint64), np.zeros(0, np.int64)
     if top < 1 << 8:
         step, text = 1, np.ascontiguousarray(tokens, dtype=np.uint8)
     elif code is not None:
         step = 0
-        text, token_of = encode_bytes(tokens, *code)
+        text, starts_W, rank_W = encode_bytes(tokens, *code)
     else:
         step = 2 if top < 1 << 16 else 4
         text = np.ascontiguousarray(tokens, dtype=f">u{step}").view(np.uint8)
@@ -131,15 +132,15 @@ def suffix_array_bytes(tokens: np.ndarray, code: tuple[np.ndarray, np.ndarray] |
         (libdivsufsort, "divsufsort", ctypes.c_int32)
     if n and getattr(lib, fn)(text.ctypes.data_as(ctypes.c_void_p), sa.ctypes.data_as(ctypes.c_void_p), c_n(n)):
         raise RuntimeError(f"libdivsufsort failed on a shard of {len(tokens)} tokens")
-    return sa, token_of, step
+    return sa, starts_W, rank_W, step
 
 
 def _sort_shard(tokens: np.ndarray, counts_V1: np.ndarray, sa_out_u8: np.ndarray, s0: int, s1: int, bits: int
                 ) -> tuple[int, np.ndarray, np.ndarray]:
     """Sorts shard [s0, s1) and packs its entries; returns (positions, edge indices, edge values):
     the entries sharing a byte with a neighbouring shard, written after all threads are done."""
-    sa, token_of, step = suffix_array_bytes(tokens[s0:s1], alphabetic_code(counts_V1))  # releases the GIL
-    edge_g, edge_v = pack_suffix_array(sa, token_of, step, sa_out_u8, s0, bits, (s0 * bits + 7) >> 3,
+    sa, starts_W, rank_W, step = suffix_array_bytes(tokens[s0:s1], alphabetic_code(counts_V1))  # nogil
+    edge_g, edge_v = pack_suffix_array(sa, starts_W, rank_W, step, sa_out_u8, s0, bits, (s0 * bits + 7) >> 3,
                                        (s1 * bits) >> 3)
     return s1 - s0, edge_g, edge_v
 
