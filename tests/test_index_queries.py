@@ -235,3 +235,51 @@ def test_coded_sort_over_wide_vocab_matches_naive(vocab, seed, n_shards):
         expected = [len(naive_occurrences(lists, q)) for q in queries]
         assert [ix.count(q) for q in queries] == expected
         assert ix.count_batch(queries * 40).tolist() == expected * 40
+
+
+def _scan_count(flat: np.ndarray, q: list[int]) -> int:
+    """Occurrences of q in the separator-joined token array (separators never equal a query id)."""
+    if not q:
+        return int((flat >= 0).sum())
+    if len(q) > len(flat):
+        return 0
+    windows = np.lib.stride_tricks.sliding_window_view(flat, len(q))
+    return int((windows == np.asarray(q)).all(axis=1).sum())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(2, 5), st.integers(0, 2**32 - 1), st.integers(1, 3))
+def test_large_blocks_fence_and_lanes_match_scan(vocab, seed, n_shards):
+    """First-token blocks of hundreds of suffixes: searches narrow through the fence samples and
+    run interleaved in lanes; counts, batches, longest matches and next tokens still equal a scan."""
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(0, vocab, int(n)) for n in rng.integers(0, 120, 40)]
+    flat = np.concatenate([np.append(d, -1) for d in docs])  # -1 stands for the separator
+    total = len(flat)
+    with tempfile.TemporaryDirectory() as tmp:
+        ix = TraceIndex.open(build_index_from_tokens(docs, Path(tmp) / "i", vocab_size=vocab,
+                                                     metadata=[{"unsafe": False}] * len(docs),
+                                                     shard_tokens=-(-total // n_shards)))
+        queries = [rng.integers(0, vocab, int(k)).tolist() for k in rng.integers(0, 9, 150)]
+        queries += [flat[i:i + k].tolist() for i, k in zip(rng.integers(0, total - 8, 100), rng.integers(2, 8, 100))
+                    if -1 not in flat[i:i + k]]
+        expected = [_scan_count(flat, q) for q in queries]
+        assert [ix.count(q) for q in queries] == expected
+        assert ix.count_batch(queries).tolist() == expected
+        assert ix.count_batch(queries * 3).tolist() == expected * 3  # chunked, sorted, repeats
+        assert [t for _, t in ix.occurrence_docs_batch(queries, 5)] == expected
+        for q in queries[:40]:
+            ids, counts = ix.next_token_counts(q)
+            want = {t: _scan_count(flat, q + [t]) for t in range(vocab)}
+            assert dict(zip(ids.tolist(), counts.tolist())) == {t: c for t, c in want.items() if c}
+        gen = rng.integers(0, vocab + 1, 150).tolist()  # includes out-of-vocabulary ids
+        longest = []
+        for i in range(len(gen)):
+            n = 0
+            while i + n < len(gen) and gen[i + n] < vocab and _scan_count(flat, gen[i:i + n + 1]):
+                n += 1
+            longest.append(n)
+        assert ix.longest_matches(gen).tolist() == longest  # split across threads (>= 128 tokens)
+        assert ix.longest_matches_batch([gen[:60], gen[60:]])[1].tolist() == ix.longest_matches(gen[60:]).tolist()
+        spans = ix.maximal_spans(gen)
+        assert spans and all(s.count == _scan_count(flat, gen[s.start:s.end]) for s in spans)

@@ -9,7 +9,10 @@ shards back to back, each entry a shard-local position bit-packed into ``bits`` 
 (int64[S, V+2]) is where each first token's block starts in a shard's suffix array
 (``bucket[s, t]`` .. ``bucket[s, t + 1]``; ``bucket[s, sep]`` = the shard's non-separator suffixes,
 ``bucket[s, sep + 1]`` = the shard's length), so every search starts inside one block, already
-knowing one matching token, and a one-token count needs no search at all.
+knowing one matching token, and a one-token count needs no search at all. ``fence_F`` (uint64,
+built at open by ``build_fence``) holds the second and third token of every FENCE_RATE-th suffix
+of the suffix array, so the search narrows the block to the suffixes sharing q's first three
+tokens by bisecting a small cached array, before it touches the suffix array and the tokens.
 
 Queries arrive as int64 arrays. Callers guarantee query tokens lie in ``[0, sep)``: a token outside
 the vocabulary can never match and is handled before the kernels (or, in ``longest_matches``, by
@@ -91,6 +94,76 @@ def _compare(tokens, pos, end, q, qs, qe, k0):
     return -1, k
 
 
+FENCE_SHIFT = 5
+FENCE_RATE = 1 << FENCE_SHIFT
+
+
+@njit(**_JIT)
+def build_fence(tokens, sa_u8, bits, shard_starts_S1):
+    """uint64[ceil(P / FENCE_RATE)]: for every FENCE_RATE-th global SA index, the suffix's second
+    and third token as ``t1 << 32 | t2`` (0 past the shard's end, which only a separator's suffix
+    reaches). Within a first-token block these keys ascend with the rank."""
+    n = shard_starts_S1[len(shard_starts_S1) - 1]
+    fence_F = np.zeros((n + FENCE_RATE - 1) >> FENCE_SHIFT, np.uint64)
+    s = 0
+    for k in range(len(fence_F)):
+        g = np.int64(k) << FENCE_SHIFT
+        while g >= shard_starts_S1[s + 1]:
+            s += 1
+        s0 = shard_starts_S1[s]
+        s1 = shard_starts_S1[s + 1]
+        pos = s0 + _sa_at(sa_u8, bits, g)
+        t1 = np.uint64(tokens[pos + 1]) if pos + 1 < s1 else np.uint64(0)
+        t2 = np.uint64(tokens[pos + 2]) if pos + 2 < s1 else np.uint64(0)
+        fence_F[k] = (t1 << np.uint64(32)) | t2
+    return fence_F
+
+
+@njit(inline="always", **_JIT)
+def _narrow(fence_F, s0, lo, hi, q, qs, qe):
+    """Narrows q's first-token block [lo, hi) (shard-local ranks, shard at global s0) to the ranks
+    between the fence samples around q's second and third token. Returns (lo, hi, llcp, hlcp) with
+    exact LCPs of q with the suffixes at lo - 1 and hi where those are fence samples inside the
+    block (a sample's key differs from q's there, at the second or third token), else 1."""
+    m = qe - qs
+    if m < 2 or hi - lo <= 2 * FENCE_RATE:
+        return lo, hi, np.int64(1), np.int64(1)
+    t1 = np.uint64(q[qs + 1])
+    key_lo = t1 << np.uint64(32)
+    key_hi = key_lo | np.uint64(0xFFFFFFFF)
+    if m >= 3:
+        key_lo |= np.uint64(q[qs + 2])
+        key_hi = key_lo
+    k0 = (s0 + lo + FENCE_RATE - 1) >> FENCE_SHIFT
+    k1 = (s0 + hi + FENCE_RATE - 1) >> FENCE_SHIFT
+    a = k0
+    b = k1
+    while a < b:  # first sample with key >= key_lo
+        mid = (a + b) >> 1
+        if fence_F[mid] < key_lo:
+            a = mid + 1
+        else:
+            b = mid
+    jl = a
+    b = k1
+    while a < b:  # first sample with key > key_hi
+        mid = (a + b) >> 1
+        if fence_F[mid] <= key_hi:
+            a = mid + 1
+        else:
+            b = mid
+    jh = a
+    llcp = np.int64(1)
+    hlcp = np.int64(1)
+    if jl > k0:
+        lo = ((jl - 1) << FENCE_SHIFT) - s0 + 1
+        llcp = 2 if (fence_F[jl - 1] >> np.uint64(32)) == t1 else 1
+    if jh < k1:
+        hi = (jh << FENCE_SHIFT) - s0
+        hlcp = 2 if (fence_F[jh] >> np.uint64(32)) == t1 else 1
+    return lo, hi, llcp, hlcp
+
+
 @njit(**_JIT)
 def _upper_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, hi, hlcp):
     """First shard rank in [lo, hi] whose suffix sorts after every suffix starting with q, given
@@ -110,7 +183,7 @@ def _upper_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, hi, hlcp):
 
 
 @njit(**_JIT)
-def _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, s, q, qs, qe):
+def _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, s, q, qs, qe):
     """[lo, hi) shard ranks whose suffixes start with q[qs:qe] (tokens in [0, sep)); the empty query
     spans every non-separator suffix (separators sort last).
 
@@ -127,8 +200,7 @@ def _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, s, q, qs, qe
         return lo, hi
     s0 = shard_starts_S1[s]
     s1 = shard_starts_S1[s + 1]
-    llcp = np.int64(1)
-    hlcp = np.int64(1)
+    lo, hi, llcp, hlcp = _narrow(fence_F, s0, lo, hi, q, qs, qe)
     while lo < hi:
         mid = (lo + hi) >> 1
         k0 = llcp if llcp < hlcp else hlcp
@@ -165,28 +237,28 @@ def _in_vocab(q, qs, qe, sep):
 
 
 @njit(inline="always", **_JIT)
-def _count(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs, qe):
+def _count(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q, qs, qe):
     total = np.int64(0)
     for s in range(len(shard_starts_S1) - 1):
-        lo, hi = _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, s, q, qs, qe)
+        lo, hi = _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, s, q, qs, qe)
         total += hi - lo
     return total
 
 
 @njit(**_JIT)
-def count_one(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q):
+def count_one(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q):
     """Occurrences of q (int64[L]); 0 when a token is outside the vocabulary [0, sep). The shards'
     searches run interleaved (``_ranges_lanes``), so their cache misses overlap."""
     if not _in_vocab(q, 0, len(q), bucket_SxV2.shape[1] - 2):
         return np.int64(0)
     n_shards = len(shard_starts_S1) - 1
     if len(q) <= 1 or n_shards == 1:
-        return _count(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, 0, len(q))
+        return _count(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q, 0, len(q))
     lo_1xS = np.zeros((1, n_shards), np.int64)
     hi_1xS = np.zeros((1, n_shards), np.int64)
     zero = np.zeros(1, np.int64)
-    _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, zero, np.full(1, len(q), np.int64), zero,
-                  lo_1xS, hi_1xS)
+    _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q, zero, np.full(1, len(q), np.int64),
+                  zero, lo_1xS, hi_1xS)
     return (hi_1xS - lo_1xS).sum()
 
 
@@ -235,12 +307,12 @@ def _same_query(q, a0, a1, b0, b1):
 # upper bound), as a state machine: phase 0 shared, 1 lower bound, 2 upper bound.
 
 @njit(inline="always", **_JIT)
-def _lane_start(sa_u8, bits, lane, i, s, lo, hi, s0, st_lo, st_hi, st_llcp, st_hlcp, st_phase, st_pos,
+def _lane_start(sa_u8, bits, lane, i, s, lo, hi, llcp, hlcp, s0, st_lo, st_hi, st_llcp, st_hlcp, st_phase, st_pos,
                 st_query, st_shard):
     st_lo[lane] = lo
     st_hi[lane] = hi
-    st_llcp[lane] = 1
-    st_hlcp[lane] = 1
+    st_llcp[lane] = llcp
+    st_hlcp[lane] = hlcp
     st_phase[lane] = 0
     st_pos[lane] = -1  # the midpoint's SA entry is not read yet
     st_query[lane] = i
@@ -249,7 +321,8 @@ def _lane_start(sa_u8, bits, lane, i, s, lo, hi, s0, st_lo, st_hi, st_llcp, st_h
 
 
 @njit(**_JIT)
-def _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs_N, qe_N, todo_T, lo_NxS, hi_NxS):
+def _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, qs_N, qe_N, todo_T, lo_NxS,
+                  hi_NxS):
     """SA ranges of queries ``todo_T`` (query i is ``q_flat[qs_N[i]:qe_N[i]]``, >= 2 tokens, all in
     the vocabulary) in every shard, written to lo_NxS / hi_NxS; LANES (query, shard) searches
     interleaved."""
@@ -336,12 +409,16 @@ def _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs_
                 t = q_flat[qs_N[i]]
                 lo = bucket_SxV2[s, t]
                 hi = bucket_SxV2[s, t + 1]
-                if lo == hi:
+                llcp = np.int64(1)
+                hlcp = np.int64(1)
+                if lo < hi:
+                    lo, hi, llcp, hlcp = _narrow(fence_F, shard_starts_S1[s], lo, hi, q_flat, qs_N[i], qe_N[i])
+                if lo >= hi:
                     lo_NxS[i, s] = lo
                     hi_NxS[i, s] = lo
                     continue
-                _lane_start(sa_u8, bits, g, i, s, lo, hi, shard_starts_S1[s], st_lo, st_hi, st_llcp, st_hlcp,
-                            st_phase, st_pos, st_query, st_shard)
+                _lane_start(sa_u8, bits, g, i, s, lo, hi, llcp, hlcp, shard_starts_S1[s], st_lo, st_hi, st_llcp,
+                            st_hlcp, st_phase, st_pos, st_query, st_shard)
                 live[g] = True
                 n_live += 1
                 break
@@ -381,7 +458,7 @@ def _plan_batch(q_flat, q_offsets_N1, order_N, bucket_SxV2, lo_NxS, hi_NxS):
 
 
 @njit(**_JIT)
-def ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, order_N):
+def ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, q_offsets_N1, order_N):
     """Per query and shard, the SA range [lo, hi) of the query; a query with a token outside the
     vocabulary gets empty ranges. Queries are searched in ``order_N`` (a permutation of 0..N-1:
     sorted queries share cached search paths, and a repeat of the previous one is not searched)."""
@@ -390,8 +467,8 @@ def ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_of
     lo_NxS = np.zeros((n, n_shards), np.int64)
     hi_NxS = np.zeros((n, n_shards), np.int64)
     todo, dup_N = _plan_batch(q_flat, q_offsets_N1, order_N, bucket_SxV2, lo_NxS, hi_NxS)
-    _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1[:-1], q_offsets_N1[1:], todo,
-                  lo_NxS, hi_NxS)
+    _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, q_offsets_N1[:-1],
+                  q_offsets_N1[1:], todo, lo_NxS, hi_NxS)
     for i in range(n):
         if dup_N[i] >= 0:
             lo_NxS[i] = lo_NxS[dup_N[i]]
@@ -400,9 +477,9 @@ def ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_of
 
 
 @njit(**_JIT)
-def count_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, order_N):
+def count_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, q_offsets_N1, order_N):
     """Counts of N queries (see ``ranges_batch``)."""
-    lo_NxS, hi_NxS = ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1,
+    lo_NxS, hi_NxS = ranges_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, q_offsets_N1,
                                   order_N)
     out_N = np.zeros(len(q_offsets_N1) - 1, np.int64)
     for i in range(len(out_N)):
@@ -412,10 +489,26 @@ def count_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_off
 
 
 @njit(**_JIT)
-def count_batch_sorted(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1):
-    """``count_batch`` in the order of ``search_keys`` (sorted here, so a worker thread does it all)."""
+def count_batch_sorted(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, q_offsets_N1):
+    """``count_batch`` with the queries sorted by ``search_keys`` and copied into that order first:
+    reading queries through a permutation costs a cache miss per query, more than the copy."""
+    n = len(q_offsets_N1) - 1
     order_N = np.argsort(search_keys(q_flat, q_offsets_N1, bucket_SxV2.shape[1] - 2))
-    return count_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, order_N)
+    sorted_flat = np.empty(len(q_flat), np.int64)
+    sorted_offsets = np.zeros(n + 1, np.int64)
+    j = 0
+    for k in range(n):
+        i = order_N[k]
+        for x in range(q_offsets_N1[i], q_offsets_N1[i + 1]):
+            sorted_flat[j] = q_flat[x]
+            j += 1
+        sorted_offsets[k + 1] = j
+    counts = count_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, sorted_flat, sorted_offsets,
+                         np.arange(n))
+    out_N = np.empty(n, np.int64)
+    for k in range(n):
+        out_N[order_N[k]] = counts[k]
+    return out_N
 
 
 @njit(inline="always", **_JIT)
@@ -461,7 +554,7 @@ def gather_positions(sa_u8, bits, shard_starts_S1, doc_starts_D1, lo_NxS, hi_NxS
 
 
 @njit(**_JIT)
-def _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs, qe, limit_L, out_L):
+def _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q, qs, qe, limit_L, out_L):
     """out_L[i] = longest prefix of q[qs+i : qs+limit_L[i]] occurring in the corpus: per position
     and shard one lower-bound search in the first token's block (the larger bracket LCP at its end
     is the match), LANES of them interleaved as in ``_ranges_lanes``."""
@@ -528,8 +621,14 @@ def _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs, qe, 
                 if limit_L[i] == i + 1:  # one token left, and it occurs
                     out_L[i] = 1
                     continue
-                _lane_start(sa_u8, bits, g, i, s, lo, hi, shard_starts_S1[s], st_lo, st_hi, st_llcp, st_hlcp,
-                            st_phase, st_pos, st_query, st_shard)
+                lo, hi, llcp, hlcp = _narrow(fence_F, shard_starts_S1[s], lo, hi, q, qs + i, qs + limit_L[i])
+                if lo >= hi:  # q's first tokens fall between two suffixes: the brackets are the match
+                    m = llcp if llcp > hlcp else hlcp
+                    if m > out_L[i]:
+                        out_L[i] = m
+                    continue
+                _lane_start(sa_u8, bits, g, i, s, lo, hi, llcp, hlcp, shard_starts_S1[s], st_lo, st_hi, st_llcp,
+                            st_hlcp, st_phase, st_pos, st_query, st_shard)
                 live[g] = True
                 n_live += 1
                 break
@@ -547,7 +646,7 @@ def _valid_limits(q, qs, qe, sep, limit_L):
 
 
 @njit(**_JIT)
-def longest_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1):
+def longest_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, q_offsets_N1):
     """Longest corpus match starting at every position of every query: int32, flat over
     ``q_flat[q_offsets_N1[0]:q_offsets_N1[-1]]``."""
     base0 = q_offsets_N1[0]
@@ -558,13 +657,13 @@ def longest_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_o
         qe = q_offsets_N1[i + 1]
         limit_L = np.empty(qe - qs, np.int64)
         _valid_limits(q_flat, qs, qe, sep, limit_L)
-        _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs, qe, limit_L,
+        _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, qs, qe, limit_L,
                       out[qs - base0:qe - base0])
     return out.astype(np.int32)
 
 
 @njit(**_JIT)
-def maximal_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_offsets_N1, min_len, logp_V):
+def maximal_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, q_offsets_N1, min_len, logp_V):
     """Maximal matching spans (not contained in another) of length >= min_len for each query.
 
     Since ``i + longest[i]`` never decreases along a query, span ``[i, i + longest[i])`` is maximal
@@ -582,15 +681,15 @@ def maximal_batch(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, q_o
         limit_L = np.empty(qe - qs, np.int64)
         _valid_limits(q_flat, qs, qe, sep, limit_L)
         longest_L = np.empty(qe - qs, np.int64)
-        _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs, qe, limit_L, longest_L)
-        _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q_flat, qs, longest_L, 0,
+        _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, qs, qe, limit_L, longest_L)
+        _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_flat, qs, longest_L, 0,
                               qe - qs, min_len, logp_V, span_len[qs - base0:qe - base0],
                               span_count[qs - base0:qe - base0], span_logp[qs - base0:qe - base0])
     return span_len, span_count, span_logp
 
 
 @njit(**_JIT)
-def _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, qs, longest_L, j0, j1, min_len,
+def _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q, qs, longest_L, j0, j1, min_len,
                           logp_V, out_len, out_count, out_logp):
     """Maximal spans starting at query positions [j0, j1), from the whole query's longest matches;
     writes length / count / log-prob at index j - j0 (length 0: no maximal span starts there). The
@@ -620,8 +719,8 @@ def _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, 
             for k in range(qs + j, qs + j + ln):
                 lp += logp_V[q[k]]
             out_logp[j - j0] = lp
-    _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, span_qs, span_qe, todo[:n_todo], lo_NxS,
-                  hi_NxS)
+    _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q, span_qs, span_qe, todo[:n_todo],
+                  lo_NxS, hi_NxS)
     for j in range(j1 - j0):
         if out_len[j] > 0:
             c = np.int64(0)
@@ -631,23 +730,23 @@ def _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, 
 
 
 @njit(**_JIT)
-def longest_slice(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, p0, p1):
+def longest_slice(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q, p0, p1):
     """Longest matches at positions [p0, p1) of one query q (int64[L]): int64[p1 - p0]. Lets one
     long query be split across threads."""
     limit_L = np.empty(len(q), np.int64)
     _valid_limits(q, 0, len(q), bucket_SxV2.shape[1] - 2, limit_L)
     out = np.zeros(p1 - p0, np.int64)
-    _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, p0, p1, limit_L[p0:p1] - p0, out)
+    _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q, p0, p1, limit_L[p0:p1] - p0, out)
     return out
 
 
 @njit(**_JIT)
-def maximal_slice(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, longest_L, j0, j1, min_len, logp_V):
+def maximal_slice(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q, longest_L, j0, j1, min_len, logp_V):
     """Maximal spans of one query starting at positions [j0, j1), given its longest matches."""
     out_len = np.zeros(j1 - j0, np.int64)
     out_count = np.zeros(j1 - j0, np.int64)
     out_logp = np.zeros(j1 - j0, np.float64)
-    _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q, 0, longest_L, j0, j1, min_len,
+    _maximal_from_longest(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q, 0, longest_L, j0, j1, min_len,
                           logp_V, out_len, out_count, out_logp)
     return out_len, out_count, out_logp
 
@@ -706,7 +805,7 @@ def _merge_runs(tok, cnt, a, b):
 
 
 @njit(**_JIT)
-def next_counts_one(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q):
+def next_counts_one(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q):
     """Every token following context q (int64[M]) and its count, ascending by token id."""
     sep = bucket_SxV2.shape[1] - 2
     if not _in_vocab(q, 0, len(q), sep):
@@ -716,7 +815,7 @@ def next_counts_one(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, q):
     his = np.empty(n_shards, np.int64)
     cap = np.int64(0)
     for s in range(n_shards):
-        lo, hi = _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, s, q, 0, len(q))
+        lo, hi = _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, s, q, 0, len(q))
         los[s] = lo
         his[s] = hi
         cap += min(hi - lo, sep)

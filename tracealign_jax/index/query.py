@@ -94,6 +94,7 @@ class _Arrays:
     bits: int
     shard_starts_S1: np.ndarray
     bucket_SxV2: np.ndarray  # int64[S, V+2]: start of each first token's block in each shard's SA
+    fence_F: np.ndarray  # uint64: tokens 2-3 of every 32nd suffix (``K.build_fence``), derived at open
     doc_starts_D1: np.ndarray
     sep: int
 
@@ -149,15 +150,20 @@ class TraceIndex:
         starts = np.asarray(layout.shard_starts, np.int64)
         counts = fmt.memmap(path / fmt.SHARD_COUNTS_FILE, "<i4", layout.num_shards * (layout.vocab_size + 1))
         counts_SxV1 = counts.reshape(layout.num_shards, layout.vocab_size + 1)
+        tokens = fmt.memmap(path / fmt.TOKENS_FILE, layout.dtype, layout.num_positions)
+        sa_u8 = fmt.memmap(path / fmt.SA_FILE, np.uint8, fmt.sa_bytes(layout.num_positions, layout.sa_bits))
         self._a = _Arrays(
-            tokens=fmt.memmap(path / fmt.TOKENS_FILE, layout.dtype, layout.num_positions),
-            sa_u8=fmt.memmap(path / fmt.SA_FILE, np.uint8, fmt.sa_bytes(layout.num_positions, layout.sa_bits)),
+            tokens=tokens,
+            sa_u8=sa_u8,
             bits=layout.sa_bits,
             shard_starts_S1=starts,
             bucket_SxV2=_buckets(counts_SxV1, starts, path),
+            fence_F=K.build_fence(tokens, sa_u8, layout.sa_bits, starts),
             doc_starts_D1=fmt.memmap(path / fmt.DOC_STARTS_FILE, "<i8", layout.num_docs + 1),
             sep=layout.vocab_size,
         )
+        # what every search kernel takes first (see kernels.py), in that order
+        self._k = (tokens, sa_u8, layout.sa_bits, starts, self._a.bucket_SxV2, self._a.fence_F)
         self._unigram_counts = counts_SxV1[:, :-1].sum(axis=0, dtype=np.int64)
         self._logprobs_V: np.ndarray | None = None
         self._meta_table = None
@@ -188,18 +194,16 @@ class TraceIndex:
 
     def count(self, span: SpanLike) -> int:
         """Number of occurrences of ``span`` in the corpus (never across documents)."""
-        a = self._a
         q = np.asarray(span, dtype=np.int64).reshape(-1)
-        return int(K.count_one(a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, q))
+        return int(K.count_one(*self._k, q))
 
     def count_batch(self, spans: Sequence[SpanLike]) -> np.ndarray:
         """int64[N] counts of N spans. A large batch is cut into chunks: while a worker thread sorts
         and searches one chunk in a compiled call, this thread converts the next one to arrays."""
-        a = self._a
         n = len(spans)
 
         def run(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-            return K.count_batch_sorted(a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, flat, offsets)
+            return K.count_batch_sorted(*self._k, flat, offsets)
 
         bounds = _chunk_bounds(n)
         if len(bounds) == 1:
@@ -210,10 +214,9 @@ class TraceIndex:
     def _ranges(self, spans: Sequence[SpanLike]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per span and shard the SA range [lo, hi), plus the spans' offsets into their flat array."""
         flat, offsets = _flatten(spans)
-        a = self._a
         order = _search_order(flat, offsets, self.vocab_size)
         parts = _chunked(len(offsets) - 1, lambda i, j: K.ranges_batch(
-            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, flat, offsets[i:j + 1], order[i:j] - i))
+            *self._k, flat, offsets[i:j + 1], order[i:j] - i))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), offsets
 
     def _gather(self, lo_NxS: np.ndarray, hi_NxS: np.ndarray, take_N: np.ndarray, seed: int,
@@ -270,9 +273,8 @@ class TraceIndex:
     def longest_matches_batch(self, token_lists: Sequence[SpanLike]) -> list[np.ndarray]:
         """For each token list, int32[L]: length of the longest corpus match starting at each position."""
         flat, offsets = _flatten(token_lists)
-        a = self._a
         out = np.concatenate(_chunked(len(offsets) - 1, lambda i, j: K.longest_batch(
-            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, flat, offsets[i:j + 1])))
+            *self._k, flat, offsets[i:j + 1])))
         return [out[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
     def longest_matches(self, tokens: SpanLike) -> np.ndarray:
@@ -283,9 +285,8 @@ class TraceIndex:
 
     def _longest_split(self, q: np.ndarray) -> np.ndarray:
         """One long query's positions split across the thread pool (int64[L])."""
-        a = self._a
         return np.concatenate(_chunked(len(q), lambda i, j: K.longest_slice(
-            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, q, i, j), min_items=SPLIT_MIN_TOKENS))
+            *self._k, q, i, j), min_items=SPLIT_MIN_TOKENS))
 
     def maximal_spans_batch(self, token_lists: Sequence[SpanLike], min_len: int = 1,
                             max_count: int | None = None) -> list[list[Span]]:
@@ -293,10 +294,9 @@ class TraceIndex:
         length >= min_len and, if given, count <= max_count; ranked by span unigram log-prob,
         rarest (most negative) first, ties by start."""
         flat, offsets = _flatten(token_lists)
-        a = self._a
         logp_V = self.unigram_logprobs()
         parts = _chunked(len(offsets) - 1, lambda i, j: K.maximal_batch(
-            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, flat, offsets[i:j + 1],
+            *self._k, flat, offsets[i:j + 1],
             max(int(min_len), 1), logp_V))
         span_len, span_count, span_logp = (np.concatenate([p[k] for p in parts]) for k in range(3))
         return [self._rank_spans(span_len[s0:s1], span_count[s0:s1], span_logp[s0:s1], max_count)
@@ -306,10 +306,9 @@ class TraceIndex:
         q = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if len(q) < SPLIT_MIN_TOKENS:
             return self.maximal_spans_batch([q], min_len, max_count)[0]
-        a = self._a
         longest_L = self._longest_split(q)
         parts = _chunked(len(q), lambda i, j: K.maximal_slice(
-            a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, q, longest_L, i, j, max(int(min_len), 1),
+            *self._k, q, longest_L, i, j, max(int(min_len), 1),
             self.unigram_logprobs()), min_items=SPLIT_MIN_TOKENS)
         span_len, span_count, span_logp = (np.concatenate([p[k] for p in parts]) for k in range(3))
         return self._rank_spans(span_len, span_count, span_logp, max_count)
@@ -354,8 +353,7 @@ class TraceIndex:
 
     def next_token_counts(self, context: SpanLike) -> tuple[np.ndarray, np.ndarray]:
         q = np.asarray(context, dtype=np.int64).reshape(-1)
-        a = self._a
-        return K.next_counts_one(a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.bucket_SxV2, q)
+        return K.next_counts_one(*self._k, q)
 
     # ---- corpus statistics and documents ------------------------------------------------------
 
