@@ -1,8 +1,8 @@
 """Beam search as one ``lax.while_loop`` (t5x style): live and finished sets, top-2K candidates.
 
-Per step, for B rows x K live beams: score all K x V one-token extensions (log-probs after the
-provenance hook, on each beam's *running* sequence), keep the best 2K (enough that K of them are
-not EOS), then
+Per step, for B rows x K live beams: score all K x V one-token extensions (beam log-prob + step
+log-prob, passed through the provenance hook on each beam's *running* sequence), keep the best 2K
+(enough that K of them are not EOS), then
 
   * live set: the best K non-EOS candidates; the model state (KV cache) follows its parent beam;
   * finished set: the best K of (old finished, new EOS candidates, the refusal candidate) by
@@ -138,17 +138,23 @@ def beam_search(
 
     def body(s: BeamState) -> BeamState:
         flat = lambda x: x.reshape((b * k,) + x.shape[2:])  # noqa: E731
-        logprobs_BKxV, step_vetoes_BK, model_state = next_logprobs(
-            tokens_to_logits,
-            logits_hook,
-            flat(s.live_last_BxK),
-            s.model_state,
-            flat(s.live_context_BxKxC),
-            flat(s.live_context_len_BxK),
+        logprobs_BKxV, _, model_state = next_logprobs(
+            tokens_to_logits, None, flat(s.live_last_BxK), s.model_state, None, None
         )
         v = logprobs_BKxV.shape[-1]
+        # The hook acts on the candidate scores (beam log-prob + step log-prob) rather than on the
+        # step log-probs: a soft penalty is additive either way and a forbidden candidate is invalid
+        # either way, but log-softmax and the sum then stay one fused pass over [B*K, V], and the
+        # hook's sparse scatter updates the array top_k reads in place.
+        cand_BKxV = logprobs_BKxV + flat(s.live_logprobs_BxK)[:, None]
+        if logits_hook is None:
+            step_vetoes_BK = jnp.zeros((b * k,), jnp.int32)
+        else:
+            cand_BKxV, step_vetoes_BK = logits_hook(
+                cand_BKxV, flat(s.live_context_BxKxC), flat(s.live_context_len_BxK)
+            )
         step_vetoes_BxK = step_vetoes_BK.reshape(b, k)
-        cand_BxKV = (logprobs_BKxV.reshape(b, k, v) + s.live_logprobs_BxK[:, :, None]).reshape(b, k * v)
+        cand_BxKV = cand_BKxV.reshape(b, k * v)
         top_lp_Bx2K, top_index_Bx2K = jax.lax.top_k(cand_BxKV, 2 * k)
         parent_Bx2K = top_index_Bx2K // v
         token_Bx2K = (top_index_Bx2K % v).astype(jnp.int32)

@@ -30,11 +30,13 @@ TokensToLogits = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
 
 class LogitsHook(Protocol):
-    """Adjusts one step's log-probs given each row's running context (the provenance veto).
+    """Adjusts one step's candidate scores given each row's running context (the provenance veto).
 
-    Args: logprobs_BxV float32 (nats), context_BxC int32 right-aligned, context_len_B int32
-    (number of real tokens at the right end of ``context_BxC``).
-    Returns: (adjusted logprobs_BxV float32, vetoes_B int32: distinct candidates it penalized/forbade).
+    Args: logprobs_BxV float32 (nats): the step's log-probs (greedy, sampling) or, in beam search,
+    the candidate scores beam log-prob + step log-prob (the veto subtracts or forbids, so it acts
+    alike on both); context_BxC int32 right-aligned, context_len_B int32 (number of real tokens at
+    the right end of ``context_BxC``).
+    Returns: (adjusted scores_BxV float32, vetoes_B int32: distinct candidates it penalized/forbade).
     """
 
     def __call__(

@@ -51,10 +51,39 @@ class VetoSpec:
 
 
 def default_lookup() -> VetoLookup:
-    """The provenance veto-table lookup (``provenance.veto_table.veto_entries``)."""
+    """The provenance veto-table lookup (``provenance.veto_table.veto_entries``): one entry per token."""
     from tracealign_jax.provenance.veto_table import veto_entries
 
     return veto_entries
+
+
+def step_lookup(table: Any) -> VetoLookup:
+    """The lookup the hook uses by default: ``veto_table.veto_candidates`` through the table's
+    ``bucket_directory`` (built here, once per decode call, outside the loop). Same slots as
+    ``veto_entries`` before its per-row sort (a token may repeat across suffix lengths): the hook
+    tolerates repeats, and on CPU that sort cost more than the rest of the lookup together."""
+    from tracealign_jax.provenance.veto_table import bucket_directory, veto_candidates
+
+    directory = bucket_directory(table)
+    return lambda t, ctx, ctx_len, min_prefix: veto_candidates(t, ctx, ctx_len, min_prefix, directory=directory)
+
+
+_PAIRWISE_MAX_E = 256
+"""Up to this many entries per row, distinct hits are counted by an [E, E] comparison, else by a sort."""
+
+
+def distinct_hits(ids_BxE: jax.Array, hit_BxE: jax.Array) -> jax.Array:
+    """int32[B]: how many distinct token ids are among the ``hit`` entries of each row."""
+    b, e = ids_BxE.shape
+    if e <= _PAIRWISE_MAX_E:
+        # Entry i repeats if an earlier hit j < i has the same id: one elementwise pass over [B, E, E].
+        earlier_ExE = jnp.arange(e)[None, :] < jnp.arange(e)[:, None]
+        same_BxExE = (ids_BxE[:, :, None] == ids_BxE[:, None, :]) & hit_BxE[:, None, :] & earlier_ExE
+        return jnp.sum(hit_BxE & ~jnp.any(same_BxExE, axis=2), axis=1, dtype=jnp.int32)
+    big = jnp.iinfo(jnp.int32).max
+    sorted_BxE = jnp.sort(jnp.where(hit_BxE, ids_BxE, big), axis=1)
+    first_BxE = jnp.concatenate([jnp.ones((b, 1), bool), sorted_BxE[:, 1:] != sorted_BxE[:, :-1]], axis=1)
+    return jnp.sum(first_BxE & (sorted_BxE != big), axis=1, dtype=jnp.int32)
 
 
 def make_veto_hook(spec: VetoSpec, table: Any, lookup: VetoLookup | None = None) -> LogitsHook | None:
@@ -62,15 +91,17 @@ def make_veto_hook(spec: VetoSpec, table: Any, lookup: VetoLookup | None = None)
 
     Works on the sparse entries only (O(B x E) scatters, never a dense [B, V] penalty pass), so the
     veto's cost does not grow with the vocabulary. Duplicate entries for one token (several
-    matching suffix lengths) act once, with their largest penalty.
+    matching suffix lengths) act once, with their largest penalty: the soft veto scatters with
+    ``min`` (lp - gamma x max penalty), the hard veto forbids a token if any entry exceeds tau
+    (same as its max penalty exceeding tau), and the count is of distinct tokens.
+    lookup: None = ``step_lookup(table)`` (the provenance table), else any function with the contract of
+    ``veto_table.veto_entries`` (repeated tokens allowed).
     """
     if spec.mode == "off":
         return None
     if spec.mode not in ("soft", "hard"):
         raise ValueError(f"decode.veto: unknown mode {spec.mode!r} (expected off | soft | hard)")
-    # provenance's veto_entries returns each token at most once per row; other lookups may repeat one.
-    distinct = lookup is None
-    lookup = default_lookup() if lookup is None else lookup
+    lookup = step_lookup(table) if lookup is None else lookup
 
     def hook(logprobs_BxV: jax.Array, context_BxC: jax.Array, context_len_B: jax.Array) -> tuple[jax.Array, jax.Array]:
         ids_BxE, pens_BxE, valid_BxE = lookup(table, context_BxC, context_len_B, spec.min_prefix)
@@ -80,19 +111,21 @@ def make_veto_hook(spec: VetoSpec, table: Any, lookup: VetoLookup | None = None)
         hit_BxE = valid_BxE & (pens_BxE > spec.tau)
         ids_BxE = ids_BxE.astype(jnp.int32)
         rows_BxE = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], ids_BxE.shape)
-        if spec.mode == "soft":
-            # min over duplicates of (lp - gamma * pen) = lp - gamma * max pen.
-            current_BxE = jnp.take_along_axis(logprobs_BxV, jnp.clip(ids_BxE, 0, v - 1), axis=1)
-            new_BxE = jnp.where(hit_BxE, current_BxE - spec.gamma * pens_BxE.astype(jnp.float32), jnp.inf)
-            adjusted_BxV = logprobs_BxV.at[rows_BxE, ids_BxE].min(new_BxE, mode="drop")
-        else:
-            adjusted_BxV = logprobs_BxV.at[rows_BxE, jnp.where(hit_BxE, ids_BxE, v)].set(NEG_INF, mode="drop")
-        if distinct:
-            return adjusted_BxV, jnp.sum(hit_BxE, axis=1, dtype=jnp.int32)
-        # Distinct vetoed tokens per row: sort the hit ids (misses sort last as v) and count changes.
-        sorted_BxE = jnp.sort(jnp.where(hit_BxE, ids_BxE, v), axis=1)
-        first_BxE = jnp.concatenate([jnp.ones((b, 1), bool), sorted_BxE[:, 1:] != sorted_BxE[:, :-1]], axis=1)
-        vetoes_B = jnp.sum(first_BxE & (sorted_BxE < v), axis=1, dtype=jnp.int32)
-        return adjusted_BxV, vetoes_B
+
+        def veto(lp_BxV: jax.Array) -> tuple[jax.Array, jax.Array]:
+            if spec.mode == "soft":
+                # min over duplicates of (lp - gamma * pen) = lp - gamma * max pen.
+                current_BxE = jnp.take_along_axis(lp_BxV, jnp.clip(ids_BxE, 0, v - 1), axis=1)
+                new_BxE = jnp.where(hit_BxE, current_BxE - spec.gamma * pens_BxE.astype(jnp.float32), jnp.inf)
+                lp_BxV = lp_BxV.at[rows_BxE, ids_BxE].min(new_BxE, mode="drop")
+            else:
+                lp_BxV = lp_BxV.at[rows_BxE, jnp.where(hit_BxE, ids_BxE, v)].set(NEG_INF, mode="drop")
+            return lp_BxV, distinct_hits(ids_BxE, hit_BxE)
+
+        # Most steps veto nothing anywhere in the batch (the suffixes match no context): skip the
+        # scatters then. Inside the branch the entries are materialized operands, so the [E, E]
+        # comparison of ``distinct_hits`` does not re-run the table gathers that produced them.
+        return jax.lax.cond(jnp.any(hit_BxE), veto, lambda lp_BxV: (lp_BxV, jnp.zeros((b,), jnp.int32)),
+                            logprobs_BxV)
 
     return hook

@@ -205,15 +205,73 @@ def _longest_run(sorted_u32: np.ndarray) -> int:
     return int(np.max(np.diff(bounds)))
 
 
-def veto_entries(table: VetoTable, context_BxC: jax.Array, context_len_B: jax.Array,
-                 min_prefix: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Vetoed next tokens of each row: the union over suffix lengths k = min_prefix..min(C, context_len).
+_BUCKET_STEPS = 4
+"""Binary-search steps inside one directory bucket: buckets of up to 2^4 - 1 contexts are searched
+directly; a query whose bucket is larger (never seen with uniform hashes) takes the full search."""
 
-    context_BxC int32 right-aligned, context_len_B int32 real tokens per row (see module docstring).
-    Returns ``(token_ids_BxE int32, penalties_BxE float32, valid_BxE bool)`` with
-    E = (number of suffix lengths) x max_entries; a token vetoed by several suffixes appears once
-    (valid) with the max penalty; valid entries come first in each row, sorted by token id.
-    Jittable; ``min_prefix`` is static.
+
+def _directory_bits(n: int) -> int:
+    """Directory size 2^b for N contexts: about two contexts per bucket on average."""
+    return min(max(int(n).bit_length() - 1, 1), 24)
+
+
+def bucket_directory(table: VetoTable) -> jax.Array:
+    """int32[2^b + 1], ``dir[j]`` = how many contexts have a ``ctx_hi`` whose top b bits are < j.
+
+    Jittable, O(N + 2^b): a histogram and a prefix sum. Built once per decode call, outside the
+    decoding loop; ``veto_candidates(..., directory=)`` then finds a key with one directory read and
+    a few steps inside its bucket instead of log2(N) dependent reads across the whole table.
+    """
+    return _directory(table.ctx_hi)
+
+
+def _directory(sorted_hi: jax.Array) -> jax.Array:
+    b = _directory_bits(sorted_hi.shape[0])
+    bucket = (sorted_hi >> jnp.uint32(32 - b)).astype(jnp.int32)
+    counts = jnp.zeros(2**b, jnp.int32).at[bucket].add(1, indices_are_sorted=True)
+    return jnp.concatenate([jnp.zeros(1, jnp.int32), jax.lax.associative_scan(jnp.add, counts)])
+
+
+def _bounded_search(sorted_N: jax.Array, q: jax.Array, lo: jax.Array, hi: jax.Array, steps: int) -> jax.Array:
+    """Smallest pos in [lo, hi] with every element of [lo, pos) < q, for hi - lo < 2^steps (int32).
+    A branchless, unrolled binary search: straight-line gathers, no ``while`` loop to dispatch."""
+    n = sorted_N.shape[0]
+    pos = lo
+    for bit in reversed(range(steps)):
+        cand = pos + (1 << bit)
+        take = (cand <= hi) & (sorted_N[jnp.clip(cand - 1, 0, n - 1)] < q)
+        pos = jnp.where(take, cand, pos)
+    return pos
+
+
+def _lower_bound(sorted_hi: jax.Array, q_hi: jax.Array, directory: jax.Array | None) -> jax.Array:
+    """``searchsorted(sorted_hi, q_hi, side="left")`` (int32), through ``directory`` when given."""
+    if directory is None:
+        return jnp.searchsorted(sorted_hi, q_hi, side="left").astype(jnp.int32)
+    n = sorted_hi.shape[0]
+    b = int(directory.shape[0] - 1).bit_length() - 1
+    j = (q_hi >> jnp.uint32(32 - b)).astype(jnp.int32)
+    lo, hi = directory[j], directory[j + 1]
+    # Everything before the bucket is < q and everything after it > q: searching the bucket is exact.
+    small = jnp.all(hi - lo < 2**_BUCKET_STEPS)
+    return jax.lax.cond(small, lambda: _bounded_search(sorted_hi, q_hi, lo, hi, _BUCKET_STEPS),
+                        lambda: _bounded_search(sorted_hi, q_hi, jnp.zeros_like(lo), jnp.full_like(lo, n),
+                                                int(n).bit_length()))
+
+
+def veto_candidates(table: VetoTable, context_BxC: jax.Array, context_len_B: jax.Array, min_prefix: int = 1,
+                    directory: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The raw lookup slots of each row, before deduplication (what a decoding step needs).
+
+    Same arguments as ``veto_entries``. Returns ``(token_ids_BxE int32, penalties_BxE float32,
+    valid_BxE bool)`` with E = S x max_entries, S = number of suffix lengths k = min_prefix..C: slot
+    ``s * max_entries + e`` is entry e of the context formed by the last ``min_prefix + s`` tokens.
+    Within one suffix length tokens are distinct; across suffix lengths a token may repeat (with
+    its own penalty). Invalid slots hold token 0, penalty 0. ``veto_entries`` = these slots, one per
+    token with the max penalty, sorted; a consumer that tolerates repeats (a max/min scatter, a
+    threshold test) skips that sort, which costs more than the lookup itself on CPU.
+    directory: ``bucket_directory(table)`` to find keys in a few steps (same result), or None for
+    a binary search over the whole table. Jittable; ``min_prefix`` is static.
     """
     c = min(context_BxC.shape[1], table.context_len)
     context_BxC = context_BxC[:, context_BxC.shape[1] - c:].astype(jnp.int32)
@@ -227,7 +285,7 @@ def veto_entries(table: VetoTable, context_BxC: jax.Array, context_len_B: jax.Ar
     q_hi, q_lo, q_chk = hi_BxC[:, sel], lo_BxC[:, sel], chk_BxC[:, sel]  # [B, K]
     k_ok = jnp.asarray(ks, jnp.int32)[None, :] <= context_len_B.astype(jnp.int32)[:, None]
     n_ctx = table.ctx_hi.shape[0]
-    pos = jnp.searchsorted(table.ctx_hi, q_hi, side="left").astype(jnp.int32)
+    pos = _lower_bound(table.ctx_hi, q_hi, directory)
     found = jnp.zeros(q_hi.shape, bool)
     row = jnp.zeros(q_hi.shape, jnp.int32)
     for w in range(table.hi_run):  # equal-`hi` runs are at most hi_run long: a fixed window finds the key
@@ -244,7 +302,23 @@ def veto_entries(table: VetoTable, context_BxC: jax.Array, context_len_B: jax.Ar
     ent = jnp.where(valid, ent, table.next_tokens.shape[0] - 1)
     tok = jnp.where(valid, table.next_tokens[ent], 0).reshape(b, -1)
     pen = jnp.where(valid, table.penalties[ent], 0.0).reshape(b, -1)
-    valid = valid.reshape(b, -1)
+    return tok, pen, valid.reshape(b, -1)
+
+
+def veto_entries(table: VetoTable, context_BxC: jax.Array, context_len_B: jax.Array,
+                 min_prefix: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Vetoed next tokens of each row: the union over suffix lengths k = min_prefix..min(C, context_len).
+
+    context_BxC int32 right-aligned, context_len_B int32 real tokens per row (see module docstring).
+    Returns ``(token_ids_BxE int32, penalties_BxE float32, valid_BxE bool)`` with
+    E = (number of suffix lengths) x max_entries; a token vetoed by several suffixes appears once
+    (valid) with the max penalty; valid entries come first in each row, sorted by token id.
+    Jittable; ``min_prefix`` is static.
+    """
+    tok, pen, valid = veto_candidates(table, context_BxC, context_len_B, min_prefix)
+    b = tok.shape[0]
+    if tok.shape[1] == 0:
+        return tok, pen, valid
     # Deduplicate across suffix lengths: sort each row by (token, -penalty); the first of each run of
     # equal tokens carries the max penalty. O(E log E) per row, no [E, E] comparison matrix.
     big = jnp.int32(np.iinfo(np.int32).max)
