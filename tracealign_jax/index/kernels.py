@@ -122,12 +122,14 @@ def build_fence(tokens, sa_u8, bits, shard_starts_S1):
 @njit(inline="always", **_JIT)
 def _narrow(fence_F, s0, lo, hi, q, qs, qe):
     """Narrows q's first-token block [lo, hi) (shard-local ranks, shard at global s0) to the ranks
-    between the fence samples around q's second and third token. Returns (lo, hi, llcp, hlcp) with
-    exact LCPs of q with the suffixes at lo - 1 and hi where those are fence samples inside the
-    block (a sample's key differs from q's there, at the second or third token), else 1."""
+    between the fence samples around q's second and third token. Returns (lo, hi, llcp, hlcp, mlo,
+    mhi): exact LCPs of q with the suffixes at lo - 1 and hi where those are fence samples inside
+    the block (a sample's key differs from q's there, at the second or third token), else 1; and
+    when q has at most 3 tokens and some samples start with q, the first and last such rank (the
+    lower bound is then in [lo, mlo], the upper in [mhi + 1, hi]), else -1, -1."""
     m = qe - qs
     if m < 2 or hi - lo <= 2 * FENCE_RATE:
-        return lo, hi, np.int64(1), np.int64(1)
+        return lo, hi, np.int64(1), np.int64(1), np.int64(-1), np.int64(-1)
     t1 = np.uint64(q[qs + 1])
     key_lo = t1 << np.uint64(32)
     key_hi = key_lo | np.uint64(0xFFFFFFFF)
@@ -161,7 +163,29 @@ def _narrow(fence_F, s0, lo, hi, q, qs, qe):
     if jh < k1:
         hi = (jh << FENCE_SHIFT) - s0
         hlcp = 2 if (fence_F[jh] >> np.uint64(32)) == t1 else 1
-    return lo, hi, llcp, hlcp
+    mlo = np.int64(-1)
+    mhi = np.int64(-1)
+    if m <= 3 and jh > jl:
+        mlo = (jl << FENCE_SHIFT) - s0
+        mhi = ((jh - 1) << FENCE_SHIFT) - s0
+    return lo, hi, llcp, hlcp, mlo, mhi
+
+
+@njit(**_JIT)
+def _lower_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, hi, llcp, hlcp):
+    """First shard rank in [lo, hi] whose suffix is >= q (as a prefix), given that rank lo - 1 is
+    before q and rank hi starts with q (or is hi = n), with those LCP brackets."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        k0 = llcp if llcp < hlcp else hlcp
+        c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, bits, s0 + mid), s1, q, qs, qe, k0)
+        if c < 0:
+            lo = mid + 1
+            llcp = lcp
+        else:
+            hi = mid
+            hlcp = lcp
+    return lo
 
 
 @njit(**_JIT)
@@ -200,7 +224,10 @@ def _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, s, 
         return lo, hi
     s0 = shard_starts_S1[s]
     s1 = shard_starts_S1[s + 1]
-    lo, hi, llcp, hlcp = _narrow(fence_F, s0, lo, hi, q, qs, qe)
+    lo, hi, llcp, hlcp, mlo, mhi = _narrow(fence_F, s0, lo, hi, q, qs, qe)
+    if mlo >= 0:  # fence samples start with q: the two bounds lie within a sample gap each
+        return (_lower_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, mlo, llcp, m),
+                _upper_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, mhi + 1, hi, hlcp))
     while lo < hi:
         mid = (lo + hi) >> 1
         k0 = llcp if llcp < hlcp else hlcp
@@ -213,18 +240,8 @@ def _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, s, 
             hlcp = lcp
         else:
             # lower bound in [lo, mid]: brackets (llcp, m); upper bound in [mid + 1, hi]: brackets (m, hlcp)
-            a, b, alcp, blcp = lo, mid, llcp, m
-            while a < b:
-                x = (a + b) >> 1
-                k0 = alcp if alcp < blcp else blcp
-                c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, bits, s0 + x), s1, q, qs, qe, k0)
-                if c < 0:
-                    a = x + 1
-                    alcp = lcp
-                else:
-                    b = x
-                    blcp = lcp
-            return a, _upper_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, mid + 1, hi, hlcp)
+            return (_lower_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, mid, llcp, m),
+                    _upper_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, mid + 1, hi, hlcp))
     return lo, lo
 
 
@@ -409,16 +426,35 @@ def _ranges_lanes(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q_
                 t = q_flat[qs_N[i]]
                 lo = bucket_SxV2[s, t]
                 hi = bucket_SxV2[s, t + 1]
-                llcp = np.int64(1)
-                hlcp = np.int64(1)
-                if lo < hi:
-                    lo, hi, llcp, hlcp = _narrow(fence_F, shard_starts_S1[s], lo, hi, q_flat, qs_N[i], qe_N[i])
-                if lo >= hi:
+                if lo == hi:
                     lo_NxS[i, s] = lo
                     hi_NxS[i, s] = lo
                     continue
-                _lane_start(sa_u8, bits, g, i, s, lo, hi, llcp, hlcp, shard_starts_S1[s], st_lo, st_hi, st_llcp,
-                            st_hlcp, st_phase, st_pos, st_query, st_shard)
+                lo, hi, llcp, hlcp, mlo, mhi = _narrow(fence_F, shard_starts_S1[s], lo, hi, q_flat, qs_N[i], qe_N[i])
+                if mlo >= 0:  # fence samples start with q: bisect the two gaps around them, no shared phase
+                    m = qe_N[i] - qs_N[i]
+                    if lo < mlo:
+                        _lane_start(sa_u8, bits, g, i, s, lo, mlo, llcp, m, shard_starts_S1[s], st_lo, st_hi, st_llcp,
+                                    st_hlcp, st_phase, st_pos, st_query, st_shard)
+                        st_phase[g] = 1
+                        st_up_lo[g] = mhi + 1
+                        st_up_hi[g] = hi
+                        st_up_hlcp[g] = hlcp
+                    else:
+                        lo_NxS[i, s] = lo
+                        if mhi + 1 >= hi:
+                            hi_NxS[i, s] = hi
+                            continue
+                        _lane_start(sa_u8, bits, g, i, s, mhi + 1, hi, m, hlcp, shard_starts_S1[s], st_lo, st_hi,
+                                    st_llcp, st_hlcp, st_phase, st_pos, st_query, st_shard)
+                        st_phase[g] = 2
+                elif lo >= hi:
+                    lo_NxS[i, s] = lo
+                    hi_NxS[i, s] = lo
+                    continue
+                else:
+                    _lane_start(sa_u8, bits, g, i, s, lo, hi, llcp, hlcp, shard_starts_S1[s], st_lo, st_hi, st_llcp,
+                                st_hlcp, st_phase, st_pos, st_query, st_shard)
                 live[g] = True
                 n_live += 1
                 break
@@ -621,7 +657,7 @@ def _longest_into(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, q,
                 if limit_L[i] == i + 1:  # one token left, and it occurs
                     out_L[i] = 1
                     continue
-                lo, hi, llcp, hlcp = _narrow(fence_F, shard_starts_S1[s], lo, hi, q, qs + i, qs + limit_L[i])
+                lo, hi, llcp, hlcp, _, _ = _narrow(fence_F, shard_starts_S1[s], lo, hi, q, qs + i, qs + limit_L[i])
                 if lo >= hi:  # q's first tokens fall between two suffixes: the brackets are the match
                     m = llcp if llcp > hlcp else hlcp
                     if m > out_L[i]:
