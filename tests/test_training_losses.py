@@ -208,3 +208,21 @@ def test_veto_contexts():
     ctx, n = veto_contexts(tok, 3)
     assert np.asarray(ctx)[0].tolist() == [[0, 0, 0], [0, 0, 5], [0, 5, 6], [5, 6, 7], [6, 7, 8]]
     assert np.asarray(n)[0].tolist() == [0, 1, 2, 3, 3]
+
+
+def test_bci_scale_defaults_to_the_recorded_tau():
+    from types import SimpleNamespace
+
+    from tracealign_jax.config import Config
+    from tracealign_jax.training.loop import _resolve_bci_scale
+
+    cfg = dataclasses.replace(Config(), loss=LossConfig(cbd_data_weight=0.1, cbd_cont_weight=0.1))
+    store = SimpleNamespace(meta={"tau": 17.5})
+    assert _resolve_bci_scale(cfg, store, {"tau": 17.5}).loss.cbd_bci_scale == 17.5
+    assert _resolve_bci_scale(cfg, None, {"tau": 9.0}).loss.cbd_bci_scale == 9.0
+    explicit = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, cbd_bci_scale=3.0))
+    assert _resolve_bci_scale(explicit, store, {"tau": 9.0}).loss.cbd_bci_scale == 3.0
+    with pytest.raises(ValueError, match="different tau"):
+        _resolve_bci_scale(cfg, store, {"tau": 9.0})
+    with pytest.raises(ValueError, match="cbd_bci_scale"):
+        _resolve_bci_scale(cfg, SimpleNamespace(meta={}), {})

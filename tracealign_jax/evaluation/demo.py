@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tracealign_jax.atomic_io import atomic_write_text, verify_manifest
-from tracealign_jax.config import Config, EvalConfig, to_dict
+from tracealign_jax.config import Config, EvalConfig, LossConfig, to_dict
 from tracealign_jax.evaluation import synthetic_data as sd
 from tracealign_jax.evaluation.stages import StageRunner
 
@@ -119,7 +119,7 @@ def stage_configs(cfg: Config, tok_dir: str, data_dir: Path, vocab_size: int) ->
         base, data=dataclasses.replace(base.data, train_path=str(data_dir / "sft.jsonl")),
         train=dataclasses.replace(base.train, objective="sft", steps=ev.sft_steps, learning_rate=ev.sft_learning_rate,
                                   batch_size=ev.sft_batch_size),
-        loss=dataclasses.replace(base.loss, cbd_data_weight=0.0, cbd_cont_weight=0.0))
+        loss=LossConfig())  # SFT reads no loss setting: tuning DPO / CBD must not invalidate the SFT stage
     dpo = dataclasses.replace(
         base, data=dataclasses.replace(base.data, train_path=str(data_dir / "preferences.jsonl")),
         train=dataclasses.replace(base.train, objective="dpo", steps=ev.dpo_steps, learning_rate=ev.dpo_learning_rate),
