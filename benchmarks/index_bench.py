@@ -53,36 +53,46 @@ def _build_ours(tokens_path: str, out_dir: str, doc_len: int, vocab: int, repeat
     tokens = np.load(tokens_path)
     docs = np.split(tokens, len(tokens) // doc_len)
     meta = [{"unsafe": bool(d % 7 == 0), "category": "c"} for d in range(len(docs))]
-    seconds = []
+    seconds, cpu = [], []
     for _ in range(repeats):
+        c0 = _cpu_seconds(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         build_index_from_tokens(docs, out_dir, vocab_size=vocab, metadata=meta, progress=False, overwrite=True)
         seconds.append(time.perf_counter() - t0)
-    q.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+        cpu.append(_cpu_seconds(resource.RUSAGE_SELF) - c0)
+    q.put((seconds, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+
+
+def _cpu_seconds(who: int) -> float:
+    """User + system CPU seconds of this process (all threads) or of its waited-for children."""
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
 
 
 def build_ours(tokens: np.ndarray, work: Path, doc_len: int, vocab: int, repeats: int
-               ) -> tuple[list[float], int, Path]:
-    """Builds ``repeats`` times in one spawned process; (seconds per build, peak RSS, index dir)."""
+               ) -> tuple[list[float], list[float], int, Path]:
+    """Builds ``repeats`` times in one spawned process; (wall seconds per build, CPU seconds per
+    build, peak RSS, index dir)."""
     np.save(work / "tokens.npy", tokens)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_build_ours, args=(str(work / "tokens.npy"), str(work / "ours"), doc_len, vocab, repeats,
                                               q))
     p.start()
-    seconds, rss = q.get()
+    seconds, cpu, rss = q.get()
     p.join()
-    return seconds, rss, work / "ours"
+    return seconds, cpu, rss, work / "ours"
 
 
 def build_infini(tokens: np.ndarray, work: Path, doc_len: int, cpus: int, name: str = "infini"
-                 ) -> tuple[float, int, Path]:
+                 ) -> tuple[float, float, int, Path]:
     """Writes tokenized.0 / offset.0 and runs rust_indexing as infini_gram/indexing.py does (v4)."""
     import infini_gram
 
     binary = Path(infini_gram.__file__).parent / "rust_indexing"
     out = work / name
     out.mkdir()
+    c0 = _cpu_seconds(resource.RUSAGE_CHILDREN) + _cpu_seconds(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     docs = tokens.reshape(-1, doc_len)
     with_sep = np.empty((docs.shape[0], doc_len + 1), np.uint16)
@@ -111,9 +121,10 @@ def build_infini(tokens: np.ndarray, work: Path, doc_len: int, cpus: int, name: 
                     str(out / "table.0"), "--num-threads", str(cpus), "--ratio", str(ratio), "--token-width", "2"],
                    check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
+    cpu = _cpu_seconds(resource.RUSAGE_CHILDREN) + _cpu_seconds(resource.RUSAGE_SELF) - c0
     shutil.rmtree(parts)
     shutil.rmtree(merged)
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, out
+    return seconds, cpu, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, out
 
 
 def timed(fn, items) -> np.ndarray:
@@ -209,10 +220,11 @@ def main() -> None:
             eng = _NoPeer()
         else:
             # infini-gram first: its peak RSS is read from RUSAGE_CHILDREN, which our spawned build would join
-            inf_runs = []
+            inf_runs, inf_cpu = [], []
             for i in range(args.build_repeats):
-                inf_s, inf_rss, inf_dir = build_infini(tokens, work, args.doc_len, args.cpus, f"infini{i}")
+                inf_s, cpu_s, inf_rss, inf_dir = build_infini(tokens, work, args.doc_len, args.cpus, f"infini{i}")
                 inf_runs.append(inf_s)
+                inf_cpu.append(cpu_s)
                 if i + 1 < args.build_repeats:
                     shutil.rmtree(inf_dir)
             inf_s = float(np.median(inf_runs))
@@ -220,7 +232,8 @@ def main() -> None:
 
             eng = InfiniGramEngine(index_dir=str(inf_dir), eos_token_id=0, vocab_size=65535, token_dtype="u16",
                                    precompute_unigram_logprobs=True)
-        ours_runs, ours_rss, ours_dir = build_ours(tokens, work, args.doc_len, args.vocab, args.build_repeats)
+        ours_runs, ours_cpu, ours_rss, ours_dir = build_ours(tokens, work, args.doc_len, args.vocab,
+                                                             args.build_repeats)
         ours_s = float(np.median(ours_runs))
         ix = TraceIndex.open(ours_dir)
         ours_bytes = sum(f.stat().st_size for f in ours_dir.rglob("*") if f.is_file())
@@ -250,11 +263,13 @@ def main() -> None:
         ix.count_batch(batch[:1000])
         ix.longest_matches_batch(gens_warm := generations(tokens, args.vocab, 2, rng))
         ix.maximal_spans_batch(gens_warm)
-        batch_s = []
+        batch_s, batch_cpu = [], []
         for _ in range(3):  # median of three runs
+            c = _cpu_seconds(resource.RUSAGE_SELF)
             t = time.perf_counter()
             ix.count_batch(batch)
             batch_s.append(time.perf_counter() - t)
+            batch_cpu.append(_cpu_seconds(resource.RUSAGE_SELF) - c)
         ours_batch_qps = len(batch) / float(np.median(batch_s))
         inf_qps = 1e6 / inf_single.mean()
 
@@ -286,7 +301,7 @@ def main() -> None:
         next_ok = int(counts.sum()) == scan_count(tokens, args.doc_len, ctx[0], room=1)
         if args.skip_peer:
             inf_s = inf_rss = inf_bytes = inf_core = float("nan")
-            inf_runs = []
+            inf_runs, inf_cpu = [], [float("nan")]
 
         med = lambda x: f"{np.median(x):,.1f} us"  # noqa: E731
         load_after = os.getloadavg()
@@ -294,6 +309,8 @@ def main() -> None:
             ("build throughput", f"{n_tok / inf_s / 1e6:.2f} M tok/s", f"{n_tok / ours_s / 1e6:.2f} M tok/s", ">= 7 M tok/s"),
             ("build wall time, median of runs", f"{inf_s:.2f} s ({' / '.join(f'{x:.2f}' for x in inf_runs)})",
              f"{ours_s:.2f} s ({' / '.join(f'{x:.2f}' for x in ours_runs)})", ""),
+            ("build CPU time (all threads), median", f"{np.median(inf_cpu):.2f} s", f"{np.median(ours_cpu):.2f} s",
+             "(load-independent)"),
             ("peak build RSS (whole process)", f"{inf_rss / 2**20:,.0f} MiB ({inf_rss / n_tok:.1f} B/tok)",
              f"{ours_rss / 2**20:,.0f} MiB ({ours_rss / n_tok:.1f} B/tok)", ""),
             ("index size, all files", f"{inf_bytes / n_tok:.2f} bytes/token", f"{ours_bytes / n_tok:.2f} bytes/token", "<= 5.0"),
@@ -304,6 +321,8 @@ def main() -> None:
              f"{np.percentile(ours_single, 99):,.1f} us (2nd pass {np.percentile(ours_single_2, 99):,.1f} us)",
              "<= 25 us"),
             ("batched count", f"{inf_qps / 1e3:,.1f} K q/s (1 per call)", f"{ours_batch_qps / 1e6:.2f} M q/s", ">= 1 M q/s"),
+            ("batched count per CPU-second (all threads)", "", f"{len(batch) / np.median(batch_cpu) / 1e6:.2f} M q/s",
+             "(load-independent)"),
             ("longest match, 256 positions, median", f"{np.median(inf_long) / 1e3:.2f} ms", f"{np.median(ours_long) / 1e3:.3f} ms", "<= 1 ms"),
             ("maximal spans + counts + ranking, 256 tok", f"{np.median(inf_max) / 1e3:.2f} ms", f"{np.median(ours_max) / 1e3:.3f} ms", "<= 3 ms"),
             ("next-token counts, 2-token ctx, median", med(inf_next) + " (approx)", med(ours_next) + " (exact)", "<= 20 us"),
