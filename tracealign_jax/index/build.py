@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from tracealign_jax.atomic_io import atomic_directory, write_manifest
 from tracealign_jax.index import format as fmt
-from tracealign_jax.index.kernels import encode_bytes, pack_suffix_array, shard_counts, write_entries
+from tracealign_jax.index.sa_packing import encode_bytes, pack_suffix_array, shard_counts, write_entries
 
 # Below this many positions one shard is sorted on one thread: splitting a small corpus only adds a
 # binary search per shard to every query.

@@ -21,7 +21,11 @@ import numpy as np
 
 from tracealign_jax.atomic_io import IntegrityError, manifest_hash, verify_manifest
 from tracealign_jax.index import format as fmt
-from tracealign_jax.index import kernels as K
+from tracealign_jax.index.interleaved_search import count_batch_sorted, gather_positions, ranges_batch, search_keys
+from tracealign_jax.index.match_spans import longest_batch, longest_slice, maximal_batch, maximal_slice
+from tracealign_jax.index.next_tokens import next_counts_one, next_runs_fill
+from tracealign_jax.index.search_primitives import build_fence
+from tracealign_jax.index.single_search import count_one
 
 SpanLike = Sequence[int] | np.ndarray
 
@@ -62,12 +66,12 @@ def _chunk_bounds(n: int, min_items: int = PARALLEL_MIN_QUERIES) -> list[tuple[i
 
 def _search_order(flat: np.ndarray, offsets: np.ndarray, vocab_size: int) -> np.ndarray:
     """A visiting order for a batch: within each chunk of ``_chunked``, queries sorted on their first
-    tokens (``K.search_keys``), so consecutive binary searches walk the same (cached) suffix-array
+    tokens (``search_keys``), so consecutive binary searches walk the same (cached) suffix-array
     paths and repeated queries are adjacent. Returns chunk-local permutations, concatenated."""
     n = len(offsets) - 1
     if n < 64:
         return np.arange(n, dtype=np.int64)
-    keys = K.search_keys(flat, offsets, vocab_size)
+    keys = search_keys(flat, offsets, vocab_size)
     order = np.empty(n, np.int64)
     for a, b in _chunk_bounds(n):
         order[a:b] = a + np.argsort(keys[a:b])
@@ -87,14 +91,14 @@ class Span(NamedTuple):
 
 @dataclass(frozen=True)
 class _Arrays:
-    """What the kernels see (see ``kernels.py``)."""
+    """What the kernels see (see ``search_primitives.py``)."""
 
     tokens: np.ndarray
     sa_u8: np.ndarray
     bits: int
     shard_starts_S1: np.ndarray
     bucket_SxV2: np.ndarray  # int64[S, V+2]: start of each first token's block in each shard's SA
-    fence_F: np.ndarray  # uint64: tokens 2-3 of every 32nd suffix (``K.build_fence``), derived at open
+    fence_F: np.ndarray  # uint64: tokens 2-3 of every 32nd suffix (``build_fence``), derived at open
     doc_starts_D1: np.ndarray
     sep: int
 
@@ -158,11 +162,11 @@ class TraceIndex:
             bits=layout.sa_bits,
             shard_starts_S1=starts,
             bucket_SxV2=_buckets(counts_SxV1, starts, path),
-            fence_F=K.build_fence(tokens, sa_u8, layout.sa_bits, starts),
+            fence_F=build_fence(tokens, sa_u8, layout.sa_bits, starts),
             doc_starts_D1=fmt.memmap(path / fmt.DOC_STARTS_FILE, "<i8", layout.num_docs + 1),
             sep=layout.vocab_size,
         )
-        # what every search kernel takes first (see kernels.py), in that order
+        # what every search kernel takes first (see search_primitives.py), in that order
         self._k = (tokens, sa_u8, layout.sa_bits, starts, self._a.bucket_SxV2, self._a.fence_F)
         self._unigram_counts = counts_SxV1[:, :-1].sum(axis=0, dtype=np.int64)
         self._logprobs_V: np.ndarray | None = None
@@ -195,7 +199,7 @@ class TraceIndex:
     def count(self, span: SpanLike) -> int:
         """Number of occurrences of ``span`` in the corpus (never across documents)."""
         q = np.asarray(span, dtype=np.int64).reshape(-1)
-        return int(K.count_one(*self._k, q))
+        return int(count_one(*self._k, q))
 
     def count_batch(self, spans: Sequence[SpanLike]) -> np.ndarray:
         """int64[N] counts of N spans. A large batch is cut into chunks: while a worker thread sorts
@@ -203,7 +207,7 @@ class TraceIndex:
         n = len(spans)
 
         def run(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-            return K.count_batch_sorted(*self._k, flat, offsets)
+            return count_batch_sorted(*self._k, flat, offsets)
 
         bounds = _chunk_bounds(n)
         if len(bounds) == 1:
@@ -215,7 +219,7 @@ class TraceIndex:
         """Per span and shard the SA range [lo, hi), plus the spans' offsets into their flat array."""
         flat, offsets = _flatten(spans)
         order = _search_order(flat, offsets, self.vocab_size)
-        parts = _chunked(len(offsets) - 1, lambda i, j: K.ranges_batch(
+        parts = _chunked(len(offsets) - 1, lambda i, j: ranges_batch(
             *self._k, flat, offsets[i:j + 1], order[i:j] - i))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), offsets
 
@@ -226,7 +230,7 @@ class TraceIndex:
         seed_frac = float(np.random.default_rng(seed).random()) if seed else 0.0
         a = self._a
         take_N = take_N.astype(np.int64)
-        parts = _chunked(len(take_N), lambda i, j: K.gather_positions(
+        parts = _chunked(len(take_N), lambda i, j: gather_positions(
             a.sa_u8, a.bits, a.shard_starts_S1, a.doc_starts_D1, lo_NxS[i:j], hi_NxS[i:j], take_N[i:j], seed_frac,
             out_offsets[i:j + 1], want_offsets))
         return out_offsets, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -273,7 +277,7 @@ class TraceIndex:
     def longest_matches_batch(self, token_lists: Sequence[SpanLike]) -> list[np.ndarray]:
         """For each token list, int32[L]: length of the longest corpus match starting at each position."""
         flat, offsets = _flatten(token_lists)
-        out = np.concatenate(_chunked(len(offsets) - 1, lambda i, j: K.longest_batch(
+        out = np.concatenate(_chunked(len(offsets) - 1, lambda i, j: longest_batch(
             *self._k, flat, offsets[i:j + 1])))
         return [out[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
@@ -285,7 +289,7 @@ class TraceIndex:
 
     def _longest_split(self, q: np.ndarray) -> np.ndarray:
         """One long query's positions split across the thread pool (int64[L])."""
-        return np.concatenate(_chunked(len(q), lambda i, j: K.longest_slice(
+        return np.concatenate(_chunked(len(q), lambda i, j: longest_slice(
             *self._k, q, i, j), min_items=SPLIT_MIN_TOKENS))
 
     def maximal_spans_batch(self, token_lists: Sequence[SpanLike], min_len: int = 1,
@@ -295,7 +299,7 @@ class TraceIndex:
         rarest (most negative) first, ties by start."""
         flat, offsets = _flatten(token_lists)
         logp_V = self.unigram_logprobs()
-        parts = _chunked(len(offsets) - 1, lambda i, j: K.maximal_batch(
+        parts = _chunked(len(offsets) - 1, lambda i, j: maximal_batch(
             *self._k, flat, offsets[i:j + 1],
             max(int(min_len), 1), logp_V))
         span_len, span_count, span_logp = (np.concatenate([p[k] for p in parts]) for k in range(3))
@@ -307,7 +311,7 @@ class TraceIndex:
         if len(q) < SPLIT_MIN_TOKENS:
             return self.maximal_spans_batch([q], min_len, max_count)[0]
         longest_L = self._longest_split(q)
-        parts = _chunked(len(q), lambda i, j: K.maximal_slice(
+        parts = _chunked(len(q), lambda i, j: maximal_slice(
             *self._k, q, longest_L, i, j, max(int(min_len), 1),
             self.unigram_logprobs()), min_items=SPLIT_MIN_TOKENS)
         span_len, span_count, span_logp = (np.concatenate([p[k] for p in parts]) for k in range(3))
@@ -342,7 +346,7 @@ class TraceIndex:
             g1 = max(g0 + 1, int(np.searchsorted(csum, before + NEXT_BUFFER_ENTRIES, side="right")))
             cap = np.zeros(g1 - g0 + 1, np.int64)
             np.cumsum(cap_N[g0:g1], out=cap[1:])
-            parts = _chunked(g1 - g0, lambda i, j: K.next_runs_fill(
+            parts = _chunked(g1 - g0, lambda i, j: next_runs_fill(
                 a.tokens, a.sa_u8, a.bits, a.shard_starts_S1, a.sep, offsets[g0 + i:g0 + j + 1], lo[g0 + i:g0 + j],
                 hi[g0 + i:g0 + j], cap[i:j + 1]))
             tok, cnt, distinct = (np.concatenate([p[k] for p in parts]) for k in range(3))
@@ -353,7 +357,7 @@ class TraceIndex:
 
     def next_token_counts(self, context: SpanLike) -> tuple[np.ndarray, np.ndarray]:
         q = np.asarray(context, dtype=np.int64).reshape(-1)
-        return K.next_counts_one(*self._k, q)
+        return next_counts_one(*self._k, q)
 
     # ---- corpus statistics and documents ------------------------------------------------------
 
