@@ -58,7 +58,7 @@ def make_ours(cbd: bool):
         spans = [(rng.integers(3, ARCH["vocab_size"], size=int(rng.integers(4, 9))).tolist(), float(rng.uniform(5, 40)))
                  for _ in range(2000)]  # fmt: skip
         veto = jax.tree.map(jnp.asarray, compile_veto_table(spans, max_span=8, max_entries=16))
-        loss.update(cbd_data_weight=0.1, cbd_cont_weight=0.1, cbd_margin=1.0)
+        loss.update(cbd_data_weight=0.1, cbd_cont_weight=0.1, cbd_margin=1.0, cbd_bci_scale=20.0)
     cfg = from_dict(Config, {"model": {"arch": ARCH}, "mesh": {"data": 1}, "loss": loss,
                              "train": {"batch_size": PAIRS, "learning_rate": 1e-5, "steps": 1000}})  # fmt: skip
     mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
