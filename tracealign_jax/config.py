@@ -244,8 +244,8 @@ class EvalConfig:
     sft_batch_size: int = 16
     dpo_steps: int = 120
     dpo_learning_rate: float = 1e-4
-    cbd_data_weight: float = 0.05
-    cbd_cont_weight: float = 0.5
+    cbd_data_weight: float = 0.4
+    cbd_cont_weight: float = 0.4
     defenses: tuple[str, ...] = ("none", "traceshield", "prov_decode", "cbd", "all")
     judge: Literal["exact", "classifier"] = "exact"
     judge_window: int = 6
