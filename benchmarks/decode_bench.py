@@ -34,6 +34,7 @@ drift hits both alike.
 
     .venv/bin/python benchmarks/decode_bench.py [--vocab 32000 --hidden 64 --batch 8 --beams 4 --max-new 32]
     .venv/bin/python benchmarks/decode_bench.py --hidden 256    # a less tiny model
+    .venv/bin/python benchmarks/decode_bench.py --torch-threads 1   # stable HF timings on a shared machine
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ def main() -> None:
     ap.add_argument("--min-prefix", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--hf-repeats", type=int, default=3)
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch intra-op threads for HF (0 = torch default). On a shared machine 1 avoids "
+                         "OpenMP spin-waiting that can make a 0.6 s generate take 10 s of CPU")
     args = ap.parse_args()
 
     import torch
@@ -176,6 +180,8 @@ def main() -> None:
     from tracealign_jax.provenance.veto_table import veto_entries
 
     torch.manual_seed(0)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
