@@ -1,5 +1,5 @@
 """The decoder against itself: KV-cache decoding vs full forward, left padding vs unpadded rows,
-the sliding window, remat policies, hidden/unembed, and a sharded forward on 8 CPU devices."""
+the sliding window, remat policies and unrolled layers, hidden/unembed, and a sharded forward on 8 CPU devices."""
 
 from __future__ import annotations
 
@@ -143,9 +143,10 @@ def test_hidden_unembed_and_tied_matrix(llama):
     np.testing.assert_array_equal(tied.unembedding_matrix(), np.asarray(tied.embed[...]).T)
 
 
-def test_remat_policies_give_same_values_and_gradients(llama):
+def test_remat_policies_and_unrolled_layers_give_same_values_and_gradients(llama):
     tokens, positions = jnp.asarray(random_tokens(2, 6, seed=7)), jnp.asarray(_positions(2, 6))
     graphdefs = {remat: abstract_model(llama.arch, remat=remat)[0] for remat in ("none", "full", "dots")}
+    graphdefs["unrolled"] = abstract_model(llama.arch, scan_layers=False)[0]
 
     @jax.jit
     def all_grads(state):  # one program, one compile
@@ -156,7 +157,7 @@ def test_remat_policies_give_same_values_and_gradients(llama):
         return {remat: jax.value_and_grad(loss)(state, g) for remat, g in graphdefs.items()}
 
     results = all_grads(nnx.state(llama))
-    for remat in ("full", "dots"):
+    for remat in ("full", "dots", "unrolled"):
         assert float(results[remat][0]) == pytest.approx(float(results["none"][0]), abs=1e-6)
         for a, b in zip(jax.tree.leaves(results[remat][1]), jax.tree.leaves(results["none"][1])):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)

@@ -30,6 +30,10 @@ class ModelConfig:
     arch: HF ``config.json`` fields used when there is no ``hf_dir`` (random init), or to override it.
     dtype: compute dtype of activations (float32 | bfloat16); param_dtype: master weight dtype.
     remat: activation checkpointing per decoder layer: none | full | dots (save matmul outputs only).
+    scan_layers: run the decoder layers as one ``lax.scan`` (compile time independent of depth; the
+      default) or unrolled (compile time grows with depth; saves the scan's stacked residual buffers,
+      measured ~3% faster train steps for the 4-layer benchmark model on CPU). Parameters and
+      checkpoints are the same either way.
     """
 
     hf_dir: str = ""
@@ -37,6 +41,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
+    scan_layers: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,15 +3,16 @@
 Public API::
 
     ModelArch.from_hf_dict(d) / ModelArch.from_hf_dir(path) / arch.to_hf_dict()
-    Transformer(arch, *, dtype=jnp.float32, param_dtype=jnp.float32, remat="none", rngs: nnx.Rngs)
+    Transformer(arch, *, dtype=jnp.float32, param_dtype=jnp.float32, remat="none", scan_layers=True,
+                rngs: nnx.Rngs)
       model(tokens_BxL, positions_BxL, valid_BxL=None, cache=None) -> (logits_BxLxV float32, cache)
       model.hidden(tokens_BxL, positions_BxL, valid_BxL=None, cache=None) -> (h_BxLxD, cache)
       model.unembed(h_xD) -> logits_xV float32;  model.unembedding_matrix() -> [D, V]
     KVCache(k, v [B, Ly, S, G, E], valid_BxS bool, index int32 scalar); cache.take(idx_B)
     init_cache(arch, batch, max_len, dtype) -> KVCache;  cache_shardings(mesh, rules) -> KVCache
     param_shardings(state, mesh, rules) -> State of NamedSharding
-    abstract_model(arch, *, dtype, param_dtype, remat, mesh=None, rules=None) -> (graphdef, abstract_state)
-    init_model(arch, *, dtype, param_dtype, remat, seed=0, mesh=None, rules=None) -> Transformer
+    abstract_model(arch, *, dtype, param_dtype, remat, scan_layers, mesh=None, rules=None) -> (graphdef, abstract_state)
+    init_model(arch, *, dtype, param_dtype, remat, scan_layers, seed=0, mesh=None, rules=None) -> Transformer
     shard_model(model, mesh, rules) -> Transformer
 """
 

@@ -42,14 +42,21 @@ def grouped_attention(
     Scores and softmax are float32 whatever the compute dtype; the weighted sum is in q's dtype.
     """
     b, l, h, e = q_BxLxHxE.shape
-    g = k_BxSxGxE.shape[2]
-    # Query head h uses kv head h // (H/G), as HF's repeat_kv: group G-major, R = H/G per group.
-    q_BxLxGxRxE = q_BxLxHxE.reshape(b, l, g, h // g, e)
-    scores_BxGxRxLxS = jnp.einsum(
-        "blgre,bsge->bgrls", q_BxLxGxRxE, k_BxSxGxE, preferred_element_type=jnp.float32
+    s, g = k_BxSxGxE.shape[1], k_BxSxGxE.shape[2]
+    r = h // g
+    # Query head h uses kv head h // R, as HF's repeat_kv: group G-major, R = H/G per group. The R
+    # query heads of a group and the L queries are merged into one axis of R*L rows, so both dots
+    # are plain batched matmuls over (B, G) (on XLA's CPU backend forward + backward of the benchmark
+    # model ran ~4% faster than contracting the [B, L, G, R, E] layout directly).
+    q_BxGxQxE = q_BxLxHxE.reshape(b, l, g, r, e).transpose(0, 2, 3, 1, 4).reshape(b, g, r * l, e)
+    k_BxGxSxE = k_BxSxGxE.transpose(0, 2, 1, 3)
+    v_BxGxSxE = v_BxSxGxE.transpose(0, 2, 1, 3)
+    scores_BxGxQxS = jnp.einsum(
+        "bgqe,bgse->bgqs", q_BxGxQxE, k_BxGxSxE, preferred_element_type=jnp.float32
     ) * (e ** -0.5)
+    scores_BxGxRxLxS = scores_BxGxQxS.reshape(b, g, r, l, s)
     scores_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(v_BxSxGxE.dtype)
-    out_BxLxGxRxE = jnp.einsum("bgrls,bsge->blgre", probs, v_BxSxGxE)
-    out_BxLxHxE = out_BxLxGxRxE.reshape(b, l, h, e)
+    probs_BxGxQxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(v_BxSxGxE.dtype).reshape(b, g, r * l, s)
+    out_BxGxQxE = jnp.einsum("bgqs,bgse->bgqe", probs_BxGxQxS, v_BxGxSxE)
+    out_BxLxHxE = out_BxGxQxE.reshape(b, g, r, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
     return sharding.constrain(out_BxLxHxE, ("batch", "length", "heads", "head_dim"))

@@ -48,8 +48,9 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: sharding.Rules) -> nnx.
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
-def _constructor(arch: ModelArch, dtype: Any, param_dtype: Any, remat: Remat, seed: int):
-    return lambda: Transformer(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(seed))
+def _constructor(arch: ModelArch, dtype: Any, param_dtype: Any, remat: Remat, scan_layers: bool, seed: int):
+    return lambda: Transformer(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
+                               rngs=nnx.Rngs(seed))
 
 
 def abstract_model(
@@ -58,6 +59,7 @@ def abstract_model(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     remat: Remat = "none",
+    scan_layers: bool = True,
     mesh: Mesh | None = None,
     rules: sharding.Rules | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State]:
@@ -65,7 +67,7 @@ def abstract_model(
 
     Without a mesh the ShapeDtypeStructs have no sharding (single-device use).
     """
-    abstract = nnx.eval_shape(_constructor(arch, dtype, param_dtype, remat, 0))
+    abstract = nnx.eval_shape(_constructor(arch, dtype, param_dtype, remat, scan_layers, 0))
     graphdef, state = nnx.split(abstract)
     if mesh is None:
         return graphdef, state
@@ -82,14 +84,16 @@ def init_model(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     remat: Remat = "none",
+    scan_layers: bool = True,
     seed: int = 0,
     mesh: Mesh | None = None,
     rules: sharding.Rules | None = None,
 ) -> Transformer:
     """A randomly initialised model; with a mesh each parameter is created directly on its shards
     (the init is jitted with ``out_shardings``, so no device ever holds a whole sharded weight)."""
-    make = _constructor(arch, dtype, param_dtype, remat, seed)
-    graphdef, abstract = abstract_model(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh, rules=rules)
+    make = _constructor(arch, dtype, param_dtype, remat, scan_layers, seed)
+    graphdef, abstract = abstract_model(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
+                                        mesh=mesh, rules=rules)
     if mesh is not None and rules is None:
         raise ValueError("init_model: rules are required with a mesh")
     # One jitted init instead of an eager op per parameter (each eager op would compile on its own).

@@ -94,7 +94,7 @@ def _dtype(name: str) -> jnp.dtype:
 def graphdef_and_abstract_params(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> tuple[nnx.GraphDef, Any]:
     mc = cfg.model
     return abstract_model(model_arch(mc), dtype=_dtype(mc.dtype), param_dtype=_dtype(mc.param_dtype),
-                          remat=mc.remat, mesh=mesh, rules=rules)  # fmt: skip
+                          remat=mc.remat, scan_layers=mc.scan_layers, mesh=mesh, rules=rules)  # fmt: skip
 
 
 def _uses_ref_params(cfg: Config) -> bool:
@@ -148,7 +148,7 @@ def init_train_state(cfg: Config, mesh: Mesh, rules: sharding.Rules, *, model: T
 
         def fresh(v: Any) -> TrainState:
             m = Transformer(arch, dtype=_dtype(mc.dtype), param_dtype=_dtype(mc.param_dtype), remat=mc.remat,
-                            rngs=nnx.Rngs(cfg.train.seed))  # fmt: skip
+                            scan_layers=mc.scan_layers, rngs=nnx.Rngs(cfg.train.seed))  # fmt: skip
             return _build(cfg, nnx.split(m)[1], v)
 
         state = jax.jit(fresh, out_shardings=shardings)(veto)
