@@ -16,7 +16,6 @@ from decoding_toy import DictVetoTable, HashedLM, brute_force, dict_lookup, iscl
 
 from tracealign_jax.decoding.beam_search import beam_search
 from tracealign_jax.decoding.sampling import greedy, sample
-from tracealign_jax.decoding.step import brevity_penalty
 from tracealign_jax.decoding.veto_hook import VetoSpec, make_veto_hook
 
 EOS = 0

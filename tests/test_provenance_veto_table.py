@@ -17,6 +17,8 @@ from tracealign_jax.provenance.veto_table import (
     compile_veto_table,
     load_veto_table,
     save_veto_table,
+    unique_slots,
+    veto_candidates,
     veto_entries,
     veto_penalties,
 )
@@ -90,6 +92,8 @@ def test_jitted_lookup_equals_python_dict(built, min_prefix):
     pen_BxV = jax.jit(veto_penalties, static_argnums=(3, 4))(table, jnp.asarray(ctx), jnp.asarray(lens), VOCAB,
                                                             min_prefix)
     tok, pen, valid = jax.jit(veto_entries, static_argnums=(3,))(table, jnp.asarray(ctx), jnp.asarray(lens), min_prefix)
+    c_tok, c_pen, c_ok = jax.jit(veto_candidates, static_argnums=(3,))(table, jnp.asarray(ctx), jnp.asarray(lens), min_prefix)
+    c_ok = jax.jit(unique_slots)(c_tok, c_pen, c_ok)
     hits = 0
     for i, row in enumerate(rows):
         want = _reference_lookup(ref, row, min_prefix)
@@ -100,6 +104,8 @@ def test_jitted_lookup_equals_python_dict(built, min_prefix):
         np.testing.assert_array_equal(np.asarray(pen_BxV[i]), dense)
         got = {int(t): float(p) for t, p, v in zip(tok[i], pen[i], valid[i]) if v}
         assert got == {t: float(p) for t, p in want.items()}  # each token once, max penalty
+        kept = [(int(t), float(p)) for t, p, v in zip(c_tok[i], c_pen[i], c_ok[i]) if v]
+        assert dict(kept) == got and len(kept) == len(got)  # the unsorted dedup keeps the same slots
     assert hits >= 20  # the test exercises real hits, not only misses
     if min_prefix != 1:
         return  # one compile of apply_veto is enough

@@ -79,11 +79,12 @@ def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int
 
 def _veto_lookup(cfg: Config, veto: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Veto entries (ids, penalties, valid), each [R, L, E], for every position's prefix."""
-    from tracealign_jax.provenance.veto_table import veto_entries
+    from tracealign_jax.provenance.veto_table import unique_slots, veto_candidates
 
     r, l = tokens.shape
     ctx, n = veto_contexts(tokens, veto.context_len)
-    ids, pen, ok = veto_entries(veto, ctx.reshape(r * l, -1), n.reshape(-1), cfg.loss.cbd_min_prefix)
+    ids, pen, ok = veto_candidates(veto, ctx.reshape(r * l, -1), n.reshape(-1), cfg.loss.cbd_min_prefix)
+    ok = unique_slots(ids, pen, ok)  # each vetoed token once, with its max penalty (as veto_entries)
     return ids.reshape(r, l, -1), pen.reshape(r, l, -1), ok.reshape(r, l, -1)
 
 
