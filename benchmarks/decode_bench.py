@@ -25,6 +25,12 @@ documents whose BCI exceeds tau) and the host processor queries the same index. 
           lengths; tokens with penalty > tau are set to -inf (hard veto).
      That is the veto table's definition, computed live; the bench checks both sides veto the same
      tokens with the same penalties on every running context of the unvetoed search (``agreement``).
+  5. the same, the way the TraceAlign reference implementation asks the index: one Python
+     ``index.count(suffix + [t])`` call per VOCABULARY ITEM t per beam per step (suffix = the last
+     ``min_prefix`` tokens; a longer suffix can only continue with those t), then step 4's look-ups
+     for the items that occur. Same veto sets (checked on a sample of contexts: ``agreement``); it
+     takes minutes, so it runs ``--ref-repeats`` times (default 1, after the other rows' warm-up);
+     ``--ref-repeats 0`` skips it.
 
 All four run exactly ``max_new_tokens`` steps (EOS can never end a beam: ours gets an EOS id outside
 the vocabulary, HF gets ``min_new_tokens = max_new_tokens``), so times compare per step. Times are
@@ -86,19 +92,32 @@ class HostIndexVeto:
     the index: if that module's definition changes, this must follow (the agreement line checks it).
     """
 
-    def __init__(self, index, scorer, cfg, tau: float, min_prefix: int, context_len: int, min_risk: float = 0.5):
+    def __init__(self, index, scorer, cfg, tau: float, min_prefix: int, context_len: int, min_risk: float = 0.5,
+                 per_item_vocab: int = 0):
         self.index, self.scorer, self.cfg = index, scorer, cfg
         self.tau, self.min_prefix, self.c, self.min_risk = tau, min_prefix, context_len, min_risk
+        self.per_item_vocab = per_item_vocab  # > 0: one index.count per vocabulary item (row 5)
         self.calls = 0
+
+    def _continuations(self, suffix: list[int], pool: list[int] | None) -> list[int]:
+        """Tokens t such that suffix + t occurs in the corpus: one next-token query, or (reference
+        style) one count per item of ``pool``."""
+        if pool is None:
+            self.calls += 1
+            return self.index.next_token_counts(suffix)[0].tolist()
+        self.calls += len(pool)
+        return [t for t in pool if self.index.count(suffix + [t])]
 
     def penalties(self, seq: list[int]) -> dict[int, float]:
         """{token: penalty (BCI, nats) > tau} for the next token after running sequence ``seq``."""
         windows: list[tuple[int, int, np.ndarray]] = []  # (suffix length k, next token, window)
+        pool = None
+        if self.per_item_vocab and len(seq) >= self.min_prefix:  # the reference: every vocabulary item
+            pool = self._continuations(seq[len(seq) - self.min_prefix:], list(range(self.per_item_vocab)))
         for k in range(self.min_prefix, min(self.c, len(seq)) + 1):
             suffix = seq[len(seq) - k:]
-            self.calls += 1
-            nxt, _ = self.index.next_token_counts(suffix)
-            for t in nxt.tolist():
+            nxt = pool if pool is not None and k == self.min_prefix else self._continuations(suffix, pool)
+            for t in nxt:
                 occ = self.index.locate(suffix + [t], limit=1 << 30)
                 self.calls += 2
                 if not occ:
@@ -158,6 +177,9 @@ def main() -> None:
     ap.add_argument("--min-prefix", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--hf-repeats", type=int, default=3)
+    ap.add_argument("--ref-repeats", type=int, default=1,
+                    help="runs of row 5 (a per-vocabulary-item processor: ~1-2 min each at vocab 32k); 0 skips it")
+    ap.add_argument("--ref-agreement", type=int, default=48, help="running contexts checked for row 5's veto sets")
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch intra-op threads for HF (0 = torch default). On a shared machine 1 avoids "
                          "OpenMP spin-waiting that can make a 0.6 s generate take 10 s of CPU")
@@ -236,6 +258,7 @@ def main() -> None:
     ids, pens, ok = jax.device_get(jax.jit(veto_entries, static_argnums=(3,))(
         table, jax.numpy.asarray(ctx), jax.numpy.full((len(seqs),), c, jax.numpy.int32), args.min_prefix))
     agree = vetoed_ctx = vetoed_tok = 0
+    vetoing: list[int] = []
     for i, s in enumerate(seqs):
         hit = ok[i] & (pens[i] > args.tau)
         dev = {int(t): float(p) for t, p in zip(ids[i][hit], pens[i][hit])}
@@ -244,6 +267,12 @@ def main() -> None:
         agree += same
         vetoed_ctx += bool(ref)
         vetoed_tok += len(ref)
+        if ref:
+            vetoing.append(i)
+    per_item = HostIndexVeto(index, scorer, pcfg, args.tau, args.min_prefix, c, per_item_vocab=args.vocab)
+    sample = np.random.default_rng(1).permutation(len(seqs))[: args.ref_agreement]
+    sample = sorted(set(sample.tolist()) | set(vetoing)) if args.ref_repeats else []
+    ref_agree = sum(per_item.penalties(seqs[i]) == host.penalties(seqs[i]) for i in sample)
 
     # Timing, ours: interleaved repeats.
     runs = {"off": ([], []), "hard": ([], [])}
@@ -256,10 +285,13 @@ def main() -> None:
     host_s = [0.0]  # wall seconds spent inside the processor
 
     class IndexVeto(LogitsProcessor):
+        def __init__(self, veto: HostIndexVeto = host):
+            self.veto = veto
+
         def __call__(self, input_ids, scores):
             t = time.perf_counter()
             for row, seq in enumerate(input_ids.tolist()):
-                for tok in host.penalties(seq):
+                for tok in self.veto.penalties(seq):
                     scores[row, tok] = -float("inf")
             host_s[0] += time.perf_counter() - t
             return scores
@@ -280,7 +312,14 @@ def main() -> None:
                 w, cp = _timed(lambda p=procs: hf_model.generate(ids_t, logits_processor=LogitsProcessorList(p), **gen_kw))
                 hf_runs[name][0].append(w)
                 hf_runs[name][1].append(cp)
-    calls_per_run = host.calls // max(args.hf_repeats, 1)
+        calls_per_run = host.calls // max(args.hf_repeats, 1)
+        host_ms_per_run = 1e3 * host_s[0] / max(args.hf_repeats, 1)  # row 4's processor time, before row 5
+        ref_runs: tuple[list[float], list[float]] = ([], [])
+        per_item.calls = 0
+        for _ in range(args.ref_repeats):  # row 5; HF and torch are warm from rows 3-4
+            w, cp = _timed(lambda: hf_model.generate(ids_t, logits_processor=LogitsProcessorList([IndexVeto(per_item)]), **gen_kw))
+            ref_runs[0].append(w)
+            ref_runs[1].append(cp)
 
     med = lambda xs: statistics.median(xs)
     new_tokens = args.batch * args.max_new
@@ -292,12 +331,17 @@ def main() -> None:
           f"(C={c}, built in {table_s:.1f}s); min_prefix {args.min_prefix}")
     print(f"agreement (device table vs host index queries), {len(seqs)} running contexts of the unvetoed "
           f"search: {agree}/{len(seqs)} identical veto sets; {vetoed_ctx} contexts veto {vetoed_tok} tokens")
+    if args.ref_repeats:
+        print(f"agreement (row 5's per-vocabulary-item look-ups vs row 4's), {len(sample)} running contexts "
+              f"(every vetoing one + a random sample): {ref_agree}/{len(sample)} identical veto sets")
     rows = [
         ("ours beam, no veto", runs["off"], compile_s["off"]),
         ("ours Prov-Decode (hard veto)", runs["hard"], compile_s["hard"]),
         ("HF generate beams, no processor", hf_runs["off"], hf_first["off"]),
         ("HF generate + host index veto", hf_runs["hard"], hf_first["hard"]),
     ]
+    if args.ref_repeats:
+        rows.append(("HF generate + reference-style veto", ref_runs, float("nan")))
     print(f"{'method':32s} {'wall med s':>10s} {'CPU med s':>10s} {'wall best s':>11s} {'tok/s med':>10s} "
           f"{'reps':>4s} {'1st call s':>10s}")
     for name, (wall, cpu), first_s in rows:
@@ -311,9 +355,13 @@ def main() -> None:
     print(f"Prov-Decode vs HF generate + host index veto, medians: wall {sw:.1f}x, CPU {sc:.1f}x faster   "
           f"(target >= 10x); vs HF without processor: wall {med(hf_runs['off'][0]) / med(runs['off'][0]):.1f}x; "
           f"HF host-veto overhead: wall {100 * (med(hf_runs['hard'][0]) / med(hf_runs['off'][0]) - 1):+.0f}%")
+    if args.ref_repeats:
+        print(f"Prov-Decode vs HF generate + reference-style veto (one index call per vocabulary item, "
+              f"{per_item.calls // args.ref_repeats} calls per run): wall {med(ref_runs[0]) / med(runs['hard'][0]):.0f}x, "
+              f"CPU {med(ref_runs[1]) / med(runs['hard'][1]):.0f}x faster   (target >= 10x)")
     veto_ms = 1e3 * (med(runs["hard"][0]) - med(runs["off"][0]))
     print(f"veto cost per decode (wall): ours {veto_ms:+.1f} ms (median difference); HF host processor "
-          f"{1e3 * host_s[0] / max(args.hf_repeats, 1):.1f} ms inside the processor, "
+          f"{host_ms_per_run:.1f} ms inside the processor, "
           f"{calls_per_run} index/scorer calls per run")
     print(f"vetoes counted on the best beams: {int(out_veto.vetoes_BxK[:, 0].sum())}")
 

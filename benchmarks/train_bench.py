@@ -3,7 +3,13 @@
 Same run for all rows: random tiny Llama (4 layers, hidden 256, MLP 688, 8 heads, 4 KV heads, vocab
 512), 8 pairs per step, prompt 64 + response 64 tokens, fp32, CPU, reference model in memory (in-step
 forward). Throughput counts chosen + rejected tokens (2 x 8 x 128 per step); the median step time
-is over ``--steps`` steps after ``--warmup`` (compile) steps.
+is over ``--steps`` steps after ``--warmup`` (compile) steps. Our model runs with
+``model.scan_layers: false`` (the 4 layers unrolled, as one would configure a model this shallow).
+
+The three rows are measured interleaved: after every TRL step (timed by a ``TrainerCallback``)
+one DPO and one DPO+CBD step of ours run, so load changes on a shared machine hit all rows alike.
+TRL runs twice: without gradient checkpointing (like ours: the like-for-like row the target is
+judged on) and with its DPOConfig default ``gradient_checkpointing=True`` (how users get it).
 
     .venv/bin/python benchmarks/train_bench.py [--steps 10] [--no-trl]
 
@@ -59,7 +65,7 @@ def make_ours(cbd: bool):
                  for _ in range(2000)]  # fmt: skip
         veto = jax.tree.map(jnp.asarray, compile_veto_table(spans, max_span=8, max_entries=16))
         loss.update(cbd_data_weight=0.1, cbd_cont_weight=0.1, cbd_margin=1.0, cbd_bci_scale=20.0)
-    cfg = from_dict(Config, {"model": {"arch": ARCH}, "mesh": {"data": 1}, "loss": loss,
+    cfg = from_dict(Config, {"model": {"arch": ARCH, "scan_layers": False}, "mesh": {"data": 1}, "loss": loss,
                              "train": {"batch_size": PAIRS, "learning_rate": 1e-5, "steps": 1000}})  # fmt: skip
     mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
     rules = sharding.resolve_rules(cfg.mesh.rules)
@@ -77,22 +83,32 @@ def make_ours(cbd: bool):
     return one
 
 
-def bench_ours(steps: int, warmup: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """Step times of plain DPO and DPO+CBD, measured alternately so both see the same machine load."""
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def ours_pair(warmup: int):
+    """Compiled and warmed-up plain DPO and DPO+CBD steps, and a function timing one of each."""
     dpo, cbd = make_ours(False), make_ours(True)
     for _ in range(warmup):
         dpo()
         cbd()
-    t_dpo, t_cbd = [], []
-    for _ in range(steps):
-        for fn, out in ((dpo, t_dpo), (cbd, t_cbd)):
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            out.append((time.perf_counter() - t, time.process_time() - c))
-    return t_dpo, t_cbd
+    t_dpo: list[tuple[float, float]] = []
+    t_cbd: list[tuple[float, float]] = []
+
+    def one_each() -> None:
+        t_dpo.append(timed(dpo))
+        t_cbd.append(timed(cbd))
+
+    return one_each, t_dpo, t_cbd
 
 
-def bench_trl(steps: int, warmup: int) -> list[tuple[float, float]]:
+def bench_trl(steps: int, warmup: int, between, checkpointing: bool) -> list[tuple[float, float]]:
+    """TRL DPOTrainer step times; ``between()`` runs after each timed step past the warm-up.
+    checkpointing: TRL's ``gradient_checkpointing`` (its DPOConfig default is True)."""
     import copy
     import tempfile
 
@@ -123,11 +139,14 @@ def bench_trl(steps: int, warmup: int) -> list[tuple[float, float]]:
 
         def on_step_end(self, *a, **k):
             times.append((time.perf_counter() - self.t, time.process_time() - self.c))
+            if len(times) > warmup:
+                between()
 
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=warmup + steps, learning_rate=1e-5,
                          beta=0.1, max_length=PROMPT + RESPONSE, report_to="none", save_strategy="no", logging_steps=1000,
-                         use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
+                         use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True,
+                         gradient_checkpointing=checkpointing)  # fmt: skip
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data, processing_class=tokenizer, callbacks=[Timer()])
         batch = next(iter(trainer.get_train_dataloader()))
         assert batch["input_ids"].shape == (2 * PAIRS, PROMPT + RESPONSE), batch["input_ids"].shape
@@ -143,15 +162,19 @@ def main() -> None:
     args = ap.parse_args()
     tokens = 2 * PAIRS * (PROMPT + RESPONSE)
     med = lambda ts, k: statistics.median(t[k] for t in ts)  # noqa: E731
-    dpo, cbd = bench_ours(args.steps, args.warmup)
-    rows = [("ours DPO (JAX jit, fp32)", med(dpo, 0), med(dpo, 1)), ("ours DPO+CBD (a+b)", med(cbd, 0), med(cbd, 1))]
-    trl_note = ""
+    one_each, dpo, cbd = ours_pair(args.warmup)
+    trl, trl_note = None, ""
     if not args.no_trl:
         try:
-            trl = bench_trl(args.steps, args.warmup)
-            rows.append(("TRL DPOTrainer (torch, fp32)", med(trl, 0), med(trl, 1)))
+            trl = {gc: bench_trl(args.steps, args.warmup, one_each, gc) for gc in (False, True)}
         except Exception as err:  # noqa: BLE001  report and fall back to the measured figure
             trl_note = f"TRL could not run here ({type(err).__name__}: {err}); "
+    while len(dpo) < args.steps:  # without TRL (or if it failed part-way)
+        one_each()
+    rows = [("ours DPO (JAX jit, fp32)", med(dpo, 0), med(dpo, 1)), ("ours DPO+CBD (a+b)", med(cbd, 0), med(cbd, 1))]
+    if trl is not None:
+        rows.append(("TRL DPOTrainer (torch, fp32, no checkpoint.)", med(trl[False], 0), med(trl[False], 1)))
+        rows.append(("TRL DPOTrainer (its default: grad. checkpoint.)", med(trl[True], 0), med(trl[True], 1)))
     if len(rows) == 2:
         rows.append(("TRL DPOTrainer (shared/README measured)", 0.457, float("nan")))
         trl_note += "TRL row is the figure measured on this machine class, not this run."
@@ -159,11 +182,12 @@ def main() -> None:
         load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     except OSError:
         load = ""
-    print(f"{'run':42s} {'median wall ms':>14s} {'tokens/s':>9s} {'CPU-s/step':>10s} {'tok/CPU-s':>10s}")
+    print(f"{'run':48s} {'median wall ms':>14s} {'tokens/s':>9s} {'CPU-s/step':>10s} {'tok/CPU-s':>10s}")
     for name, wall, cpu in rows:
-        print(f"{name:42s} {wall * 1e3:14.1f} {tokens / wall:9.0f} {cpu:10.2f} {tokens / cpu:10.0f}")
+        print(f"{name:48s} {wall * 1e3:14.1f} {tokens / wall:9.0f} {cpu:10.2f} {tokens / cpu:10.0f}")
     print(f"CBD overhead vs plain DPO: wall {100 * (rows[1][1] / rows[0][1] - 1):+.1f}%, CPU {100 * (rows[1][2] / rows[0][2] - 1):+.1f}%"
-          f"   |   TRL / ours step time: wall {rows[2][1] / rows[0][1]:.2f}x, CPU {rows[2][2] / rows[0][2]:.2f}x   ({load})")  # fmt: skip
+          f"   |   TRL (no checkpointing, like ours) / ours step time: wall {rows[2][1] / rows[0][1]:.2f}x, "
+          f"CPU {rows[2][2] / rows[0][2]:.2f}x   ({load})")  # fmt: skip
     if trl_note:
         print(trl_note)
 
