@@ -269,7 +269,8 @@ def veto_candidates(table: VetoTable, context_BxC: jax.Array, context_len_B: jax
     Within one suffix length tokens are distinct; across suffix lengths a token may repeat (with
     its own penalty). Invalid slots hold token 0, penalty 0. ``veto_entries`` = these slots, one per
     token with the max penalty, sorted; a consumer that tolerates repeats (a max/min scatter, a
-    threshold test) skips that sort, which costs more than the lookup itself on CPU.
+    threshold test) skips that sort, which costs more than the lookup itself on CPU, and one that
+    needs each token once but not sorted (a sum over entries) uses ``unique_slots``.
     directory: ``bucket_directory(table)`` to find keys in a few steps (same result), or None for
     a binary search over the whole table. Jittable; ``min_prefix`` is static.
     """
