@@ -16,32 +16,16 @@ from tracealign_jax.index.search_primitives import _JIT, _compare, _in_vocab, _n
 
 
 @njit(**_JIT)
-def _lower_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, hi, llcp, hlcp):
-    """First shard rank in [lo, hi] whose suffix is >= q (as a prefix), given that rank lo - 1 is
-    before q and rank hi starts with q (or is hi = n), with those LCP brackets."""
+def _bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, hi, llcp, hlcp, upper):
+    """Bisects shard ranks [lo, hi] with LCP brackets (``llcp`` shared by rank lo - 1, ``hlcp`` by
+    rank hi). upper = 0: the first rank whose suffix is >= q as a prefix (lower bound: rank lo - 1 is
+    before q, rank hi starts with q or is n). upper = 1: the first rank whose suffix sorts after every
+    suffix starting with q (rank lo - 1 starts with q, so ``llcp`` = len(q); rank hi does not)."""
     while lo < hi:
         mid = (lo + hi) >> 1
         k0 = llcp if llcp < hlcp else hlcp
         c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, bits, s0 + mid), s1, q, qs, qe, k0)
-        if c < 0:
-            lo = mid + 1
-            llcp = lcp
-        else:
-            hi = mid
-            hlcp = lcp
-    return lo
-
-
-@njit(**_JIT)
-def _upper_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, hi, hlcp):
-    """First shard rank in [lo, hi] whose suffix sorts after every suffix starting with q, given
-    that rank lo - 1 starts with q and rank hi (if < n) does not, sharing ``hlcp`` tokens with q."""
-    llcp = qe - qs
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        k0 = llcp if llcp < hlcp else hlcp
-        c, lcp = _compare(tokens, s0 + _sa_at(sa_u8, bits, s0 + mid), s1, q, qs, qe, k0)
-        if c <= 0:
+        if c < upper:  # c < 0 for the lower bound, c <= 0 for the upper
             lo = mid + 1
             llcp = lcp
         else:
@@ -70,8 +54,8 @@ def _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, s, 
     s1 = shard_starts_S1[s + 1]
     lo, hi, llcp, hlcp, mlo, mhi = _narrow(fence_F, s0, lo, hi, q, qs, qe)
     if mlo >= 0:  # fence samples start with q: the two bounds lie within a sample gap each
-        return (_lower_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, mlo, llcp, m),
-                _upper_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, mhi + 1, hi, hlcp))
+        return (_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, mlo, llcp, m, 0),
+                _bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, mhi + 1, hi, m, hlcp, 1))
     while lo < hi:
         mid = (lo + hi) >> 1
         k0 = llcp if llcp < hlcp else hlcp
@@ -84,8 +68,8 @@ def _shard_range(tokens, sa_u8, bits, shard_starts_S1, bucket_SxV2, fence_F, s, 
             hlcp = lcp
         else:
             # lower bound in [lo, mid]: brackets (llcp, m); upper bound in [mid + 1, hi]: brackets (m, hlcp)
-            return (_lower_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, mid, llcp, m),
-                    _upper_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, mid + 1, hi, hlcp))
+            return (_bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, lo, mid, llcp, m, 0),
+                    _bound(tokens, sa_u8, bits, s0, s1, q, qs, qe, mid + 1, hi, m, hlcp, 1))
     return lo, lo
 
 
