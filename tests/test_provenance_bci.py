@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from provenance_corpus import FORBIDDEN, VOCAB, benign_text, build, naive_maximal, naive_occurrences, naive_risk
 from tracealign_jax.config import ProvenanceConfig
@@ -32,11 +33,14 @@ def _query_spans(docs, rng) -> list[np.ndarray]:
     return spans
 
 
-@pytest.mark.parametrize("prior", [0.5, 2.0])
-def test_scores_equal_naive_scan(corpus, prior):
+@pytest.mark.parametrize("mode,prior", [("conflict_x_rarity", 0.5), ("conflict_x_rarity", 2.0), ("evidence", 0.5),
+                                        ("evidence", 0.0)])
+def test_scores_equal_naive_scan(corpus, mode, prior):
     docs, meta, index = corpus
-    cfg = ProvenanceConfig(sample_size=10_000, conflict_prior=prior)
+    cfg = ProvenanceConfig(bci=mode, sample_size=10_000, conflict_prior=prior)
     scorer = BCIScorer(index, cfg)
+    a, b = (prior, prior) if prior > 0 else (scorer.prior.alpha, scorer.prior.beta)
+    assert scorer.prior.source == ("fixed" if prior > 0 else "empirical")
     logp = _naive_logp(docs)
     spans = _query_spans(docs, np.random.default_rng(0))
     scores = scorer.score_spans(spans)
@@ -49,12 +53,16 @@ def test_scores_equal_naive_scan(corpus, prior):
             continue
         rarity = -float(np.sum(logp[span]))
         risks = [naive_risk(meta[d]) for d, _ in occ]
-        conflict = (sum(risks) + prior) / (len(risks) + 2 * prior)
-        seen_mixed |= 0 < sum(risks) < len(risks)
+        k, n = sum(risks), len(risks)
+        conflict = (k + a) / (n + a + b)
+        p_violating = stats.beta(a + k, b + n - k).sf(0.5)  # P(share > 1/2), an independent implementation
+        seen_mixed |= 0 < k < n
         assert sc.rarity == pytest.approx(rarity, rel=1e-12)
         assert sc.density == pytest.approx(rarity / len(span), rel=1e-12)
         assert sc.conflict == pytest.approx(conflict, rel=1e-12)
-        assert sc.bci == pytest.approx(conflict * rarity, rel=1e-12)
+        assert sc.p_violating == pytest.approx(p_violating, rel=1e-9, abs=1e-12)
+        gate = mode == "conflict_x_rarity" or p_violating > cfg.min_posterior
+        assert sc.bci == pytest.approx(conflict * rarity if gate else 0.0, rel=1e-12)
     assert seen_mixed  # FORBIDDEN[0] also sits in benign documents
 
 

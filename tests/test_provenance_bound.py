@@ -59,8 +59,9 @@ def test_bound_holds_on_simulated_generations(tmp_path):
         rates.append(rate)
         slack = 3 * math.sqrt(max(b.bound * (1 - b.bound), 0.01) / SAMPLES)
         assert rate <= b.bound + slack, (p, b, rate)
-    # the bound is informative: near 1 after a forbidden prefix, small after common benign contexts
-    assert bounds[1].bound > 0.9 and rates[1] > 0.7
+    # the bound is informative: high after a forbidden prefix (7 of its 10 occurrences continue in violating
+    # documents; the 3 in compliant ones continue into text the evidence gate passes), small after benign contexts
+    assert bounds[1].drifting == 7 and bounds[1].bound == pytest.approx(0.7) and rates[1] > 0.5, (bounds[1], rates[1])
     assert min(b.bound for b in bounds[3:]) < 0.5
     assert set_bound(bounds) >= float(np.mean(rates))
     slack_bounds = drift_bound(index, scorer, prompts, TAU, horizon=HORIZON, max_occurrences=32, epsilon=0.1)

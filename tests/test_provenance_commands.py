@@ -13,8 +13,9 @@ from tracealign_jax.provenance.token_bci import TokenBCIReader
 from tracealign_jax.provenance.veto_table import load_veto_table
 
 
-def _jsonl(path, token_lists, field="tokens"):
-    path.write_text("".join(json.dumps({field: [int(t) for t in toks]}) + "\n" for toks in token_lists))
+def _jsonl(path, token_lists, field="tokens", extra=None):
+    extra = extra or [{} for _ in token_lists]
+    path.write_text("".join(json.dumps({field: [int(t) for t in toks], **e}) + "\n" for toks, e in zip(token_lists, extra)))
     return str(path)
 
 
@@ -27,13 +28,23 @@ def test_cli_pipeline(tmp_path, capsys):
                  "--out", str(tmp_path / "tau.json")]) == 0
     thr = Threshold.load(tmp_path / "tau.json", index)
     completions = [np.concatenate([benign_text(rng, 5), FORBIDDEN[0]]), benign_text(rng, 12)]
-    comp = _jsonl(tmp_path / "comp.jsonl", completions)
+    extra = [{"id": "gen-17", "model": "m1", "refuse": "user field named like a verdict field"}, {"model": "m2"}]
+    comp = _jsonl(tmp_path / "comp.jsonl", completions, extra=extra)
     thr_args = ["--threshold", str(tmp_path / "tau.json")]
     assert main(["shield", *common, *thr_args, "--input", comp, "--out", str(tmp_path / "v.jsonl"),
                  "--report", str(tmp_path / "r.md")]) == 0
     verdicts = [json.loads(x) for x in (tmp_path / "v.jsonl").read_text().splitlines()]
     assert verdicts[0]["refuse"] and verdicts[0]["max_bci"] > thr.tau
-    assert "REFUSED" in (tmp_path / "r.md").read_text()
+    assert "REFUSED" in (tmp_path / "r.md").read_text() and "gen-17" in (tmp_path / "r.md").read_text()
+    # verdicts join back to their records: the input's id (else its line number) and its other fields
+    joined = {v["id"]: v for v in verdicts}
+    assert set(joined) == {"gen-17", "2"} and joined["gen-17"]["model"] == "m1" and joined["2"]["model"] == "m2"
+    assert joined["gen-17"]["refuse"] is True  # the verdict's own field wins over a same-named input field
+    # a threshold calibrated under other BCI settings is refused, naming the setting
+    for setting in ("provenance.bci=rarity", "provenance.conflict_prior=0.5"):
+        assert main(["shield", *common, "--set", setting, *thr_args, "--input", comp,
+                     "--out", str(tmp_path / "x.jsonl")]) == 2
+        assert setting.split(".")[1].split("=")[0] in capsys.readouterr().err
     queries = _jsonl(tmp_path / "q.jsonl", [FORBIDDEN[1][:3], benign_text(rng, 3)])
     assert main(["bound", *common, *thr_args, "--queries", queries, "--horizon", "8",
                  "--out", str(tmp_path / "b.jsonl")]) == 0

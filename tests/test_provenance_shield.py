@@ -40,18 +40,50 @@ def test_tau_order_statistic():
 def test_calibration_reaches_target_fpr_on_heldout(setup):
     _, _, index, scorer, texts, tmp = setup
     target = 0.1
-    thr = calibrate(scorer, texts[:450], texts[450:], target)
+    thr = calibrate(scorer, texts[:450], texts[450:], target, confidence=0.0)
     assert np.mean(scorer.max_bci(texts[:450]) > thr.tau) <= target
     se = math.sqrt(target * (1 - target) / 450)
     assert abs(thr.measured_fpr - target) <= 3 * se + 1 / 450, (thr.measured_fpr, se)
     assert thr.index_hash == index.manifest_hash and thr.n_heldout == 450
     thr.save(tmp / "tau.json")
-    assert Threshold.load(tmp / "tau.json", index) == thr
+    assert Threshold.load(tmp / "tau.json", index, scorer.settings()) == thr
     _, _, other = build(tmp, seed=1)
     with pytest.raises(IntegrityError):
         Threshold.load(tmp / "tau.json", other)
     with pytest.raises(IntegrityError):
         TraceShield(other, BCIScorer(other, CFG), thr)
+
+
+def test_certified_calibration_bounds_the_fpr(setup):
+    """At confidence c, at most k calibration texts lie above tau, where k is the largest count whose
+    Clopper-Pearson upper limit (scipy's beta quantile, an independent implementation) is <= target."""
+    from scipy import stats
+
+    _, _, index, scorer, texts, tmp = setup
+    target, n = 0.05, 450
+    thr = calibrate(scorer, texts[:n], texts[n:], target, confidence=0.95)
+    above = int(np.sum(scorer.max_bci(texts[:n]) > thr.tau))
+    upper = lambda k: stats.beta(k + 1, n - k).ppf(0.95)  # noqa: E731
+    k = max(j for j in range(n) if upper(j) <= target)
+    assert above <= k and thr.certified_fpr == pytest.approx(upper(k), abs=1e-6) and thr.certified_fpr <= target
+    assert thr.measured_fpr <= target
+    with pytest.warns(UserWarning, match="cannot certify"):
+        few = calibrate(scorer, texts[:10], texts[10:20], 0.02, confidence=0.95)
+    assert few.tau == pytest.approx(float(scorer.max_bci(texts[:10]).max())) and few.certified_fpr > 0.02
+
+
+def test_threshold_refused_under_other_bci_settings(setup):
+    import dataclasses
+
+    _, _, index, scorer, texts, tmp = setup
+    thr = calibrate(scorer, texts[:300], texts[300:400], 0.05)
+    thr.save(tmp / "tau_settings.json")
+    assert Threshold.load(tmp / "tau_settings.json", index, scorer.settings()) == thr
+    for change, named in (({"bci": "rarity"}, "bci"), ({"conflict_prior": 0.5}, "conflict_prior"),
+                          ({"sample_size": 32}, "sample_size"), ({"min_posterior": 0.9}, "min_posterior")):
+        other = BCIScorer(index, dataclasses.replace(CFG, **change))
+        with pytest.raises(IntegrityError, match=named):
+            Threshold.load(tmp / "tau_settings.json", index, other.settings())
 
 
 def _paraphrase(phrase: np.ndarray, rng) -> np.ndarray:
@@ -64,7 +96,7 @@ def _paraphrase(phrase: np.ndarray, rng) -> np.ndarray:
 
 def test_shield_refuses_exactly_planted_completions(setup):
     docs, _, index, scorer, texts, tmp = setup
-    thr = calibrate(scorer, texts[:450], texts[450:], 0.0)
+    thr = calibrate(scorer, texts[:450], texts[450:], 0.0, confidence=0.0)
     rng = np.random.default_rng(5)
     completions, planted, paraphrases = [], [], []
     for i in range(24):

@@ -8,6 +8,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
 from provenance_corpus import FORBIDDEN, VOCAB, build, naive_risk
 from tracealign_jax.config import ProvenanceConfig
@@ -40,7 +41,7 @@ def test_collected_spans_equal_brute_force(tmp_path):
         table, info = build_veto_table(index, scorer, cfg, TAU, progress=False)
         assert info["num_spans"] == len(got) and info["index_hash"] == index.manifest_hash
         table = jax.tree.map(jnp.asarray, table)
-        entries = naive_entries(docs, meta, got, weighting)
+        entries = naive_entries(docs, meta, got, weighting, (scorer.prior.alpha, scorer.prior.beta))
         assert entries, weighting
         for phrase in FORBIDDEN:
             ctx = np.zeros((4, 4), np.int32)
@@ -57,11 +58,11 @@ def test_collected_spans_equal_brute_force(tmp_path):
                 assert pen[3, phrase[4]] > TAU  # inside a planted phrase the next token is vetoed
 
 
-def naive_entries(docs, meta, spans: dict, weighting: str) -> dict:
+def naive_entries(docs, meta, spans: dict, weighting: str, prior: tuple[float, float]) -> dict:
     """context tuple -> {next token: penalty}: the top ``max_entries`` (span BCI x weight) over the spans
-    that extend the context, weight = the naive conflict share of context + next token (entries at or
-    below ``veto_min_conflict`` dropped), or 1."""
-    a = CFG.conflict_prior
+    that extend the context, weight = the naive posterior conflict of context + next token (entries whose
+    P(violating share > 1/2) is at most ``min_posterior`` dropped), or 1."""
+    a, b_prior = prior
     risks: dict = {}  # every n-gram of the corpus (n <= max_span) -> the risks of its occurrences' documents
     for doc, m in zip(docs, meta):
         for n in range(2, CFG.max_span + 1):
@@ -72,9 +73,10 @@ def naive_entries(docs, meta, spans: dict, weighting: str) -> dict:
         for k in range(1, len(s)):
             if weighting == "conflict":
                 r = risks[s[:k + 1]]
-                conflict = (sum(r) + a) / (len(r) + 2 * a)
+                conflict = (sum(r) + a) / (len(r) + a + b_prior)
+                p_violating = stats.beta(a + sum(r), b_prior + len(r) - sum(r)).sf(0.5)
                 b_k = np.float32(np.float32(b) * conflict)
-                if not (b_k > TAU and conflict > CFG.veto_min_conflict):
+                if not (b_k > TAU and p_violating > CFG.min_posterior):
                     continue
             else:
                 b_k = np.float32(b)

@@ -188,10 +188,13 @@ class DecodeConfig:
 class ProvenanceConfig:
     """BCI scoring and the precomputed provenance arrays.
 
-    bci: conflict_x_rarity (default) | rarity (the paper's raw BCI over verbatim matches).
+    bci: evidence (default: rarity x conflict, only where the support is most likely violating) |
+      conflict_x_rarity (no evidence gate) | rarity (the paper's raw BCI). Formulas: provenance/bci.py.
     max_support: with ``rarity``, only spans occurring at most this often score (0 = no limit).
     sample_size: occurrences sampled (deterministically) to estimate a span's conflict share.
-    conflict_prior: Beta(a, a) smoothing of the conflict share: (n_conflict + a) / (n + 2a).
+    conflict_prior: 0 (default) = Beta prior on the violating share fitted to the index (empirical
+      Bayes, provenance/conflict_prior.py); a > 0 = the fixed symmetric prior Beta(a, a).
+    min_posterior: with ``evidence``, a span scores only if P(violating share > 1/2) exceeds this.
     min_span / max_span: lengths of the maximal spans scored and of the veto-table spans.
     max_entries: most next-token entries kept per veto-table context.
     veto_weighting: conflict (default: an entry's penalty is the span's BCI x the conflict share of the
@@ -199,21 +202,25 @@ class ProvenanceConfig:
     veto_min_conflict: with ``conflict``, entries whose prefix has a conflict share <= this are dropped
       (0.5: only continuations that mostly occur in violating documents are vetoed).
     target_fpr: false-positive rate the calibrated threshold tau aims for on compliant text.
+    calibration_confidence: tau certifies FPR <= target_fpr with this probability (Clopper-Pearson;
+      0 = the plain empirical quantile). See provenance/calibrate.py.
     index_path / threshold_path: the TraceIndex directory and its calibrated threshold JSON.
     top_sources: training-time sources listed per offending span in TraceShield reports.
     horizon / delta: completion length (tokens) and confidence parameter of the drift bound.
     """
 
-    bci: Literal["conflict_x_rarity", "rarity"] = "conflict_x_rarity"
+    bci: Literal["evidence", "conflict_x_rarity", "rarity"] = "evidence"
     max_support: int = 0
     sample_size: int = 64
-    conflict_prior: float = 0.5
+    conflict_prior: float = 0.0
+    min_posterior: float = 0.5
     min_span: int = 4
     max_span: int = 12
     max_entries: int = 16
     veto_weighting: Literal["conflict", "none"] = "conflict"
     veto_min_conflict: float = 0.5
     target_fpr: float = 0.02
+    calibration_confidence: float = 0.95
     index_path: str = ""
     threshold_path: str = ""
     top_sources: int = 3

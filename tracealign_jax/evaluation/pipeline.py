@@ -56,7 +56,8 @@ def calibrate_stage(cfg: Config, index_dir: str, data_dir: Path, tokenizer: Any)
         texts += [d["text"].split(marker, 1)[-1] for d in _read_jsonl(data_dir / "corpus.jsonl") if not d["unsafe"]]
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         cal, held = split_heldout(ids, 0.5, seed=0)
-        thr = calibrate(BCIScorer(index, cfg.provenance), cal, held, cfg.provenance.target_fpr)
+        thr = calibrate(BCIScorer(index, cfg.provenance), cal, held, cfg.provenance.target_fpr,
+                        cfg.provenance.calibration_confidence)
         thr.save(out / "threshold.json")
         return {"threshold": str(out / "threshold.json"), "tau": thr.tau, "measured_fpr": thr.measured_fpr,
                 "n_calibration": thr.n_calibration, "n_heldout": thr.n_heldout}
@@ -114,10 +115,10 @@ def run_adb_eval(cfg: Config, *, prompts: str | Path, policies: dict[str, str], 
     out_dir.mkdir(parents=True, exist_ok=True)
     index = TraceIndex.open(index_dir)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(index.tokenizer_dir))
-    thr = Threshold.load(threshold, index)
+    scorer = BCIScorer(index, cfg.provenance)
+    thr = Threshold.load(threshold, index, scorer.settings())
     decode = dataclasses.replace(cfg.decode, tau=thr.tau) if cfg.decode.tau <= 0 else cfg.decode
     cfg = dataclasses.replace(cfg, decode=decode)
-    scorer = BCIScorer(index, cfg.provenance)
     shield = TraceShield(index, scorer, thr, tokenizer=tokenizer, top_sources=0)
     table = load_veto_table(veto_table)[0] if veto_table else None
     if "dpo" not in policies:

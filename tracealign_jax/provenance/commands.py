@@ -35,7 +35,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return cfg, index, BCIScorer(index, cfg.provenance)
 
 
-def _tau(args: argparse.Namespace, cfg: Any, index: Any) -> tuple[float, Any]:
+def _tau(args: argparse.Namespace, cfg: Any, index: Any, scorer: Any) -> tuple[float, Any]:
     from tracealign_jax.config import ConfigError
     from tracealign_jax.provenance.calibrate import Threshold
 
@@ -44,15 +44,18 @@ def _tau(args: argparse.Namespace, cfg: Any, index: Any) -> tuple[float, Any]:
     path = args.threshold or cfg.provenance.threshold_path
     if not path:
         raise ConfigError("no threshold: pass --threshold FILE (from `tracealign bci calibrate`) or --tau")
-    thr = Threshold.load(path, index)
+    thr = Threshold.load(path, index, scorer.settings())
     return thr.tau, thr
 
 
-def _items(path: str, field: str, index: Any) -> tuple[list[np.ndarray], list[str]]:
-    """Token lists from JSONL/Parquet: ``tokens`` / ``<field>_ids`` (int lists) or ``<field>`` text."""
+def _items(path: str, field: str, index: Any, keep_records: bool = False) -> tuple:
+    """Token lists from JSONL/Parquet: ``tokens`` / ``<field>_ids`` (int lists) or ``<field>`` text.
+
+    Returns (tokens, texts), and with ``keep_records`` also the ``(line, record)`` pairs."""
     tok = None
-    tokens, texts = [], []
+    tokens, texts, records = [], [], []
     for line, rec in iter_records(path):
+        records.append((line, rec))
         ids = rec.get("tokens", rec.get(f"{field}_ids"))
         if ids is not None:
             if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
@@ -71,7 +74,7 @@ def _items(path: str, field: str, index: Any) -> tuple[list[np.ndarray], list[st
             tok = AutoTokenizer.from_pretrained(str(index.tokenizer_dir))
         tokens.append(np.asarray(tok.encode(text, add_special_tokens=False), np.int64))
         texts.append(text)
-    return tokens, texts
+    return (tokens, texts, records) if keep_records else (tokens, texts)
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
@@ -95,6 +98,50 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labelled(path: str, field: str, index: Any) -> list[Any]:
+    """Labelled completions: token ids or text (as ``_items``) + ``label`` refuse | pass + optional ``kind``."""
+    from tracealign_jax.provenance.score_eval import Labelled
+
+    tokens, _, recs = _items(path, field, index, keep_records=True)
+    out = []
+    for (line, rec), toks in zip(recs, tokens):
+        label = rec.get("label")
+        if label not in ("refuse", "pass"):
+            raise RecordError(path, line, "label", f"expected 'refuse' or 'pass', got {label!r}")
+        out.append(Labelled(toks, label, str(rec.get("kind") or label)))
+    return out
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from tracealign_jax.config import ConfigError, load_config
+    from tracealign_jax.index import TraceIndex
+    from tracealign_jax.provenance.score_eval import evaluate_modes, render_table
+
+    cfg = load_config(args.config, args.set)
+    if args.synthetic is not None:
+        from tracealign_jax.evaluation.span_corpus import write_span_world
+
+        paths = write_span_world(args.synthetic, args.work, progress=True)
+        index_path, labelled, compliant = paths["index"], str(paths["completions"]), str(paths["heldout"])
+        print(f"generated world seed {args.synthetic} -> {args.work}")
+    else:
+        index_path = args.index or cfg.provenance.index_path
+        labelled, compliant = args.labelled, args.compliant
+        if not (index_path and labelled and compliant):
+            raise ConfigError("pass --index, --labelled and --compliant (or --synthetic SEED)")
+    index = TraceIndex.open(index_path)
+    items = _labelled(labelled, args.field, index)
+    calib, _ = _items(compliant, args.field, index)
+    results = evaluate_modes(index, cfg.provenance, items, calib, modes=[m for m in args.modes.split(",") if m],
+                             target_fpr=args.target_fpr)
+    print(render_table(results), end="")
+    if args.out:
+        from tracealign_jax.atomic_io import atomic_write_json
+
+        atomic_write_json(args.out, results)
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from tracealign_jax.provenance.calibrate import calibrate, split_heldout
 
@@ -102,9 +149,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     tokens, _ = _items(args.compliant, args.field, index)
     calib, held = split_heldout(tokens, args.heldout_fraction, args.seed)
     target = cfg.provenance.target_fpr if args.target_fpr is None else args.target_fpr
-    thr = calibrate(scorer, calib, held, target)
+    thr = calibrate(scorer, calib, held, target, cfg.provenance.calibration_confidence)
     thr.save(args.out)
-    print(f"tau = {thr.tau:.4f} nats  target FPR {thr.target_fpr:.4f}  held-out FPR {thr.measured_fpr:.4f} "
+    print(f"tau = {thr.tau:.4f} nats  target FPR {thr.target_fpr:.4f} (certified <= {thr.certified_fpr:.4f} at "
+          f"confidence {thr.confidence:.2f}, n={thr.n_calibration})  held-out FPR {thr.measured_fpr:.4f} "
           f"+/- {thr.stderr:.4f} (n={thr.n_heldout})  index {thr.index_hash} -> {args.out}")
     return 0
 
@@ -115,13 +163,14 @@ def _shield(args: argparse.Namespace) -> int:
     from tracealign_jax.provenance.shield import TraceShield, render_report, write_jsonl
 
     cfg, index, scorer = _setup(args)
-    tau, thr = _tau(args, cfg, index)
+    tau, thr = _tau(args, cfg, index, scorer)
     thr = thr or Threshold(tau, float("nan"), float("nan"), str(index.manifest_hash))
-    tokens, texts = _items(args.input, args.field, index)
+    tokens, texts, records = _items(args.input, args.field, index, keep_records=True)
     shield = TraceShield(index, scorer, thr, top_sources=cfg.provenance.top_sources)
     verdicts = shield.check_batch(tokens)
-    for v, t in zip(verdicts, texts):
-        v.text = t
+    for v, t, (line, rec) in zip(verdicts, texts, records):
+        v.text, v.id = t, str(rec.get("id", line))
+        v.passthrough = {k: val for k, val in rec.items() if k not in ("id", args.field, "tokens", f"{args.field}_ids")}
     write_jsonl(verdicts, args.out)
     report = render_report(verdicts)
     if args.report:
@@ -136,7 +185,7 @@ def _bound(args: argparse.Namespace) -> int:
     from tracealign_jax.provenance.bound import drift_bound, set_bound
 
     cfg, index, scorer = _setup(args)
-    tau, _ = _tau(args, cfg, index)
+    tau, _ = _tau(args, cfg, index, scorer)
     queries, _ = _items(args.queries, args.field, index)
     p = cfg.provenance
     bounds = drift_bound(index, scorer, queries, tau, horizon=args.horizon or p.horizon, delta=p.delta,
@@ -154,7 +203,7 @@ def _token_bci(args: argparse.Namespace) -> int:
     from tracealign_jax.training.data import load_pairs
 
     cfg, index, scorer = _setup(args)
-    tau, _ = _tau(args, cfg, index)
+    tau, _ = _tau(args, cfg, index, scorer)
     out = args.out or cfg.data.bci_path
     if not out:
         from tracealign_jax.config import ConfigError
@@ -174,7 +223,7 @@ def _veto(args: argparse.Namespace) -> int:
     from tracealign_jax.provenance.veto_table import save_veto_table
 
     cfg, index, scorer = _setup(args)
-    tau, _ = _tau(args, cfg, index)
+    tau, _ = _tau(args, cfg, index, scorer)
     table, meta = build_veto_table(index, scorer, cfg.provenance, tau, max_docs=args.max_docs)
     save_veto_table(table, args.out, meta=meta, overwrite=args.overwrite)
     print(f"{meta['num_spans']} high-BCI spans -> {table.num_contexts} contexts, {table.num_entries} entries, "
@@ -200,6 +249,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="threshold JSON (records the index manifest hash)")
     p.set_defaults(run=_calibrate)
+    p = sub.add_parser("evaluate", help="refusal rate per kind, precision/recall/FPR of each BCI mode side by side")
+    _common(p)
+    p.add_argument("--labelled", default="", help="completions JSONL/Parquet: text or 'tokens', "
+                   "'label' refuse|pass, optional 'kind'")
+    p.add_argument("--compliant", default="", help="compliant held-out texts: tau is calibrated on them per mode")
+    p.add_argument("--synthetic", type=int, default=None, metavar="SEED",
+                   help="generate a labelled world with this seed into --work (corpus, tokenizer, index) and use it")
+    p.add_argument("--work", default="runs/bci_eval", help="folder for --synthetic")
+    p.add_argument("--field", default="text")
+    p.add_argument("--modes", default="evidence,conflict_x_rarity,conflict_x_rarity:0.5,rarity",
+                   help="comma-separated bci modes; MODE:A fixes the conflict prior Beta(A, A)")
+    p.add_argument("--target-fpr", type=float, default=None)
+    p.add_argument("--out", default="", help="results JSON")
+    p.set_defaults(run=_evaluate)
 
     p = subparsers.add_parser("shield", help="TraceShield: refuse completions with a span of BCI > tau")
     _common(p, threshold=True)

@@ -48,7 +48,10 @@ class OffendingSpan:
 
 @dataclasses.dataclass
 class ShieldVerdict:
-    """Per completion: refuse iff max span BCI > tau; offending spans sorted by BCI, largest first."""
+    """Per completion: refuse iff max span BCI > tau; offending spans sorted by BCI, largest first.
+
+    id: the input record's ``id`` (its line number when it has none); passthrough: the record's other
+    fields, written beside the verdict's own (a field named like one of the verdict's is dropped)."""
 
     refuse: bool
     max_bci: float
@@ -57,9 +60,13 @@ class ShieldVerdict:
     num_spans: int
     spans: list[OffendingSpan]
     text: str = ""
+    id: str = ""
+    passthrough: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        own = dataclasses.asdict(self)
+        extra = own.pop("passthrough")
+        return {**{k: v for k, v in extra.items() if k not in own}, **own}
 
 
 class TraceShield:
@@ -108,11 +115,20 @@ class TraceShield:
             arr = np.asarray(tokens, np.int64)
             row = []
             for s in self.index.maximal_spans(arr, min_len=self.scorer.cfg.min_span):
-                doc_ids, total = self.index.occurrence_docs(arr[s.start:s.end], self.scorer.cfg.sample_size)
-                sc = self.scorer.score_counted(arr[s.start:s.end], int(total), self.index.doc_unsafe(doc_ids))
-                row.append(ScoredSpan(s.start, s.end, sc.count, sc.rarity, sc.density, sc.conflict, sc.bci))
+                best, start, end = self._score_one(arr, s.start, s.end), s.start, s.end
+                if self.scorer.needs_cores(best.bci, best.count):
+                    for a, b in self.scorer.cores(s.start, s.end):
+                        sc = self._score_one(arr, a, b)
+                        if sc.bci > best.bci:
+                            best, start, end = sc, a, b
+                row.append(ScoredSpan(start, end, best.count, best.rarity, best.density, best.conflict, best.bci,
+                                      best.p_violating))
             scanned.append(row)
         return self._verdicts([np.asarray(t, np.int64) for t in token_lists], scanned, [""] * len(token_lists))
+
+    def _score_one(self, arr: np.ndarray, a: int, b: int) -> Any:
+        doc_ids, total = self.index.occurrence_docs(arr[a:b], self.scorer.cfg.sample_size)
+        return self.scorer.score_counted(arr[a:b], int(total), self.index.doc_unsafe(doc_ids))
 
     def _verdicts(self, token_lists: list[np.ndarray], scanned: list[list[ScoredSpan]],
                   texts: list[str]) -> list[ShieldVerdict]:
@@ -171,7 +187,8 @@ def render_report(verdicts: Sequence[ShieldVerdict], title: str = "TraceShield r
              f"- refused: {len(refused)} (BCI > tau = {tau:.3f} nats)", ""]
     for i in refused:
         v = verdicts[i]
-        lines += [f"## Completion {i}: REFUSED (max BCI {v.max_bci:.2f} nats, {v.num_tokens} tokens)", ""]
+        name = f"{v.id} (#{i})" if v.id else str(i)
+        lines += [f"## Completion {name}: REFUSED (max BCI {v.max_bci:.2f} nats, {v.num_tokens} tokens)", ""]
         if v.text:
             lines += ["> " + v.text.replace("\n", " "), ""]
         lines += ["| tokens | BCI | conflict | rarity (nats) | support | span |", "|---|---|---|---|---|---|"]

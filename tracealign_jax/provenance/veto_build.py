@@ -11,9 +11,10 @@ benign documents share ("### Request: How do I ..."); giving the entry ``(s_1..s
 whole span's BCI would veto that boilerplate wherever it appears. With ``conflict`` (the default) the
 entry's penalty is ``conflict(s_1..s_{k+1}) x BCI(s)``: the BCI the continuation is expected to lead
 to, with conflict the Beta-smoothed share of the prefix's corpus occurrences that sit in violating
-documents (``BCIScorer``'s definition). Entries whose prefix conflict is not above
-``veto_min_conflict`` (default 1/2), or whose expected BCI is not above tau, are dropped: a
-continuation is vetoed only where the corpus says it mostly leads into policy-violating text.
+documents (``BCIScorer``'s definition). Entries whose prefix fails BCI's evidence test (bci =
+evidence: P(violating share > 1/2) > ``min_posterior``; other modes: conflict > ``veto_min_conflict``),
+or whose expected BCI is not above tau, are dropped: a continuation is vetoed only where the corpus
+says it mostly leads into policy-violating text.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def collect_high_bci_spans(index: Any, scorer: Any, cfg: ProvenanceConfig, tau: 
     return np.concatenate(keep_t), np.concatenate(keep_l), np.concatenate(keep_b)
 
 
-def prefix_conflicts(scorer: Any, tokens_NxL: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:
-    """float64[N, L]: column k (1 <= k < length) is the conflict share of the prefix ``tokens[i, :k+1]``
-    (the prefix that entry k completes); other columns 0. Each distinct prefix is scored once."""
+def prefix_weights(scorer: Any, cfg: ProvenanceConfig, tokens_NxL: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:
+    """float64[N, L]: column k (1 <= k < length) is the conflict of the prefix ``tokens[i, :k+1]`` (the
+    prefix entry k completes) where that prefix passes the scorer's evidence test, else 0; other columns
+    0. The test is BCI's own: P(violating share > 1/2) > ``min_posterior`` (bci = evidence), else
+    conflict > ``veto_min_conflict``. Each distinct prefix is scored once."""
     n, width = tokens_NxL.shape
     out = np.zeros((n, width), np.float64)
     for k in range(1, width):
@@ -77,7 +80,12 @@ def prefix_conflicts(scorer: Any, tokens_NxL: np.ndarray, lengths_N: np.ndarray)
         if rows.size == 0:
             continue
         uniq, inverse = np.unique(tokens_NxL[rows, :k + 1], axis=0, return_inverse=True)
-        out[rows, k] = scorer.score_arrays(list(uniq))["conflict"][inverse.reshape(-1)]
+        terms = scorer.score_arrays(list(uniq))
+        if cfg.bci == "evidence":
+            passed = terms["p_violating"] > cfg.min_posterior
+        else:
+            passed = terms["conflict"] > cfg.veto_min_conflict
+        out[rows, k] = np.where(passed, terms["conflict"], 0.0)[inverse.reshape(-1)]
     return out
 
 
@@ -88,14 +96,14 @@ def build_veto_table(index: Any, scorer: Any, cfg: ProvenanceConfig, tau: float,
                                                   progress=progress)
     weights = None
     if cfg.veto_weighting == "conflict":
-        conflict = prefix_conflicts(scorer, tokens, lengths)
-        weights = np.where(conflict > cfg.veto_min_conflict, conflict, 0.0)
+        weights = prefix_weights(scorer, cfg, tokens, lengths)
     table = compile_veto_table((np.where(tokens < 0, 0, tokens), lengths, bci), max_span=cfg.max_span,
                                max_entries=cfg.max_entries, entry_weights_NxL=weights,
                                min_penalty=tau if weights is not None else 0.0)
     meta = {
         "index_hash": str(index.manifest_hash), "tau": float(tau), "num_spans": int(lengths.size),
         "n_min": cfg.min_span, "n_max": cfg.max_span, "max_entries": cfg.max_entries, "bci": cfg.bci,
+        "bci_settings": scorer.settings(),
         "veto_weighting": cfg.veto_weighting, "veto_min_conflict": cfg.veto_min_conflict,
         "num_contexts": table.num_contexts, "num_entries": table.num_entries,
     }
