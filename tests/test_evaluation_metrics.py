@@ -86,3 +86,14 @@ def test_shield_fpr_uses_the_raw_verdict():
     false_alarm = Judged("1", "b", "benign", "direct", "comply", False, True, 5, True, None, raw_unsafe=False)
     passed = Judged("2", "c", "benign", "direct", "comply", False, False, 2, False, None)
     assert M.shield_false_positive_rate([caught, false_alarm, passed]) == pytest.approx(1 / 2)
+
+
+def test_auroc_equals_pairwise_count():
+    from tracealign_jax.evaluation.metrics import auroc
+
+    scores, labels = [0.9, 0.8, 0.8, 0.3, 0.1, 0.8], [True, True, False, False, False, True]
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    want = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+    assert auroc(scores, labels) == pytest.approx(want) and want == pytest.approx(8 / 9)
+    assert auroc([1, 2], [True, True]) is None and auroc([0.2, 0.9], [False, True]) == 1.0

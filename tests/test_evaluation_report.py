@@ -7,16 +7,17 @@ from tracealign_jax.evaluation.report import main_table, to_markdown, write_repo
 
 REPORT = {
     "defenses": {
-        "none": {"drift_rate": 0.418, "relative_drift_reduction": 0.0, "attack_success_rate": {"overall": 0.5},
+        "none": {"drift_rate": 0.418, "drift_ci95": [0.3, 0.55], "relative_drift_reduction": 0.0, "attack_success_rate": {"overall": 0.5},
                  "refusal_quality": 2.5, "over_refusal": 0.0, "benign_accuracy": 0.9, "perplexity": 5.0,
                  "perplexity_delta": 0.0, "drift_by_attack": {"direct": 0.1, "paraphrase": 0.6},
                  "drift_by_category": {"fraud": 0.4}, "shield_false_positive_rate": None},
-        "all": {"drift_rate": 0.062, "relative_drift_reduction": 0.8517, "attack_success_rate": {"overall": None},
+        "all": {"drift_rate": 0.062, "drift_ci95": [0.02, 0.15], "relative_drift_reduction": 0.8517, "attack_success_rate": {"overall": None},
                 "refusal_quality": 4.0, "over_refusal": 0.05, "benign_accuracy": 0.85, "perplexity": 5.21,
                 "perplexity_delta": 0.21, "drift_by_attack": {"direct": 0.0, "paraphrase": 0.1},
                 "drift_by_category": {"fraud": 0.05}, "shield_false_positive_rate": 0.021},
     },
-    "bound": {"rows": [{"group": "overall", "bound": 0.5, "measured": 0.418, "n": 10},
+    "bound": {"rows": [{"group": "overall", "bound": 0.5, "measured": 0.418, "n": 10, "auroc_bound": 0.8,
+                        "estimate": 0.4, "estimate_error": -0.018, "auroc_estimate": 0.9},
                        {"group": "direct", "bound": 0.05, "measured": 0.1, "n": 4}]},
     "bci": {"unsafe": [30.0, 42.5, 55.0], "safe": [0.0, 3.0, 1.5, 0.0], "tau": 20.0},
     "meta": {"model": "tiny"},
@@ -25,13 +26,14 @@ REPORT = {
 
 def test_markdown_tables_carry_the_numbers():
     table = main_table(REPORT).splitlines()
-    assert table[0].startswith("| defense | drift | reduction vs none |")
-    assert table[2] == "| none | 41.8% | 0.0% | 50.0% | 2.500 | 0.0% | 90.0% | 5.000 | +0.000 |"
-    assert table[3] == "| all | 6.2% | 85.2% | n/a | 4.000 | 5.0% | 85.0% | 5.210 | +0.210 |"
+    assert table[0].startswith("| defense | drift | drift 95% CI (Wilson) | reduction vs none |")
+    assert table[2] == "| none | 41.8% | 30.0-55.0% | 0.0% | 50.0% | 2.500 | 0.0% | 90.0% | 5.000 | +0.000 |"
+    assert table[3] == "| all | 6.2% | 2.0-15.0% | 85.2% | n/a | 4.000 | 5.0% | 85.0% | 5.210 | +0.210 |"
     md = to_markdown(REPORT)
     assert "| none | 10.0% | 60.0% |" in md  # drift by attack: direct, paraphrase
     assert "| all | 2.1% |" in md  # shield FPR, only for defenses that ran the shield
-    assert "| overall | 50.0% | 41.8% | 10 | yes |" in md and "| direct | 5.0% | 10.0% | 4 | no |" in md
+    assert "| overall | 50.0% | 41.8% | yes | 1.20x | 0.800 | 40.0% | -0.018 | 0.900 | 10 |" in md
+    assert "| direct | 5.0% | 10.0% | no | 0.50x | n/a | n/a | n/a | n/a | 4 |" in md
 
 
 def test_write_report_files(tmp_path: Path):

@@ -3,8 +3,9 @@
 The report dict (built by ``evaluation.adb``) has:
   defenses: {name: metrics.summarize(...) + perplexity, perplexity_delta, benign_accuracy,
              relative_drift_reduction}, in the order the defenses ran ("none" first);
-  bound:    {"rows": [{"group", "bound", "measured", "n"}]}: the drift bound next to measured drift
-            of the undefended model (per attack and overall);
+  bound:    {"rows": [{"group", "bound", "measured", "n", "auroc_bound", "estimate", "estimate_error",
+            "auroc_estimate"}], "prompts": [...]}: the drift bound and the calibrated estimate next to
+            the measured drift of the undefended model (per attack and overall);
   bci:      {"unsafe": [max BCI per unsafe completion], "safe": [...]} (nats), undefended model;
   meta:     free-form run description (models, data, timings).
 Plots: drift_by_defense.png (grouped bars: drift per attack for each defense), bci_histogram.png
@@ -20,6 +21,7 @@ from tracealign_jax.atomic_io import atomic_write_json, atomic_write_text
 
 TABLE_COLUMNS = (
     ("drift_rate", "drift", "pct"),
+    ("drift_ci95", "drift 95% CI (Wilson)", "interval"),
     ("relative_drift_reduction", "reduction vs none", "pct"),
     ("attack_success_rate.overall", "attack success", "pct"),
     ("refusal_quality", "refusal quality (1-5)", "num"),
@@ -58,6 +60,8 @@ def _fmt(value: Any, kind: str) -> str:
         return f"{100 * value:.1f}%"
     if kind == "signed":
         return f"{value:+.3f}"
+    if kind == "interval":
+        return f"{100 * value[0]:.1f}-{100 * value[1]:.1f}%"
     return f"{value:.3f}"
 
 
@@ -95,10 +99,18 @@ def to_markdown(report: dict[str, Any]) -> str:
     bound_rows = (report.get("bound") or {}).get("rows") or []
     if bound_rows:
         parts += ["## Drift bound vs measured drift (undefended model)", "",
-                  _table(["group", "bound", "measured", "prompts", "holds"],
-                         [[r["group"], _fmt(r["bound"], "pct"), _fmt(r["measured"], "pct"), str(r["n"]),
+                  "The bound describes a model that continues like its corpus (provenance/bound.py); the "
+                  "estimate weighs each drifting corpus continuation by the policy's own probability of it. "
+                  "AUROC: how well the per-prompt value ranks the prompts that drifted above those that did not.", "",
+                  _table(["group", "bound", "measured", "holds", "bound / measured", "AUROC (bound)", "estimate",
+                          "estimate error", "AUROC (estimate)", "prompts"],
+                         [[r["group"], _fmt(r["bound"], "pct"), _fmt(r["measured"], "pct"),
                            "yes" if r["bound"] is not None and r["measured"] is not None
-                           and r["bound"] >= r["measured"] else "no"] for r in bound_rows]), ""]
+                           and r["bound"] >= r["measured"] else "no",
+                           f"{r['bound'] / r['measured']:.2f}x" if r.get("measured") else "n/a",
+                           _fmt(r.get("auroc_bound"), "num"), _fmt(r.get("estimate"), "pct"),
+                           _fmt(r.get("estimate_error"), "signed"), _fmt(r.get("auroc_estimate"), "num"),
+                           str(r["n"])] for r in bound_rows]), ""]
     meta = report.get("meta") or {}
     if meta:
         parts += ["## Run", ""] + [f"- **{k}**: {v}" for k, v in meta.items()] + [""]

@@ -7,7 +7,12 @@ under the defense, so shield/veto false positives cost accuracy), and over-refus
 
 Bound vs measured: for the refuse-expected prompts, ``provenance.drift_bound`` per prompt from the
 index's span statistics, aggregated per attack with ``set_bound`` (a bound on the rate over the
-group, holding with probability >= 1 - delta), next to the undefended model's measured drift.
+group, holding with probability >= 1 - delta), next to the undefended model's measured drift, and the
+AUROC of the per-prompt bound against per-prompt drift. Beside it the calibrated estimate: per prompt,
+min(1, sum over the distinct drifting corpus continuations c of P_policy(c | prompt)), the corpus
+statistics weighted by the undefended policy's own probability of producing them (no bound: the
+policy may drift by other routes, or not take a continuation it gives mass to); its error against
+the measured rate is printed.
 """
 
 from __future__ import annotations
@@ -44,28 +49,54 @@ def utility(cfg: Config, policies: dict[str, Any], tokenizer: Any, heldout: Sequ
 
 
 def bound_rows(index: Any, scorer: Any, tokenizer: Any, prompts: Sequence[AdbPrompt], none: Sequence[Judged],
-               tau: float, horizon: int, delta: float) -> list[dict]:
-    """Drift bound (per attack and overall) next to the undefended drift, refuse-expected prompts."""
+               tau: float, horizon: int, delta: float, policy: Any = None) -> tuple[list[dict], list[dict]]:
+    """(rows per attack and overall, one row per prompt): the drift bound and the calibrated estimate
+    next to the undefended drift (refuse-expected prompts). ``policy``: the undefended model (None: no estimate)."""
+    import numpy as np
+
+    from tracealign_jax.evaluation.utility import sequence_nlls
     from tracealign_jax.provenance import drift_bound, set_bound
 
     refuse = [p for p in prompts if p.expected == "refuse"]
     if not refuse:
-        return []
+        return [], []
     ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in refuse]
-    bounds = drift_bound(index, scorer, ids, tau, horizon=horizon, delta=delta)
+    conts: list = []
+    bounds = drift_bound(index, scorer, ids, tau, horizon=horizon, delta=delta, continuations=conts)
+    estimate = np.full(len(refuse), np.nan)
+    if policy is not None:
+        context = [tokenizer(p.prompt)["input_ids"] for p in refuse]  # as the decoder sees the prompt
+        seqs = [list(context[i]) + c.tolist() for i, cs in enumerate(conts) for c in cs]
+        owner = [i for i, cs in enumerate(conts) for _ in cs]
+        estimate[:] = 0.0
+        if seqs:
+            nll, _ = sequence_nlls(policy, seqs, score_from=[len(context[i]) for i in owner],
+                                   pad_id=tokenizer.pad_token_id or 0, length_multiple=64)
+            np.add.at(estimate, owner, np.exp(-nll))
+        estimate = np.minimum(estimate, 1.0)
     unsafe = {r.id: r.unsafe for r in none}
+    per_prompt = [{"id": p.id, "attack": p.attack, "bound": b.bound, "corpus_rate": b.estimate,
+                   "estimate": None if np.isnan(e) else float(e), "drift": unsafe.get(p.id)}
+                  for p, b, e in zip(refuse, bounds, estimate)]
     groups: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(refuse):
         groups[p.attack].append(i)
         groups["overall"].append(i)
     rows = []
     for g in sorted(groups, key=lambda k: (k == "overall", k)):
-        idx = groups[g]
-        measured = [unsafe[refuse[i].id] for i in idx if refuse[i].id in unsafe]
-        rows.append({"group": g, "bound": set_bound([bounds[i] for i in idx], delta),
-                     "mean_query_bound": sum(bounds[i].bound for i in idx) / len(idx),
-                     "measured": sum(measured) / len(measured) if measured else None, "n": len(idx)})
-    return rows
+        idx = [i for i in groups[g] if per_prompt[i]["drift"] is not None]
+        drift = [bool(per_prompt[i]["drift"]) for i in idx]
+        est = [per_prompt[i]["estimate"] for i in idx]
+        measured = sum(drift) / len(drift) if drift else None
+        mean_est = sum(est) / len(est) if est and None not in est else None
+        rows.append({"group": g, "bound": set_bound([bounds[i] for i in groups[g]], delta),
+                     "mean_query_bound": sum(bounds[i].bound for i in groups[g]) / len(groups[g]),
+                     "measured": measured, "n": len(groups[g]),
+                     "auroc_bound": metrics.auroc([bounds[i].bound for i in idx], drift),
+                     "estimate": mean_est, "estimate_error": None if mean_est is None or measured is None
+                     else mean_est - measured,
+                     "auroc_estimate": metrics.auroc(est, drift) if mean_est is not None else None})
+    return rows, per_prompt
 
 
 def build_report(cfg: Config, judged: dict[str, list[Judged]], rows: list[dict], qa: list[dict],
@@ -92,9 +123,10 @@ def build_report(cfg: Config, judged: dict[str, list[Judged]], rows: list[dict],
     for summary in out["defenses"].values():
         summary["relative_drift_reduction"] = metrics.relative_reduction(summary["drift_rate"], base)
     log("  drift bound from span statistics")
-    rows_b = bound_rows(index, scorer, tokenizer, prompts, judged["none"], tau, cfg.decode.max_new_tokens,
-                        cfg.provenance.delta)
-    out["bound"] = {"rows": rows_b, "tau": tau, "horizon": cfg.decode.max_new_tokens, "delta": cfg.provenance.delta}
+    rows_b, per_prompt = bound_rows(index, scorer, tokenizer, prompts, judged["none"], tau, cfg.decode.max_new_tokens,
+                                    cfg.provenance.delta, policy=policies.get(DEFENSES["none"].policy))
+    out["bound"] = {"rows": rows_b, "prompts": per_prompt, "tau": tau, "horizon": cfg.decode.max_new_tokens,
+                    "delta": cfg.provenance.delta}
     none = [r for r in judged["none"] if r.attack != "qa" and r.max_bci is not None]
     out["bci"] = {"unsafe": [r.max_bci for r in none if r.unsafe], "safe": [r.max_bci for r in none if not r.unsafe],
                   "tau": tau}

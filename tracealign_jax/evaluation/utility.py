@@ -44,22 +44,30 @@ def _nll_fn(graphdef: Any, spec: Any, table_present: bool):
     return jax.jit(fn)
 
 
-def sequence_nll(model: Any, token_lists: Sequence[Sequence[int]], *, veto_table: Any = None,
-                 decode_cfg: DecodeConfig | None = None, batch_size: int = 16, pad_id: int = 0,
-                 score_from: Sequence[int] | None = None) -> tuple[float, int]:
-    """(sum of token NLL in nats, number of predicted tokens) over ``token_lists``. Token t of a list
-    is scored when t >= max(1, score_from[i]) (e.g. the prompt length: only the response is scored).
-    With ``veto_table`` and ``decode_cfg.veto`` != off, under the veto-adjusted distribution.
-    Right-padded fixed-shape batches: one compile per (architecture, veto setting)."""
+def sequence_nll(model: Any, token_lists: Sequence[Sequence[int]], **kw: Any) -> tuple[float, int]:
+    """(sum of token NLL in nats, number of predicted tokens) over ``token_lists`` (``sequence_nlls``)."""
+    nll_N, count_N = sequence_nlls(model, token_lists, **kw)
+    return float(nll_N.sum()), int(count_N.sum())
+
+
+def sequence_nlls(model: Any, token_lists: Sequence[Sequence[int]], *, veto_table: Any = None,
+                  decode_cfg: DecodeConfig | None = None, batch_size: int = 16, pad_id: int = 0,
+                  score_from: Sequence[int] | None = None, length_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL float64[N] in nats, predicted tokens int64[N]) per list. Token t of a list is scored when
+    t >= max(1, score_from[i]) (e.g. the prompt length: only the response is scored). With
+    ``veto_table`` and ``decode_cfg.veto`` != off, under the veto-adjusted distribution. Right-padded
+    fixed-shape batches (length rounded up to ``length_multiple``): one compile per (architecture,
+    veto setting, length)."""
     from tracealign_jax.decoding.veto_hook import VetoSpec
 
     use_veto = veto_table is not None and decode_cfg is not None and decode_cfg.veto != "off"
     spec = VetoSpec.from_config(decode_cfg, veto_table.context_len) if use_veto else None
     graphdef, params = nnx.split(model)
     fn = _nll_fn(graphdef, spec, use_veto)
-    length = max(len(t) for t in token_lists)
+    length = -(-max(len(t) for t in token_lists) // length_multiple) * length_multiple
     starts = [max(1, int(x)) for x in score_from] if score_from is not None else [1] * len(token_lists)
-    total, count = 0.0, 0
+    nll_N = np.zeros(len(token_lists), np.float64)
+    count_N = np.array([max(len(t) - st, 0) for t, st in zip(token_lists, starts)], np.int64)
     for s in range(0, len(token_lists), batch_size):
         chunk = token_lists[s:s + batch_size]
         tokens = np.full((batch_size, length), pad_id, np.int32)
@@ -69,7 +77,5 @@ def sequence_nll(model: Any, token_lists: Sequence[Sequence[int]], *, veto_table
             tokens[i, :len(t)] = t
             valid[i, :len(t)] = True
             scored[i, starts[s + i]:len(t)] = True
-            count += max(len(t) - starts[s + i], 0)
-        nll = np.asarray(fn(params, tokens, valid, scored, veto_table if use_veto else None))
-        total += float(nll[:len(chunk)].sum())
-    return total, count
+        nll_N[s:s + len(chunk)] = np.asarray(fn(params, tokens, valid, scored, veto_table if use_veto else None))[:len(chunk)]
+    return nll_N, count_N

@@ -17,9 +17,15 @@ M(q) occurrences of r (once r is the longest matching suffix of q, r y_<=i stays
 matching suffix of q y_<=i while it occurs). Summing over the high-BCI spans that each continuation
 could contain (the union bound over spans, which is tight here because we evaluate the event per
 continuation), Pr[drift(q)] = D(q) / M(q), where D(q) counts occurrences whose continuation contains a
-span with BCI > tau. Occurrences that reach a document end before ``horizon`` tokens leave the rest of
-the completion unconstrained (the model backs off to a shorter context); we count them as drifting,
-which keeps this an upper bound. When M(q) > ``max_occurrences`` the index returns a deterministic
+span with BCI > tau. An occurrence that reaches a document end before ``horizon`` tokens drifts if its
+partial continuation already holds such a span; otherwise the model backs off to a shorter context
+there, as the infini-gram estimator does, and the rest of the completion is unresolved.
+
+A4 (back-off). An unresolved remainder drifts at the rate r of the resolved continuations of the same
+context (full-length ones and truncated ones that already drifted): D(q) = D_resolved + U x r. With no
+resolved continuation r = 1 (nothing is known: count it as drifting). Counting every unresolved
+remainder as drifting (``backoff=False``, the old estimator) is sound without A4 and, in corpora of
+short documents, close to 1 for every prompt. When M(q) > ``max_occurrences`` the index returns a deterministic
 stratified sample of S occurrences over the suffix-array range; the fraction is then replaced by the
 one-sided Clopper-Pearson upper limit at confidence 1 - delta (A2: the stratified sample is treated as
 a simple random sample; stratification only lowers the variance of the estimate).
@@ -27,8 +33,11 @@ a simple random sample; stratification only lowers the variance of the estimate)
 A3 (optional slack). If the model leaves the corpus-continuation behaviour with probability at most
 ``epsilon`` per completion (and then drifts at worst), Pr <= (1 - epsilon) x bound + epsilon.
 
-So f(M, l_q, tau) = min(1, (1 - eps) x UCB_delta(D_tau(r) + T(r), S) + eps), where r is the l_q-token
-context with M matches, D_tau counts continuations with a span above tau and T those truncated.
+So f(M, l_q, tau) = min(1, (1 - eps) x UCB_delta(D(q), S) + eps), with S occurrences examined.
+
+What the bound describes. A model that continues like its corpus. An aligned policy drifts less, so
+the bound is loose for it; ``evaluation.scoring`` prints beside it a calibrated estimate that weighs
+each drifting corpus continuation by the policy's own probability of producing it.
 
 For a set of n queries each answered once, E[empirical drift rate] = mean_q Pr[drift(q)], and by
 Hoeffding the rate exceeds mean_q bound(q) + sqrt(ln(1/delta) / 2n) with probability <= delta:
@@ -46,7 +55,8 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class DriftBound:
-    """The bound for one query. Probabilities in [0, 1]; context_len l_q in tokens; support = M(q)."""
+    """The bound for one query. Probabilities in [0, 1]; context_len l_q in tokens; support = M(q);
+    drifting: continuations holding a span above tau; truncated: those cut by a document end without one."""
 
     bound: float
     estimate: float
@@ -96,10 +106,13 @@ def longest_corpus_suffix(index: Any, queries: Sequence[Sequence[int]]) -> list[
 
 def drift_bound(index: Any, scorer: Any, queries: Sequence[Sequence[int]], tau: float, *, horizon: int = 32,
                 max_occurrences: int = 256, delta: float = 0.05, epsilon: float = 0.0,
-                max_context: int = 0) -> list[DriftBound]:
+                max_context: int = 0, backoff: bool = True, continuations: list | None = None) -> list[DriftBound]:
     """Per-query drift bounds (see the module docstring); all index work is batched over queries.
 
     max_context: cap l_q (0 = none); a shorter context is less specific, its bound no smaller in general.
+    backoff: A4 for continuations cut by a document end (False: count them as drifting).
+    continuations: if a list, receives per query the distinct drifting continuations, each cut after the
+      end of its first span with BCI > tau (int64 arrays; what ``evaluation.scoring`` weighs by the policy).
     """
     queries = [np.asarray(q, np.int64).reshape(-1) for q in queries]
     lens = longest_corpus_suffix(index, queries)
@@ -113,31 +126,39 @@ def drift_bound(index: Any, scorer: Any, queries: Sequence[Sequence[int]], tau: 
         counts[has] = index.count_batch([contexts[i] for i in has])
         for i, occ in zip(has, index.locate_batch([contexts[i] for i in has], max_occurrences)):
             located[i] = occ
-    conts, owner, truncated = [], [], np.zeros(len(queries), np.int64)
+    conts, owner = [], []
     for i, occ in located.items():
         for doc_id, offset in occ:
             doc = index.doc_tokens(doc_id)
-            cont = doc[offset + lens[i]: offset + lens[i] + horizon]
-            truncated[i] += cont.size < horizon
-            conts.append(np.asarray(cont, np.int64))
+            conts.append(np.asarray(doc[offset + lens[i]: offset + lens[i] + horizon], np.int64))
             owner.append(i)
-    max_bci = scorer.max_bci(conts) if conts else np.zeros(0)
-    drifting = np.zeros(len(queries), np.int64)
-    examined = np.zeros(len(queries), np.int64)
-    for i, m, cont in zip(owner, max_bci, conts):
+    scanned = scorer.scan_batch(conts) if conts else []
+    drifting, examined, unresolved = (np.zeros(len(queries), np.int64) for _ in range(3))
+    found: list[dict[bytes, np.ndarray]] = [{} for _ in queries]
+    for i, cont, spans in zip(owner, conts, scanned):
         examined[i] += 1
-        # a truncated continuation counts once, as drifting, whatever it contains
-        drifting[i] += (m > tau) and cont.size >= horizon
+        hits = [s.end for s in spans if s.bci > tau]
+        if hits:
+            drifting[i] += 1
+            cut = cont[:min(hits)]
+            found[i].setdefault(cut.tobytes(), cut)
+        elif cont.size < horizon:
+            unresolved[i] += 1
     out = []
     for i in range(len(queries)):
-        s, bad = int(examined[i]), int(drifting[i] + truncated[i])
+        s, d, u = int(examined[i]), int(drifting[i]), int(unresolved[i])
         if s == 0:
             est = ucb = 1.0  # no corpus context: nothing constrains the completion
         else:
+            resolved = s - u
+            rate = (d / resolved if resolved else 1.0) if backoff else 1.0
+            bad = d + u * rate
             est = bad / s
-            ucb = est if s >= counts[i] else binomial_upper(bad, s, delta)
+            ucb = est if s >= counts[i] else binomial_upper(math.ceil(bad - 1e-9), s, delta)
         b = min(1.0, (1.0 - epsilon) * ucb + epsilon)
-        out.append(DriftBound(b, est, lens[i], int(counts[i]), s, int(drifting[i]), int(truncated[i]), float(tau)))
+        out.append(DriftBound(b, est, lens[i], int(counts[i]), s, d, u, float(tau)))
+    if continuations is not None:
+        continuations.extend(list(f.values()) for f in found)
     return out
 
 
