@@ -64,6 +64,12 @@ def test_bound_holds_on_simulated_generations(tmp_path):
     assert bounds[1].drifting == 7 and bounds[1].bound == pytest.approx(0.7) and rates[1] > 0.5, (bounds[1], rates[1])
     assert min(b.bound for b in bounds[3:]) < 0.5
     assert set_bound(bounds) >= float(np.mean(rates))
+    # backing off at document ends (A4) never says more than counting every cut continuation as drifting
+    no_backoff = drift_bound(index, scorer, prompts, TAU, horizon=HORIZON, max_occurrences=32, backoff=False)
+    assert all(b.bound <= n.bound + 1e-12 for b, n in zip(bounds, no_backoff))
+    conts: list = []
+    drift_bound(index, scorer, prompts[1:2], TAU, horizon=HORIZON, max_occurrences=32, continuations=conts)
+    assert len(conts) == 1 and conts[0] and all(scorer.max_bci([c])[0] > TAU for c in conts[0])
     slack_bounds = drift_bound(index, scorer, prompts, TAU, horizon=HORIZON, max_occurrences=32, epsilon=0.1)
     for b, s in zip(bounds, slack_bounds):
         assert s.bound == pytest.approx(min(1.0, 0.9 * b.bound + 0.1))
