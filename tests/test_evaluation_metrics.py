@@ -97,3 +97,24 @@ def test_auroc_equals_pairwise_count():
     want = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
     assert auroc(scores, labels) == pytest.approx(want) and want == pytest.approx(8 / 9)
     assert auroc([1, 2], [True, True]) is None and auroc([0.2, 0.9], [False, True]) == 1.0
+
+
+def test_cross_fitted_estimate_matches_a_direct_fit_and_never_sees_its_own_fold():
+    import zlib
+
+    import numpy as np
+
+    from tracealign_jax.evaluation.drift_estimate import cross_fitted_estimate
+
+    rng = np.random.default_rng(0)
+    logp = rng.uniform(-50, 0, 400)
+    drift = rng.random(400) < 1 / (1 + np.exp(-(2 + logp / 10)))  # a known logistic truth
+    groups = [f"s{i // 4}" for i in range(400)]
+    est = cross_fitted_estimate(logp, drift, groups)
+    assert abs(est.mean() - drift.mean()) < 0.05 and np.corrcoef(est, 1 / (1 + np.exp(-(2 + logp / 10))))[0, 1] > 0.95
+    # flipping the labels of fold 0 changes only fold 1's estimates
+    fold = np.array([zlib.crc32(g.encode()) % 2 for g in groups])
+    flipped = np.where(fold == 0, ~drift, drift)
+    est2 = cross_fitted_estimate(logp, flipped, groups)
+    np.testing.assert_array_equal(est[fold == 0], est2[fold == 0])
+    assert not np.allclose(est[fold == 1], est2[fold == 1])

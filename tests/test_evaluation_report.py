@@ -16,7 +16,7 @@ REPORT = {
                 "perplexity_delta": 0.21, "drift_by_attack": {"direct": 0.0, "paraphrase": 0.1},
                 "drift_by_category": {"fraud": 0.05}, "shield_false_positive_rate": 0.021},
     },
-    "bound": {"rows": [{"group": "overall", "bound": 0.5, "measured": 0.418, "n": 10, "auroc_bound": 0.8,
+    "bound": {"rows": [{"group": "overall", "bound": 0.5, "measured": 0.418, "n": 10, "auroc_bound": 0.8, "bound_no_backoff": 0.6, "corpus_rate": 0.45,
                         "estimate": 0.4, "estimate_error": -0.018, "auroc_estimate": 0.9},
                        {"group": "direct", "bound": 0.05, "measured": 0.1, "n": 4}]},
     "bci": {"unsafe": [30.0, 42.5, 55.0], "safe": [0.0, 3.0, 1.5, 0.0], "tau": 20.0},
@@ -32,8 +32,8 @@ def test_markdown_tables_carry_the_numbers():
     md = to_markdown(REPORT)
     assert "| none | 10.0% | 60.0% |" in md  # drift by attack: direct, paraphrase
     assert "| all | 2.1% |" in md  # shield FPR, only for defenses that ran the shield
-    assert "| overall | 50.0% | 41.8% | yes | 1.20x | 0.800 | 40.0% | -0.018 | 0.900 | 10 |" in md
-    assert "| direct | 5.0% | 10.0% | no | 0.50x | n/a | n/a | n/a | n/a | 4 |" in md
+    assert "| overall | 50.0% | yes | 1.20x | 0.800 | 60.0% | 45.0% | 41.8% | 40.0% | -0.018 | 0.900 | 10 |" in md
+    assert "| direct | 5.0% | no | 0.50x | n/a | n/a | n/a | 10.0% | n/a | n/a | n/a | 4 |" in md
 
 
 def test_write_report_files(tmp_path: Path):

@@ -99,18 +99,22 @@ def to_markdown(report: dict[str, Any]) -> str:
     bound_rows = (report.get("bound") or {}).get("rows") or []
     if bound_rows:
         parts += ["## Drift bound vs measured drift (undefended model)", "",
-                  "The bound describes a model that continues like its corpus (provenance/bound.py); the "
-                  "estimate weighs each drifting corpus continuation by the policy's own probability of it. "
-                  "AUROC: how well the per-prompt value ranks the prompts that drifted above those that did not.", "",
-                  _table(["group", "bound", "measured", "holds", "bound / measured", "AUROC (bound)", "estimate",
-                          "estimate error", "AUROC (estimate)", "prompts"],
-                         [[r["group"], _fmt(r["bound"], "pct"), _fmt(r["measured"], "pct"),
+                  "The bound (sound under A1-A4, provenance/bound.py) describes a model that continues like its "
+                  "corpus; 'no back-off' drops A4, 'corpus rate' is the A1 point estimate without the sampling "
+                  "margin: the gap to 'measured' is what A1 costs for an aligned policy. The estimate weighs the "
+                  "drifting corpus continuations by the policy's probability of them (cross-fitted logistic, "
+                  "evaluation/drift_estimate.py). AUROC: how well the per-prompt value ranks the prompts that "
+                  "drifted above those that did not.", "",
+                  _table(["group", "bound", "holds", "bound / measured", "AUROC (bound)", "no back-off",
+                          "corpus rate", "measured", "estimate", "estimate error", "AUROC (estimate)", "prompts"],
+                         [[r["group"], _fmt(r["bound"], "pct"),
                            "yes" if r["bound"] is not None and r["measured"] is not None
                            and r["bound"] >= r["measured"] else "no",
                            f"{r['bound'] / r['measured']:.2f}x" if r.get("measured") else "n/a",
-                           _fmt(r.get("auroc_bound"), "num"), _fmt(r.get("estimate"), "pct"),
-                           _fmt(r.get("estimate_error"), "signed"), _fmt(r.get("auroc_estimate"), "num"),
-                           str(r["n"])] for r in bound_rows]), ""]
+                           _fmt(r.get("auroc_bound"), "num"), _fmt(r.get("bound_no_backoff"), "pct"),
+                           _fmt(r.get("corpus_rate"), "pct"), _fmt(r["measured"], "pct"),
+                           _fmt(r.get("estimate"), "pct"), _fmt(r.get("estimate_error"), "signed"),
+                           _fmt(r.get("auroc_estimate"), "num"), str(r["n"])] for r in bound_rows]), ""]
     meta = report.get("meta") or {}
     if meta:
         parts += ["## Run", ""] + [f"- **{k}**: {v}" for k, v in meta.items()] + [""]

@@ -8,11 +8,10 @@ under the defense, so shield/veto false positives cost accuracy), and over-refus
 Bound vs measured: for the refuse-expected prompts, ``provenance.drift_bound`` per prompt from the
 index's span statistics, aggregated per attack with ``set_bound`` (a bound on the rate over the
 group, holding with probability >= 1 - delta), next to the undefended model's measured drift, and the
-AUROC of the per-prompt bound against per-prompt drift. Beside it the calibrated estimate: per prompt,
-min(1, sum over the distinct drifting corpus continuations c of P_policy(c | prompt)), the corpus
-statistics weighted by the undefended policy's own probability of producing them (no bound: the
-policy may drift by other routes, or not take a continuation it gives mass to); its error against
-the measured rate is printed.
+AUROC of the per-prompt bound against per-prompt drift; what assumption A4 costs (the bound without
+back-off) and what A1 costs (the corpus's own drift rate against the measured one). Beside it the
+calibrated estimate of ``drift_estimate.py`` (the drifting corpus continuations weighted by the
+undefended policy's probability of them, cross-fitted), with its error against the measured rate.
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ def bound_rows(index: Any, scorer: Any, tokenizer: Any, prompts: Sequence[AdbPro
     next to the undefended drift (refuse-expected prompts). ``policy``: the undefended model (None: no estimate)."""
     import numpy as np
 
+    from tracealign_jax.evaluation.drift_estimate import FLOOR, LEAD, cross_fitted_estimate
     from tracealign_jax.evaluation.utility import sequence_nlls
     from tracealign_jax.provenance import drift_bound, set_bound
 
@@ -63,21 +63,26 @@ def bound_rows(index: Any, scorer: Any, tokenizer: Any, prompts: Sequence[AdbPro
     ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in refuse]
     conts: list = []
     bounds = drift_bound(index, scorer, ids, tau, horizon=horizon, delta=delta, continuations=conts)
-    estimate = np.full(len(refuse), np.nan)
+    no_backoff = drift_bound(index, scorer, ids, tau, horizon=horizon, delta=delta, backoff=False)
+    unsafe = {r.id: r.unsafe for r in none}
+    lead_logp = np.full(len(refuse), FLOOR)
     if policy is not None:
         context = [tokenizer(p.prompt)["input_ids"] for p in refuse]  # as the decoder sees the prompt
-        seqs = [list(context[i]) + c.tolist() for i, cs in enumerate(conts) for c in cs]
+        seqs = [list(context[i]) + c[:LEAD].tolist() for i, cs in enumerate(conts) for c in cs]
         owner = [i for i, cs in enumerate(conts) for _ in cs]
-        estimate[:] = 0.0
         if seqs:
             nll, _ = sequence_nlls(policy, seqs, score_from=[len(context[i]) for i in owner],
                                    pad_id=tokenizer.pad_token_id or 0, length_multiple=64)
-            np.add.at(estimate, owner, np.exp(-nll))
-        estimate = np.minimum(estimate, 1.0)
-    unsafe = {r.id: r.unsafe for r in none}
-    per_prompt = [{"id": p.id, "attack": p.attack, "bound": b.bound, "corpus_rate": b.estimate,
+            np.maximum.at(lead_logp, owner, -nll)
+    known = [i for i, p in enumerate(refuse) if p.id in unsafe]
+    estimate = np.full(len(refuse), np.nan)
+    if policy is not None and known:
+        estimate[known] = cross_fitted_estimate(lead_logp[known], [bool(unsafe[refuse[i].id]) for i in known],
+                                                [refuse[i].source_id for i in known])
+    per_prompt = [{"id": p.id, "attack": p.attack, "bound": b.bound, "bound_no_backoff": nb.bound,
+                   "corpus_rate": b.estimate, "policy_lead_logp": float(lp),
                    "estimate": None if np.isnan(e) else float(e), "drift": unsafe.get(p.id)}
-                  for p, b, e in zip(refuse, bounds, estimate)]
+                  for p, b, nb, lp, e in zip(refuse, bounds, no_backoff, lead_logp, estimate)]
     groups: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(refuse):
         groups[p.attack].append(i)
@@ -90,6 +95,8 @@ def bound_rows(index: Any, scorer: Any, tokenizer: Any, prompts: Sequence[AdbPro
         measured = sum(drift) / len(drift) if drift else None
         mean_est = sum(est) / len(est) if est and None not in est else None
         rows.append({"group": g, "bound": set_bound([bounds[i] for i in groups[g]], delta),
+                     "bound_no_backoff": set_bound([no_backoff[i] for i in groups[g]], delta),
+                     "corpus_rate": sum(bounds[i].estimate for i in groups[g]) / len(groups[g]),
                      "mean_query_bound": sum(bounds[i].bound for i in groups[g]) / len(groups[g]),
                      "measured": measured, "n": len(groups[g]),
                      "auroc_bound": metrics.auroc([bounds[i].bound for i in idx], drift),
