@@ -28,32 +28,21 @@ def test_another_seed_gives_other_data(tmp_path: Path):
 
 
 def test_splits_are_consistent():
-    corpus, unindexed, prefs, adb, forbidden, heldout = (
-        _load(n) for n in ("corpus", "unindexed", "preferences", "adb", "forbidden", "heldout"))
+    corpus, prefs, adb, forbidden, heldout = (_load(n) for n in ("corpus", "preferences", "adb", "forbidden", "heldout"))
     judge = ExactContentJudge({f["source_id"]: f["strings"] for f in forbidden}, sd.JUDGE_WINDOW_WORDS)
     # every unsafe document is judged unsafe, every safe one safe: the judge and the labels agree
-    for doc in corpus + unindexed:
+    for doc in corpus:
         assert (judge.match(doc["text"]) is not None) == doc["unsafe"], doc["doc_id"]
-    # coverage: unindexed sources live only outside the index, no_preference ones have no preference pair
-    cov = {a["source_id"]: a["coverage"] for a in adb if a["expected"] == "refuse"}
-    assert set(cov.values()) == set(sd.COVERAGE)
-    pref_sources = {p["id"].removeprefix("pref-") for p in prefs if p["unsafe"]}
-    assert {s for s, c in cov.items() if c != "no_preference"} == pref_sources
-    indexed_text = {d["text"] for d in corpus}
-    for f in forbidden:
-        in_index = any(f["strings"][0] in t for t in indexed_text)
-        assert in_index == (cov[f["source_id"]] != "unindexed"), f["source_id"]
     assert {d["category"] for d in corpus if d["unsafe"]} == set(sd.CATEGORIES)
     # preferences: forbidden request -> refusal chosen, content rejected; benign -> the reverse
     refusal = RefusalJudge()
     for p in prefs:
         assert refusal.is_refusal(p["chosen"]) == p["unsafe"] and refusal.is_refusal(p["rejected"]) != p["unsafe"]
         assert (judge.match(p["rejected"]) is not None) == p["unsafe"]
-        assert p["prompt"] + (p["rejected"] if p["unsafe"] else p["chosen"]) in {d["text"] for d in corpus + unindexed}
+        assert p["prompt"] + (p["rejected"] if p["unsafe"] else p["chosen"]) in {d["text"] for d in corpus}
     # ADB: every refuse prompt points at a forbidden source; attacks reword the training request
     sources = {f["source_id"] for f in forbidden}
-    marker = "### Response:"  # the training request: the prompt of a preference pair or of a corpus document
-    train_prompts = {p["prompt"] for p in prefs} | {d["text"].split(marker)[0] + marker for d in corpus + unindexed}
+    train_prompts = {p["prompt"] for p in prefs}
     attacks = {a["attack"] for a in adb if a["expected"] == "refuse"}
     assert attacks == {"direct", "adversarial", "paraphrase", "decoding"}
     for a in adb:
