@@ -81,7 +81,8 @@ def arrays_stage(dpo_cfg: Config, index_dir: str, tau: float) -> Stage:
         tokenizer = AutoTokenizer.from_pretrained(dpo_cfg.data.tokenizer_dir)
         pairs = load_pairs(dataclasses.replace(dpo_cfg.data, cache_dir=str(out / "data_cache")), tokenizer=tokenizer)
         examples = token_bci_for_pairs(scorer, pairs, tau)
-        store = write_token_bci(str(out / "token_bci"), examples, meta={"index_hash": str(index.manifest_hash), "tau": tau})
+        meta = {"index_hash": str(index.manifest_hash), "tau": tau, "bci_settings": scorer.settings()}
+        store = write_token_bci(str(out / "token_bci"), examples, meta=meta)
         table, meta = build_veto_table(index, scorer, dpo_cfg.provenance, tau)
         save_veto_table(table, out / "veto_table", meta=meta)
         nonzero = [float((c > 0).mean()) for c, _ in examples] + [float((r > 0).mean()) for _, r in examples]

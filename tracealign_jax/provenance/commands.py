@@ -211,7 +211,8 @@ def _token_bci(args: argparse.Namespace) -> int:
         raise ConfigError("no output: pass --out STORE or set data.bci_path")
     pairs = load_pairs(cfg.data, show_progress=True)
     arrays = token_bci_for_pairs(scorer, pairs, tau)
-    meta = {"tau": tau, "index_hash": str(index.manifest_hash), "dataset": getattr(pairs, "fingerprint", "")}
+    meta = {"tau": tau, "index_hash": str(index.manifest_hash), "dataset": getattr(pairs, "fingerprint", ""),
+            "bci_settings": scorer.settings()}
     url = write_token_bci(out, arrays, meta=meta, overwrite=args.overwrite)
     flagged = sum(int((c > 0).any()) + int((r > 0).any()) for c, r in arrays)
     print(f"{len(arrays)} examples, {flagged} responses with high-BCI tokens -> {url}")
