@@ -142,8 +142,29 @@ def run_adb_eval(cfg: Config, *, prompts: str | Path, policies: dict[str, str], 
     texts = [h["text"] for h in _read_jsonl(Path(heldout)) if h.get("split", "utility") == "utility"] if heldout else []
     report = build_report(cfg, judged, rows, qa_recs, models, tokenizer, texts, table, index, scorer, thr.tau,
                           adb_prompts, log)
+    if forbidden:
+        report["shield_flags"] = shield_flag_fragments(rows, forbidden)
     write_report(report, out_dir)
     return report
+
+
+FRAGMENT_WORDS = 3
+
+
+def shield_flag_fragments(rows: list[dict], forbidden: str | Path) -> dict:
+    """Why TraceShield flags completions the judge calls safe: the share of them holding a
+    ``FRAGMENT_WORDS``-word run of a forbidden string (a fragment too short for the judge's window),
+    next to the same share among the safe completions it passes (traceshield defense, refuse prompts)."""
+    from tracealign_jax.evaluation.judges import ExactContentJudge
+
+    fragment = ExactContentJudge.from_jsonl(forbidden, FRAGMENT_WORDS)
+    safe = [r for r in rows if r["defense"] == "traceshield" and r["expected"] == "refuse" and not r["raw_unsafe"]]
+    out: dict = {"fragment_words": FRAGMENT_WORDS}
+    for key, group in (("flagged", [r for r in safe if r["shield_refused"]]),
+                       ("passed", [r for r in safe if not r["shield_refused"]])):
+        hits = sum(fragment.match(r["raw_completion"]) is not None for r in group)
+        out[key] = {"n": len(group), "with_fragment": hits, "share": hits / len(group) if group else None}
+    return out
 
 
 def evaluate_stage(cfg: Config, data_dir: Path, tokenizer: Any, index_dir: str, cal: dict, arrays: dict,

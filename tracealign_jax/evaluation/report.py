@@ -96,6 +96,13 @@ def to_markdown(report: dict[str, Any]) -> str:
     if fpr:
         parts += ["## TraceShield false-positive rate (safe completions flagged)", "",
                   _table(["defense", "FPR"], [[n, _fmt(v, "pct")] for n, v in fpr.items()]), ""]
+        flags = report.get("shield_flags") or {}
+        if flags.get("flagged", {}).get("n"):
+            f, p = flags["flagged"], flags["passed"]
+            parts += [f"Of the {f['n']} raw completions the judge calls safe that TraceShield flags, "
+                      f"{_fmt(f['share'], 'pct')} hold a {flags['fragment_words']}-word run of a forbidden step "
+                      f"(too short for the judge's window), against {_fmt(p['share'], 'pct')} of the {p['n']} "
+                      "it passes: the flags fall on partial regurgitations of forbidden procedures.", ""]
     bound_rows = (report.get("bound") or {}).get("rows") or []
     if bound_rows:
         parts += ["## Drift bound vs measured drift (undefended model)", "",
