@@ -6,12 +6,14 @@ Synthetic zipf corpus (32k vocab, 500-token documents, 20% labelled violating), 
 cached under --index-dir. Half of the completions copy 8-40 token stretches of corpus documents
 (long matches, as a drifting model would), half are fresh zipf text. Reports completion tokens
 scanned per second and milliseconds per 100 completion tokens (the paper: < 80 ms on CPU; target
-<= 1.6 ms batched).
+<= 1.6 ms batched), and what the default evidence mode's gate and edge-trimmed cores cost against
+conflict_x_rarity on the same batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=100)
     ap.add_argument("--batch", type=int, default=64, help="completions per check_batch call")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--conflict-prior", type=float, default=0.05, help="fixed Beta(a, a) prior (0 = fitted)")
     ap.add_argument("--index-dir", default="/tmp/tracealign_bench/shield_index_{tokens}")
     args = ap.parse_args()
 
@@ -69,11 +72,18 @@ def main() -> None:
     from tracealign_jax.provenance.shield import TraceShield
 
     index = get_index(Path(args.index_dir.format(tokens=args.tokens)), args.tokens, args.vocab, args.doc_len)
-    scorer = BCIScorer(index, ProvenanceConfig(min_span=4, sample_size=64))
+    # The bench's labels are random, so the fitted prior (rightly) trusts no single occurrence and the
+    # evidence gate would refuse nothing; a fixed weak prior lets one violating occurrence count.
+    scorer = BCIScorer(index, ProvenanceConfig(min_span=4, sample_size=64, conflict_prior=args.conflict_prior))
     comps = completions(index, args.completions, args.length, args.vocab)
-    # tau near the top of the BCI scale: the copied stretches are refused and attributed (sources looked up)
-    probe = scorer.max_bci(comps[:32])
-    thr = Threshold(float(np.quantile(probe, 0.6)), 0.0, 0.0, str(index.manifest_hash))
+    def threshold(sc: BCIScorer) -> Threshold:
+        """tau at the median of the positive max BCIs: the copied stretches with violating support are
+        refused and attributed (sources looked up), as a drifting model's would be."""
+        probe = sc.max_bci(comps[:64])
+        tau = float(np.median(probe[probe > 0])) if (probe > 0).any() else 0.0
+        return Threshold(tau, 0.0, 0.0, str(index.manifest_hash))
+
+    thr = threshold(scorer)
     shield = TraceShield(index, scorer, thr)
     shield.check_batch(comps[:4])  # compile the numba kernels outside the timed region
     shield.check_sequential(comps[:2])
@@ -96,6 +106,11 @@ def main() -> None:
     t_batch, v_batch = timed("batch", lambda: [v for s in range(0, len(comps), args.batch)
                                                for v in shield.check_batch(comps[s:s + args.batch])])
     t_seq, v_seq = timed("seq", lambda: shield.check_sequential(comps))
+    # the same batched path without the evidence gate and its edge-trimmed cores (bci = conflict_x_rarity)
+    plain_scorer = BCIScorer(index, dataclasses.replace(scorer.cfg, bci="conflict_x_rarity"), prior=scorer.prior)
+    plain = TraceShield(index, plain_scorer, threshold(plain_scorer))
+    t_plain, _ = timed("plain", lambda: [v for s in range(0, len(comps), args.batch)
+                                         for v in plain.check_batch(comps[s:s + args.batch])])
     assert [v.refuse for v in v_batch] == [v.refuse for v in v_seq]
     spans = sum(v.num_spans for v in v_batch)
     refused = sum(v.refuse for v in v_batch)
@@ -104,7 +119,9 @@ def main() -> None:
     print("| path | completion tokens/s | ms per 100 tokens (wall) | CPU ms per 100 tokens | speed-up (wall) |")
     print("|---|---|---|---|---|")
     print(f"| paper (reference CPU) | {100 / 0.080:,.0f} | 80.0 | - | 1.0x |")
-    for name, key, t in (("one span at a time", "seq", t_seq), (f"batched (batch {args.batch})", "batch", t_batch)):
+    rows = (("one span at a time", "seq", t_seq), (f"batched (batch {args.batch})", "batch", t_batch),
+            ("batched, conflict_x_rarity (no evidence gate, no cores)", "plain", t_plain))
+    for name, key, t in rows:
         print(f"| {name} | {n_tok / t:,.0f} | {1e5 * t / n_tok:.3f} | {1e5 * cpu[key] / n_tok:.3f} | "
               f"{0.080 * n_tok / 100 / t:.1f}x vs paper |")
     print(f"batched vs one-span-at-a-time: {t_seq / t_batch:.1f}x; target <= 1.6 ms / 100 tokens: "
