@@ -14,7 +14,8 @@ from _training_toy import ROOT, toy_config, write_toy_preferences
 from tracealign_jax import cli, sharding
 from tracealign_jax.config import MeshConfig
 from tracealign_jax.training import reference
-from tracealign_jax.training.data import build_batch, load_pairs
+from tracealign_jax.pairs import load_pairs
+from tracealign_jax.training.data import build_batch
 from tracealign_jax.training.state import init_train_state
 from tracealign_jax.training.step import _forward_logps
 

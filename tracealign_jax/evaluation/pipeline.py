@@ -71,16 +71,17 @@ def arrays_stage(dpo_cfg: Config, index_dir: str, tau: float) -> Stage:
         from transformers import AutoTokenizer
 
         from tracealign_jax.index import TraceIndex
+        from tracealign_jax.pairs import load_pairs
         from tracealign_jax.provenance import BCIScorer, build_veto_table, save_veto_table
-        from tracealign_jax.provenance.token_bci import token_bci_for_pairs, write_token_bci
-        from tracealign_jax.training.data import load_pairs
+        from tracealign_jax.provenance.token_bci import token_bci_for_pairs
+        from tracealign_jax.response_store import write_response_arrays
 
         index = TraceIndex.open(index_dir)
         scorer = BCIScorer(index, dpo_cfg.provenance)
         tokenizer = AutoTokenizer.from_pretrained(dpo_cfg.data.tokenizer_dir)
         pairs = load_pairs(dataclasses.replace(dpo_cfg.data, cache_dir=str(out / "data_cache")), tokenizer=tokenizer)
         examples = token_bci_for_pairs(scorer, pairs, tau)
-        store = write_token_bci(str(out / "token_bci"), examples, meta={"index_hash": str(index.manifest_hash), "tau": tau})
+        store = write_response_arrays(str(out / "token_bci"), examples, meta={"index_hash": str(index.manifest_hash), "tau": tau})
         table, meta = build_veto_table(index, scorer, dpo_cfg.provenance, tau)
         save_veto_table(table, out / "veto_table", meta=meta)
         nonzero = [float((c > 0).mean()) for c, _ in examples] + [float((r > 0).mean()) for _, r in examples]

@@ -9,7 +9,7 @@ from tracealign_jax.provenance.bci import BCIScorer, ScoredSpan, SpanScore
 from tracealign_jax.provenance.bound import DriftBound, drift_bound, set_bound
 from tracealign_jax.provenance.calibrate import Threshold, calibrate
 from tracealign_jax.provenance.shield import OffendingSpan, ShieldVerdict, Source, TraceShield, render_report, write_jsonl
-from tracealign_jax.provenance.token_bci import TokenBCIReader, compute_token_bci, token_bci_for_pairs, write_token_bci
+from tracealign_jax.provenance.token_bci import compute_token_bci, token_bci_for_pairs
 from tracealign_jax.provenance.veto_build import build_veto_table, collect_high_bci_spans
 from tracealign_jax.provenance.veto_table import (
     VetoTable,
@@ -22,7 +22,7 @@ from tracealign_jax.provenance.veto_table import (
 
 __all__ = [
     "BCIScorer", "DriftBound", "OffendingSpan", "ScoredSpan", "ShieldVerdict", "Source", "SpanScore", "Threshold",
-    "TokenBCIReader", "TraceShield", "VetoTable", "build_veto_table", "calibrate", "collect_high_bci_spans",
+    "TraceShield", "VetoTable", "build_veto_table", "calibrate", "collect_high_bci_spans",
     "compile_veto_table", "compute_token_bci", "drift_bound", "load_veto_table", "render_report", "save_veto_table",
-    "set_bound", "token_bci_for_pairs", "veto_entries", "veto_penalties", "write_jsonl", "write_token_bci",
+    "set_bound", "token_bci_for_pairs", "veto_entries", "veto_penalties", "write_jsonl",
 ]

@@ -150,8 +150,9 @@ def _bound(args: argparse.Namespace) -> int:
 
 
 def _token_bci(args: argparse.Namespace) -> int:
-    from tracealign_jax.provenance.token_bci import token_bci_for_pairs, write_token_bci
-    from tracealign_jax.training.data import load_pairs
+    from tracealign_jax.pairs import load_pairs
+    from tracealign_jax.provenance.token_bci import token_bci_for_pairs
+    from tracealign_jax.response_store import write_response_arrays
 
     cfg, index, scorer = _setup(args)
     tau, _ = _tau(args, cfg, index)
@@ -163,7 +164,7 @@ def _token_bci(args: argparse.Namespace) -> int:
     pairs = load_pairs(cfg.data, show_progress=True)
     arrays = token_bci_for_pairs(scorer, pairs, tau)
     meta = {"tau": tau, "index_hash": str(index.manifest_hash), "dataset": getattr(pairs, "fingerprint", "")}
-    url = write_token_bci(out, arrays, meta=meta, overwrite=args.overwrite)
+    url = write_response_arrays(out, arrays, meta=meta, overwrite=args.overwrite)
     flagged = sum(int((c > 0).any()) + int((r > 0).any()) for c, r in arrays)
     print(f"{len(arrays)} examples, {flagged} responses with high-BCI tokens -> {url}")
     return 0

@@ -8,7 +8,7 @@ Public API::
     TrainState, init_train_state(cfg, mesh, rules) -> (graphdef, state), abstract_train_state(cfg, mesh, rules)
     make_train_step(cfg, graphdef, mesh, rules, state_shardings) -> jitted train_step(state, batch)
     train_step_fn_and_shardings(cfg, mesh, rules, bucket_len) -> (jitted step, abstract state, abstract batch)
-    abstract_batch(cfg, mesh, rules, bucket_len);  load_pairs(DataConfig) / BatchStream;  Checkpointer
+    abstract_batch(cfg, mesh, rules, bucket_len);  BatchStream(pairs.load_pairs(DataConfig), ...);  Checkpointer
 
 SFT, then DPO / DPO+CBD on a JSONL preference file (prompt/chosen/rejected)::
 
@@ -27,14 +27,14 @@ resumes from its latest checkpoint.
 
 from tracealign_jax.training import losses
 from tracealign_jax.training.checkpoint import Checkpointer
-from tracealign_jax.training.data import BatchStream, TokenizedPairs, build_batch, load_pairs
+from tracealign_jax.training.data import BatchStream, build_batch
 from tracealign_jax.training.logprobs import chunked_token_logprobs
 from tracealign_jax.training.loop import NonFiniteLossError, TrainResult, train
 from tracealign_jax.training.state import TrainState, abstract_train_state, init_train_state, make_optimizer
 from tracealign_jax.training.step import abstract_batch, make_train_step, train_step, train_step_fn_and_shardings
 
 __all__ = [
-    "losses", "Checkpointer", "BatchStream", "TokenizedPairs", "build_batch", "load_pairs", "chunked_token_logprobs",
+    "losses", "Checkpointer", "BatchStream", "build_batch", "chunked_token_logprobs",
     "NonFiniteLossError", "TrainResult", "train", "TrainState", "abstract_train_state", "init_train_state",
     "make_optimizer", "abstract_batch", "make_train_step", "train_step", "train_step_fn_and_shardings",
 ]  # fmt: skip

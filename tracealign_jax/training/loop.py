@@ -22,8 +22,9 @@ from jax.sharding import Mesh
 
 from tracealign_jax import sharding
 from tracealign_jax.config import Config, to_dict
+from tracealign_jax.pairs import TokenizedPairs, load_pairs
 from tracealign_jax.training.checkpoint import Checkpointer
-from tracealign_jax.training.data import BatchStream, TokenizedPairs, load_pairs
+from tracealign_jax.training.data import BatchStream
 from tracealign_jax.training.metrics import MetricsWriter, step_flops
 from tracealign_jax.training.state import (
     TrainState,
@@ -111,9 +112,9 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         raise ValueError("loss.cbd_data_weight > 0 needs per-token BCI arrays: set data.bci_path "
                          "(written by `tracealign provenance token-bci`)")
     if cfg.data.bci_path and not sft:
-        from tracealign_jax.provenance.token_bci import TokenBCIReader
+        from tracealign_jax.response_store import ResponseArrayReader
 
-        bci = TokenBCIReader(cfg.data.bci_path)
+        bci = ResponseArrayReader(cfg.data.bci_path)
         if len(bci) != len(pairs):
             raise ValueError(f"data.bci_path: {len(bci)} examples but the dataset has {len(pairs)}")
     veto, veto_meta = _load_veto(cfg)

@@ -4,7 +4,7 @@ TRL's ``precompute_ref_log_probs`` keeps them in memory for one run; its users a
 them (trl#3985). Here the store lives at ``<data.ref_logps_path>/<key>`` where ``key`` hashes the
 reference parameters' identity (checkpoint path or HF dir, or the init seed + architecture) and the
 tokenized dataset's fingerprint, so a different reference or dataset never reads stale values.
-Layout: the per-response float32 arrays of ``provenance.token_bci`` (chosen/rejected [N, T_max] +
+Layout: the per-response float32 arrays of ``tracealign_jax.response_store`` (chosen/rejected [N, T_max] +
 lengths), holding log p_ref(token) in nats for each response token.
 """
 
@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from tracealign_jax.config import Config, to_dict
-from tracealign_jax.provenance.token_bci import TokenBCIReader, write_token_bci
-from tracealign_jax.training.data import TokenizedPairs, assign_buckets, build_batch
+from tracealign_jax.pairs import TokenizedPairs
+from tracealign_jax.response_store import ResponseArrayReader, write_response_arrays
+from tracealign_jax.training.data import assign_buckets, build_batch
 
 
 def reference_key(cfg: Config, pairs: TokenizedPairs) -> str:
@@ -38,19 +39,19 @@ def store_path(cfg: Config, pairs: TokenizedPairs) -> str:
     return str(Path(cfg.data.ref_logps_path) / reference_key(cfg, pairs))
 
 
-def open_reference(cfg: Config, pairs: TokenizedPairs) -> TokenBCIReader | None:
+def open_reference(cfg: Config, pairs: TokenizedPairs) -> ResponseArrayReader | None:
     """The stored reference log-probs for this (reference, dataset), or None if not computed yet."""
     path = store_path(cfg, pairs)
     if not (Path(path) / "meta.json").is_file():
         return None
-    reader = TokenBCIReader(path)
+    reader = ResponseArrayReader(path)
     if reader.meta.get("kind") != "reference_logps" or len(reader) != len(pairs):
         raise ValueError(f"{path}: not a reference log-prob store for this dataset")
     return reader
 
 
 def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, pairs: TokenizedPairs,
-                         batch_size: int = 8) -> TokenBCIReader:  # fmt: skip
+                         batch_size: int = 8) -> ResponseArrayReader:  # fmt: skip
     """Computes every example's per-token reference log-probs (one jit per bucket) and stores them."""
     from tracealign_jax.training.step import _forward_logps
 
@@ -73,8 +74,8 @@ def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, p
     path = store_path(cfg, pairs)
     if jax.process_index() == 0:
         meta = {"kind": "reference_logps", "key": reference_key(cfg, pairs), "dataset": pairs.fingerprint}
-        write_token_bci(path, [tuple(x) for x in out], meta=meta, overwrite=True)
+        write_response_arrays(path, [tuple(x) for x in out], meta=meta, overwrite=True)
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("tracealign_reference_written")
-    return TokenBCIReader(path)
+    return ResponseArrayReader(path)
