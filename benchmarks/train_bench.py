@@ -69,15 +69,15 @@ def make_ours(cbd: bool):
                              "train": {"batch_size": PAIRS, "learning_rate": 1e-5, "steps": 1000}})  # fmt: skip
     mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
     rules = sharding.resolve_rules(cfg.mesh.rules)
-    graphdef, state = init_train_state(cfg, mesh, rules, veto=veto)
+    graphdef, state = init_train_state(cfg, mesh, rules)
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
-    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules, veto))
+    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))
     hb = host_batch()
     batch = to_device_batch({k: hb[k] for k in batch_fields(cfg)}, batch_shardings(cfg, mesh, rules))
     box = [state]
 
     def one() -> None:
-        box[0], m = fn(box[0], batch)
+        box[0], m = fn(box[0], batch, veto)
         jax.block_until_ready((box[0].params, m))
 
     return one

@@ -30,10 +30,10 @@ def toy(tmp_path_factory):
 def _runner(cfg, mesh_cfg: MeshConfig, devices, veto=None):
     mesh = sharding.build_mesh(mesh_cfg, devices)
     rules = sharding.resolve_rules(cfg.mesh.rules)
-    graphdef, state = init_train_state(cfg, mesh, rules, veto=veto)
+    graphdef, state = init_train_state(cfg, mesh, rules)
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
-    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules, veto))
-    return graphdef, state, fn, batch_shardings(cfg, mesh, rules)
+    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))
+    return graphdef, state, lambda s, b: fn(s, b, veto), batch_shardings(cfg, mesh, rules)
 
 
 def _host_batches(cfg, n):

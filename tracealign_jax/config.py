@@ -384,6 +384,18 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
     return out
 
 
+def validate(cfg: Config) -> Config:
+    """Checks across fields that the types alone do not state; raises ``ConfigError`` naming the keys."""
+    tc, loss = cfg.train, cfg.loss
+    if tc.micro_batches < 1 or tc.batch_size % tc.micro_batches:
+        raise ConfigError(f"train.micro_batches={tc.micro_batches} must divide train.batch_size={tc.batch_size} "
+                          "(every micro-batch holds whole pairs)")  # fmt: skip
+    if tc.objective == "dpo" and loss.cbd_cont_weight and loss.reference == "precomputed":
+        raise ConfigError("loss.cbd_cont_weight > 0 needs the reference's log-probs of the veto entries, which "
+                          "precomputed reference log-probs do not hold: use loss.reference=in_step")  # fmt: skip
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls: type = Config) -> Any:
     """Loads YAML ``path`` (or defaults when None), applies dotted overrides, returns a typed config."""
     values: dict = {}
@@ -399,6 +411,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), c
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     values = apply_overrides(values, overrides)
     try:
-        return from_dict(cls, values)
+        cfg = from_dict(cls, values)
+        return validate(cfg) if cls is Config else cfg
     except ConfigError as err:
         raise ConfigError(f"{path or '<defaults>'}: {err}") from None

@@ -51,8 +51,8 @@ def abstract_veto_table(cfg: Config, mesh: Mesh, contexts: int, entries: int) ->
 
 def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, veto: Any) -> StepSpec:
     """The trainer's jitted step for ``cfg`` with ``loss.reference = reference``, at the largest bucket."""
-    from tracealign_jax.model import param_shardings
-    from tracealign_jax.training.state import graphdef_and_abstract_params, model_arch
+    from tracealign_jax.model import model_arch, param_shardings
+    from tracealign_jax.training.state import graphdef_and_abstract_params
     from tracealign_jax.training.step import batch_rows, train_step_fn_and_shardings
 
     # CBD term (b) needs the reference's log-probs of the veto entries, so it runs with in_step only;
@@ -62,7 +62,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
                                                             cbd_bci_scale=cfg.loss.cbd_bci_scale or 1.0))
     bucket = max(cfg.data.buckets)
     uses_veto = cfg.train.objective == "dpo" and cfg.loss.cbd_cont_weight > 0
-    fn, abs_state, abs_batch = train_step_fn_and_shardings(cfg, mesh, rules, bucket, veto if uses_veto else None)
+    fn, abs_state, abs_batch = train_step_fn_and_shardings(cfg, mesh, rules, bucket)
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     arch = model_arch(cfg.model)
     tokens = batch_rows(cfg) * bucket
@@ -73,7 +73,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     if uses_veto:
         notes += f", veto table {veto.ctx_hi.shape[0]:,} contexts / {veto.next_tokens.shape[0]:,} entries"
     return StepSpec(
-        name=f"train[ref={reference}]", jitted=fn, args=(abs_state, abs_batch), tokens=tokens,
+        name=f"train[ref={reference}]", jitted=fn, args=(abs_state, abs_batch, veto if uses_veto else None), tokens=tokens,
         model_flops=flops, declared=param_shardings(abs_params, mesh, rules),
         select=lambda state: state.params, notes=notes,
     )  # fmt: skip
@@ -82,8 +82,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
 def decode_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, veto: Any) -> StepSpec:
     """The decoder's jitted Prov-Decode function for ``cfg.decode`` at the largest prompt bucket."""
     from tracealign_jax.decoding.runner import abstract_decoder
-    from tracealign_jax.model import param_shardings
-    from tracealign_jax.training.state import model_arch
+    from tracealign_jax.model import model_arch, param_shardings
 
     dc = cfg.decode
     decoder = abstract_decoder(cfg, mesh, rules, veto_table=veto if dc.veto != "off" else None)

@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 
 from tracealign_jax import sharding
 from tracealign_jax.atomic_io import atomic_write_text
 from tracealign_jax.config import Config, ConfigError
 from tracealign_jax.decoding.runner import Completion, Decoder
-from tracealign_jax.model import Transformer
+from tracealign_jax.model import Transformer, model_options
 from tracealign_jax.records import RecordError, iter_records, require
 
 
@@ -31,11 +30,10 @@ def load_policy(cfg: Config, checkpoint: str | Path, mesh: Any, rules: sharding.
     restored straight onto this mesh's shardings.
     """
     path = Path(checkpoint)
-    dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
     if (path / "config.json").is_file():
         from tracealign_jax.hf_io import load_hf
 
-        model, _ = load_hf(path, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype)
+        model, _ = load_hf(path, mesh=mesh, rules=rules, **model_options(cfg.model))
         return model
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")

@@ -303,12 +303,9 @@ def abstract_decoder(cfg: Any, mesh: Mesh, rules: sharding.Rules, veto_table: An
 
     cfg: the full ``Config`` (model arch + dtypes from ``cfg.model``, decoding from ``cfg.decode``).
     """
-    from tracealign_jax.model import abstract_model
-    from tracealign_jax.training.state import model_arch
+    from tracealign_jax.model import abstract_model_from_config, model_arch
 
     arch = model_arch(cfg.model)
-    graphdef, params = abstract_model(
-        arch, dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype), mesh=mesh, rules=rules
-    )
+    graphdef, params = abstract_model_from_config(cfg.model, mesh, rules)
     return Decoder((graphdef, params), cfg.decode, eos_id=_first_id(arch.eos_token_id, 0),
                    pad_id=_first_id(arch.pad_token_id, 0), veto_table=veto_table, mesh=mesh, rules=rules)  # fmt: skip
