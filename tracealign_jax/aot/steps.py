@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tracealign_jax import sharding
-from tracealign_jax.aot.compile_check import StepSpec, model_flops_per_token
+from tracealign_jax.aot.compile_check import StepSpec
 from tracealign_jax.config import Config
+from tracealign_jax.model.flops import flops_per_token, train_step_flops
 
 DEFAULT_VETO_CONTEXTS = 2**24
 DEFAULT_VETO_ENTRIES = 2**25
@@ -66,9 +67,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     arch = model_arch(cfg.model)
     tokens = batch_rows(cfg) * bucket
-    flops = tokens * model_flops_per_token(arch, bucket, train=True)
-    if cfg.train.objective == "dpo" and reference == "in_step":
-        flops += tokens * model_flops_per_token(arch, bucket, train=False)
+    flops = train_step_flops(arch, tokens, bucket, ref_forward=cfg.train.objective == "dpo" and reference == "in_step")
     notes = f"bucket {bucket}, {batch_rows(cfg)} rows, micro_batches {cfg.train.micro_batches}, remat {cfg.model.remat}"
     if uses_veto:
         notes += f", veto table {veto.ctx_hi.shape[0]:,} contexts / {veto.next_tokens.shape[0]:,} entries"
@@ -93,8 +92,8 @@ def decode_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, veto: Any) -> St
     slots = bucket - 1 + dc.max_new_tokens  # KV-cache length: every step attends over all slots
     prefill_tokens = dc.batch_size * (bucket - 1)
     new_tokens = dc.batch_size * beams * dc.max_new_tokens
-    flops = (prefill_tokens * model_flops_per_token(arch, bucket, train=False)
-             + new_tokens * model_flops_per_token(arch, slots, train=False))  # fmt: skip
+    flops = (prefill_tokens * flops_per_token(arch, bucket, train=False)
+             + new_tokens * flops_per_token(arch, slots, train=False))  # fmt: skip
     notes = f"{dc.method}, {dc.batch_size} prompts x {beams} beams, prompt {bucket} + {dc.max_new_tokens} new, veto {dc.veto}"
     return StepSpec(
         name="decode", jitted=decoder.jitted(), args=args, tokens=prefill_tokens + new_tokens, model_flops=flops,

@@ -23,10 +23,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tracealign_jax import sharding
 from tracealign_jax.config import Config, to_dict, validate
 from tracealign_jax.model import model_arch, model_options
+from tracealign_jax.model.flops import train_step_flops
 from tracealign_jax.pairs import TokenizedPairs, load_pairs
 from tracealign_jax.training.checkpoint import Checkpointer
 from tracealign_jax.training.data import BatchStream
-from tracealign_jax.training.metrics import MetricsWriter, step_flops
+from tracealign_jax.training.metrics import MetricsWriter
 from tracealign_jax.training.state import (
     TrainState,
     abstract_train_state,
@@ -166,7 +167,7 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         m["step_time_s"] = dt
         m["tokens_per_s"] = valid_tokens / dt
         if cfg.train.peak_flops_per_device > 0:
-            flops = step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=not sft and cfg.loss.reference == "in_step")
+            flops = train_step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=not sft and cfg.loss.reference == "in_step")
             m["mfu"] = flops / dt / (cfg.train.peak_flops_per_device * jax.device_count())
         history.append(dict(m, step=n))
         if n % max(cfg.train.log_every, 1) == 0 or n == end:
