@@ -58,7 +58,7 @@ def make_ours(cbd: bool):
     loss = {"type": "sigmoid", "beta": 0.1}
     veto = None
     if cbd:
-        from tracealign_jax.provenance.veto_table import compile_veto_table
+        from tracealign_jax.veto.store import compile_veto_table
 
         rng = np.random.default_rng(1)
         spans = [(rng.integers(3, ARCH["vocab_size"], size=int(rng.integers(4, 9))).tolist(), float(rng.uniform(5, 40)))

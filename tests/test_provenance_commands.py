@@ -10,7 +10,7 @@ from provenance_corpus import FORBIDDEN, benign_text, build
 from tracealign_jax.cli import main
 from tracealign_jax.provenance.calibrate import Threshold
 from tracealign_jax.response_store import ResponseArrayReader
-from tracealign_jax.provenance.veto_table import load_veto_table
+from tracealign_jax.veto.store import load_veto_table
 
 
 def _jsonl(path, token_lists, field="tokens"):

@@ -111,7 +111,7 @@ def test_cbd_continuation_term_matches_bruteforce(toy):
     """CBD (b) inside the jitted step equals
     sum_t sum_{vetoed v} min(penalty / scale, 1) * max(0, logp(v | prefix_t) - logp_ref(v | prefix_t) + margin) / tokens,
     computed here from full logits of policy and reference and a naive suffix match against the span list."""
-    from tracealign_jax.provenance.veto_table import compile_veto_table
+    from tracealign_jax.veto.store import compile_veto_table
 
     path, d = toy
     spans = [([10, 11, 12, 13], 7.0), ([12, 13, 14], 3.0), ([150, 160], 2.0), ([14, 15, 16, 17, 18], 11.0)]

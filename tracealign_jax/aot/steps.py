@@ -37,8 +37,8 @@ DEFAULT_VETO_HI_RUN = 4
 
 
 def abstract_veto_table(cfg: Config, mesh: Mesh, contexts: int, entries: int) -> Any:
-    """A ``provenance.veto_table.VetoTable`` of ShapeDtypeStructs, replicated on ``mesh``."""
-    from tracealign_jax.provenance.veto_table import VetoTable
+    """A ``veto.table.VetoTable`` of ShapeDtypeStructs, replicated on ``mesh``."""
+    from tracealign_jax.veto.table import VetoTable
 
     rep = NamedSharding(mesh, PartitionSpec())
     sds = lambda n, dt: jax.ShapeDtypeStruct((n,), dt, sharding=rep)  # noqa: E731

@@ -102,7 +102,7 @@ def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_tab
     if cfg.decode.veto != "off":
         if not veto_table:
             raise ConfigError(f"decode.veto={cfg.decode.veto!r} needs --veto-table DIR")
-        from tracealign_jax.provenance.veto_table import load_veto_table
+        from tracealign_jax.veto.store import load_veto_table
 
         table, _ = load_veto_table(veto_table)
     model = load_policy(cfg, checkpoint, mesh, rules)

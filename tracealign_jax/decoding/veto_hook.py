@@ -11,7 +11,7 @@ takes the max over matching suffix lengths). A candidate is *vetoed* when its pe
     with the refusal by the decoding loop.
 
 The lookup is a jittable function ``lookup(table, context_BxC, context_len_B, min_prefix)`` with the
-contract of ``tracealign_jax.provenance.veto_table.veto_entries``; the table is a pytree of device
+contract of ``tracealign_jax.veto.table.veto_entries``; the table is a pytree of device
 arrays passed into the jitted decode (never closed over, so a new table does not recompile).
 """
 
@@ -51,8 +51,8 @@ class VetoSpec:
 
 
 def default_lookup() -> VetoLookup:
-    """The provenance veto-table lookup (``provenance.veto_table.veto_entries``): one entry per token."""
-    from tracealign_jax.provenance.veto_table import veto_entries
+    """The provenance veto-table lookup (``veto.table.veto_entries``): one entry per token."""
+    from tracealign_jax.veto.table import veto_entries
 
     return veto_entries
 
@@ -62,7 +62,7 @@ def step_lookup(table: Any) -> VetoLookup:
     ``bucket_directory`` (built here, once per decode call, outside the loop). Same slots as
     ``veto_entries`` before its per-row sort (a token may repeat across suffix lengths): the hook
     tolerates repeats, and on CPU that sort cost more than the rest of the lookup together."""
-    from tracealign_jax.provenance.veto_table import bucket_directory, veto_candidates
+    from tracealign_jax.veto.table import bucket_directory, veto_candidates
 
     directory = bucket_directory(table)
     return lambda t, ctx, ctx_len, min_prefix: veto_candidates(t, ctx, ctx_len, min_prefix, directory=directory)

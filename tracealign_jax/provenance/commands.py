@@ -172,7 +172,7 @@ def _token_bci(args: argparse.Namespace) -> int:
 
 def _veto(args: argparse.Namespace) -> int:
     from tracealign_jax.provenance.veto_build import build_veto_table
-    from tracealign_jax.provenance.veto_table import save_veto_table
+    from tracealign_jax.veto.store import save_veto_table
 
     cfg, index, scorer = _setup(args)
     tau, _ = _tau(args, cfg, index)

@@ -68,7 +68,7 @@ def _load_veto(cfg: Config) -> tuple[Any, dict]:
         return None, {}
     if not cfg.loss.cbd_veto_table:
         raise ValueError("loss.cbd_cont_weight > 0 needs loss.cbd_veto_table (a provenance veto table directory)")
-    from tracealign_jax.provenance.veto_table import load_veto_table
+    from tracealign_jax.veto.store import load_veto_table
 
     return load_veto_table(cfg.loss.cbd_veto_table)
 

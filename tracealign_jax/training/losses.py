@@ -236,7 +236,7 @@ def dpo_objective(
         metrics.update(m)
     if cfg.cbd_cont_weight:
         if veto is None:
-            raise ValueError("loss.cbd_cont_weight > 0 needs a provenance veto table (provenance.veto_table)")
+            raise ValueError("loss.cbd_cont_weight > 0 needs a provenance veto table (tracealign_jax.veto.table)")
         term, m = cbd_continuation_loss(*veto, mask, cfg.cbd_margin, cfg.cbd_bci_scale, num_tokens)
         loss = loss + cfg.cbd_cont_weight * term
         metrics.update(m)

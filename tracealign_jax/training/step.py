@@ -80,7 +80,7 @@ def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int
 
 def _veto_lookup(cfg: Config, veto: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Veto entries (ids, penalties, valid), each [R, L, E], for every position's prefix."""
-    from tracealign_jax.provenance.veto_table import unique_slots, veto_candidates
+    from tracealign_jax.veto.table import unique_slots, veto_candidates
 
     r, l = tokens.shape
     ctx, n = veto_contexts(tokens, veto.context_len)
