@@ -139,7 +139,7 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         if ref_reader is None:
             if resumed_from is not None:
                 raise ValueError("reference log-probs store missing on resume; the reference params are not in the checkpoint")
-            ref_reader = reference.precompute_reference(cfg, graphdef, state.params, pairs, cfg.train.batch_size)
+            ref_reader = reference.precompute_reference(cfg, graphdef, state.params, pairs, mesh, rules, cfg.train.batch_size)
     stream = BatchStream(pairs, cfg.data, cfg.train.batch_size, sft=sft, bci=bci, ref_logps=ref_reader)
     if position is not None:
         stream.restore(position)
