@@ -9,14 +9,13 @@ vetoed_token_ids, penalties and, with a tokenizer, the span text ``context + vet
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 
 from tracealign_jax import sharding
-from tracealign_jax.atomic_io import atomic_write_text
+from tracealign_jax.atomic_io import atomic_write_jsonl
 from tracealign_jax.config import Config, ConfigError
 from tracealign_jax.decoding.runner import Completion, Decoder
 from tracealign_jax.model import Transformer, model_options
@@ -117,7 +116,7 @@ def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_tab
     comps = decoder.decode(tokens, progress=progress)
     seconds = time.perf_counter() - start
     rows = [completion_record(i, t, c, tokenizer, decoder.eos_id) for i, t, c in zip(ids, texts, comps)]
-    atomic_write_text(out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    atomic_write_jsonl(out, rows)
     return {
         "prompts": len(rows), "out": str(out), "seconds": round(seconds, 3), "veto": cfg.decode.veto,
         "vetoes": sum(c.vetoes for c in comps), "refused": sum(c.refused for c in comps),

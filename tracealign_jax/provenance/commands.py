@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 import numpy as np
 
+from tracealign_jax.atomic_io import atomic_write_jsonl, atomic_write_text
 from tracealign_jax.records import RecordError, iter_records
 
 
@@ -74,12 +74,6 @@ def _items(path: str, field: str, index: Any) -> tuple[list[np.ndarray], list[st
     return tokens, texts
 
 
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    from tracealign_jax.atomic_io import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
-
 def _score(args: argparse.Namespace) -> int:
     cfg, index, scorer = _setup(args)
     tokens, _ = _items(args.input, args.field, index)
@@ -91,7 +85,7 @@ def _score(args: argparse.Namespace) -> int:
                              conflict=s.conflict, bci=s.bci, tokens=tokens[i][s.start:s.end].tolist()))
             print(f"{i:>5} {f'{s.start}-{s.end}':>9} {s.count:>7} {s.rarity:>8.2f} {s.conflict:>8.3f} {s.bci:>8.2f}")
     if args.out:
-        _write_jsonl(args.out, rows)
+        atomic_write_jsonl(args.out, rows)
     return 0
 
 
@@ -110,7 +104,6 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _shield(args: argparse.Namespace) -> int:
-    from tracealign_jax.atomic_io import atomic_write_text
     from tracealign_jax.provenance.calibrate import Threshold
     from tracealign_jax.provenance.shield import TraceShield, render_report, write_jsonl
 
@@ -141,7 +134,7 @@ def _bound(args: argparse.Namespace) -> int:
     p = cfg.provenance
     bounds = drift_bound(index, scorer, queries, tau, horizon=args.horizon or p.horizon, delta=p.delta,
                          max_occurrences=args.max_occurrences, epsilon=args.epsilon)
-    _write_jsonl(args.out, [dict(dataclasses.asdict(b), item=i) for i, b in enumerate(bounds)])
+    atomic_write_jsonl(args.out, [dict(dataclasses.asdict(b), item=i) for i, b in enumerate(bounds)])
     print(f"{'item':>5} {'l_q':>4} {'M(q)':>8} {'examined':>8} {'drifting':>8} {'bound':>7}")
     for i, b in enumerate(bounds):
         print(f"{i:>5} {b.context_len:>4} {b.support:>8} {b.examined:>8} {b.drifting + b.truncated:>8} {b.bound:>7.4f}")
