@@ -4,7 +4,7 @@ Public API::
 
     train(cfg) -> TrainResult                       the loop (data, step, metrics, checkpoints, resume)
     losses.dpo_objective / preference_loss / sft_objective / cbd_data_loss / cbd_continuation_loss
-    chunked_token_logprobs(h_BxLxD, unembed_DxV, tokens_BxL, chunk=..., entry_ids_BxLxE=...)
+    chunked_token_logprobs(h_BxLxD, unembed_DxV, tokens_BxL, chunk=..., entry_ids_BxLxM=...)
     TrainState, init_train_state(cfg, mesh, rules) -> (graphdef, state), abstract_train_state(cfg, mesh, rules)
     make_train_step(cfg, graphdef, mesh, rules, state_shardings) -> jitted train_step(state, batch, veto)
     train_step_fn_and_shardings(cfg, mesh, rules, bucket_len) -> (jitted step, abstract state, abstract batch)

@@ -166,10 +166,10 @@ def cbd_data_loss(
 
 
 def cbd_continuation_loss(
-    entry_logps_BxLxE: jax.Array,
-    ref_entry_logps_BxLxE: jax.Array,
-    penalties_BxLxE: jax.Array,
-    valid_BxLxE: jax.Array,
+    entry_logps_BxLxM: jax.Array,
+    ref_entry_logps_BxLxM: jax.Array,
+    penalties_BxLxM: jax.Array,
+    valid_BxLxM: jax.Array,
     mask_BxL: jax.Array,
     margin: float,
     scale: float,
@@ -177,17 +177,17 @@ def cbd_continuation_loss(
 ) -> tuple[jax.Array, Metrics]:
     """CBD term (b): ``sum_t sum_e w(r_e) max(0, logp(v_e) - logp_ref(v_e) + margin) / num_tokens``.
 
-    entry_logps_BxLxE / ref_entry_logps_BxLxE: the policy's / reference's log-prob (nats) of each veto
-    entry's token at each position; penalties_BxLxE: its penalty (BCI, nats); valid_BxLxE: real
+    entry_logps_BxLxM / ref_entry_logps_BxLxM: the policy's / reference's log-prob (nats) of each veto
+    entry's token at each position; penalties_BxLxM: its penalty (BCI, nats); valid_BxLxM: real
     entries; mask_BxL: positions that count.
     """
     n = _count(mask_BxL, num_tokens)
-    w = valid_BxLxE.astype(jnp.float32) * mask_BxL.astype(jnp.float32)[..., None]
-    gap = entry_logps_BxLxE - jax.lax.stop_gradient(ref_entry_logps_BxLxE) + margin
+    w = valid_BxLxM.astype(jnp.float32) * mask_BxL.astype(jnp.float32)[..., None]
+    gap = entry_logps_BxLxM - jax.lax.stop_gradient(ref_entry_logps_BxLxM) + margin
     # a masked-out entry's log-prob may be anything (padding ids); where() keeps its gradient exactly 0.
     hinge = jnp.where(w > 0, jax.nn.relu(gap), 0.0)
-    loss = jnp.sum(hinge * bci_weights(penalties_BxLxE, scale) * w) / n
-    probs = jnp.where(w > 0, jnp.exp(entry_logps_BxLxE), 0.0)
+    loss = jnp.sum(hinge * bci_weights(penalties_BxLxM, scale) * w) / n
+    probs = jnp.where(w > 0, jnp.exp(entry_logps_BxLxM), 0.0)
     return loss, {
         "loss/cbd_cont": jax.lax.stop_gradient(loss),
         "bci/veto_mass": jax.lax.stop_gradient(jnp.sum(probs) / n),
@@ -210,7 +210,7 @@ def dpo_objective(
 
     policy/ref_logps_2BxL: per-token log-probs of each row's tokens (nats; position t scores token t);
     loss_mask_2BxL: 1 on response tokens. bci_2BxL: per-token BCI for CBD (a). veto: the CBD (b)
-    arrays ``(entry_logps_2BxLxE, ref_entry_logps_2BxLxE, penalties_2BxLxE, valid_2BxLxE)``. Counts default to the arrays'
+    arrays ``(entry_logps_2BxLxM, ref_entry_logps_2BxLxM, penalties_2BxLxM, valid_2BxLxM)``. Counts default to the arrays'
     own; the step passes the global batch's. Returns ``(loss, metrics)`` with every term reported.
     """
     b = policy_logps_2BxL.shape[0] // 2

@@ -75,11 +75,11 @@ def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int
     model = nnx.merge(graphdef, params)
     h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"])
     return chunked_token_logprobs(h, model.unembedding_matrix(), batch["tokens"], chunk=chunk,
-                                  entry_ids_BxLxE=entry_ids, compute_dtype=model.dtype)  # fmt: skip
+                                  entry_ids_BxLxM=entry_ids, compute_dtype=model.dtype)  # fmt: skip
 
 
 def _veto_lookup(cfg: Config, veto: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Veto entries (ids, penalties, valid), each [R, L, E], for every position's prefix."""
+    """Veto entries (ids, penalties, valid), each [B, L, M], for every position's prefix."""
     from tracealign_jax.veto.table import unique_slots, veto_candidates
 
     r, l = tokens.shape

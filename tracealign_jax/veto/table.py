@@ -122,8 +122,8 @@ def veto_candidates(table: VetoTable, context_BxC: jax.Array, context_len_B: jax
                     directory: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The raw lookup slots of each row, before deduplication (what a decoding step needs).
 
-    Same arguments as ``veto_entries``. Returns ``(token_ids_BxE int32, penalties_BxE float32,
-    valid_BxE bool)`` with E = S x max_entries, S = number of suffix lengths k = min_prefix..C: slot
+    Same arguments as ``veto_entries``. Returns ``(token_ids_BxM int32, penalties_BxM float32,
+    valid_BxM bool)`` with M = S x max_entries, S = number of suffix lengths k = min_prefix..C: slot
     ``s * max_entries + e`` is entry e of the context formed by the last ``min_prefix + s`` tokens.
     Within one suffix length tokens are distinct; across suffix lengths a token may repeat (with
     its own penalty). Invalid slots hold token 0, penalty 0. ``veto_entries`` = these slots, one per
@@ -157,7 +157,7 @@ def veto_candidates(table: VetoTable, context_BxC: jax.Array, context_len_B: jax
     start = table.offsets[row]
     stop = jnp.where(found, table.offsets[row + 1], start)
     e = jnp.arange(table.max_entries, dtype=jnp.int32)
-    ent = start[..., None] + e  # [B, K, E]
+    ent = start[..., None] + e  # [B, K, max_entries]
     valid = ent < stop[..., None]
     ent = jnp.where(valid, ent, table.next_tokens.shape[0] - 1)
     tok = jnp.where(valid, table.next_tokens[ent], 0).reshape(b, -1)
@@ -170,8 +170,8 @@ def veto_entries(table: VetoTable, context_BxC: jax.Array, context_len_B: jax.Ar
     """Vetoed next tokens of each row: the union over suffix lengths k = min_prefix..min(C, context_len).
 
     context_BxC int32 right-aligned, context_len_B int32 real tokens per row (see module docstring).
-    Returns ``(token_ids_BxE int32, penalties_BxE float32, valid_BxE bool)`` with
-    E = (number of suffix lengths) x max_entries; a token vetoed by several suffixes appears once
+    Returns ``(token_ids_BxM int32, penalties_BxM float32, valid_BxM bool)`` with
+    M = (number of suffix lengths) x max_entries; a token vetoed by several suffixes appears once
     (valid) with the max penalty; valid entries come first in each row, sorted by token id.
     Jittable; ``min_prefix`` is static.
     """
@@ -180,7 +180,7 @@ def veto_entries(table: VetoTable, context_BxC: jax.Array, context_len_B: jax.Ar
     if tok.shape[1] == 0:
         return tok, pen, valid
     # Deduplicate across suffix lengths: sort each row by (token, -penalty); the first of each run of
-    # equal tokens carries the max penalty. O(E log E) per row, no [E, E] comparison matrix.
+    # equal tokens carries the max penalty. O(M log M) per row, no [M, M] comparison matrix.
     big = jnp.int32(np.iinfo(np.int32).max)
     key, neg = jax.lax.sort((jnp.where(valid, tok, big), jnp.where(valid, -pen, 0.0)), dimension=1, num_keys=2)
     first = jnp.concatenate([jnp.ones((b, 1), bool), key[:, 1:] != key[:, :-1]], axis=1)
@@ -188,20 +188,20 @@ def veto_entries(table: VetoTable, context_BxC: jax.Array, context_len_B: jax.Ar
     return jnp.where(valid, key, 0), jnp.where(valid, -neg, 0.0), valid
 
 
-def unique_slots(tok_BxE: jax.Array, pen_BxE: jax.Array, valid_BxE: jax.Array) -> jax.Array:
-    """valid_BxE of ``veto_candidates`` slots keeping one slot per token: its max penalty (first on ties).
+def unique_slots(tok_BxM: jax.Array, pen_BxM: jax.Array, valid_BxM: jax.Array) -> jax.Array:
+    """valid_BxM of ``veto_candidates`` slots keeping one slot per token: its max penalty (first on ties).
 
     The slots stay where they are (nothing is sorted), so a consumer that sums over entries (the CBD
     loss) sees each vetoed token once, with the same token -> penalty map as ``veto_entries``. A scan
-    over the E slots compares slot j with every slot of its row ([B, E] work per step, never a
-    [B, E, E] buffer): on CPU, [2048, 112] slots take ~4 ms instead of ~30 ms for the per-row sort.
+    over the M slots compares slot j with every slot of its row ([B, M] work per step, never a
+    [B, M, M] buffer), which is cheaper than the per-row sort.
     """
-    e_E = jnp.arange(tok_BxE.shape[1])
+    e_M = jnp.arange(tok_BxM.shape[1])
 
-    def beat(beaten_BxE, j):  # does slot j (valid, same token) beat each slot of its row?
-        tok_j, pen_j, ok_j = (jax.lax.dynamic_slice_in_dim(x, j, 1, axis=1) for x in (tok_BxE, pen_BxE, valid_BxE))
-        wins = (pen_j > pen_BxE) | ((pen_j == pen_BxE) & (j < e_E)[None, :])
-        return beaten_BxE | ((tok_BxE == tok_j) & ok_j & wins), None
+    def beat(beaten_BxM, j):  # does slot j (valid, same token) beat each slot of its row?
+        tok_j, pen_j, ok_j = (jax.lax.dynamic_slice_in_dim(x, j, 1, axis=1) for x in (tok_BxM, pen_BxM, valid_BxM))
+        wins = (pen_j > pen_BxM) | ((pen_j == pen_BxM) & (j < e_M)[None, :])
+        return beaten_BxM | ((tok_BxM == tok_j) & ok_j & wins), None
 
-    beaten, _ = jax.lax.scan(beat, jnp.zeros(tok_BxE.shape, bool), e_E)
-    return valid_BxE & ~beaten
+    beaten, _ = jax.lax.scan(beat, jnp.zeros(tok_BxM.shape, bool), e_M)
+    return valid_BxM & ~beaten
