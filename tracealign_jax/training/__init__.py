@@ -10,19 +10,8 @@ Public API::
     train_step_fn_and_shardings(cfg, mesh, rules, bucket_len) -> (jitted step, abstract state, abstract batch)
     abstract_batch(cfg, mesh, rules, bucket_len);  BatchStream(pairs.load_pairs(DataConfig), ...);  Checkpointer
 
-SFT, then DPO / DPO+CBD on a JSONL preference file (prompt/chosen/rejected)::
-
-    tracealign train --config configs/tiny_cpu.yaml --set train.objective=sft \
-        --set data.train_path=prefs.jsonl --set data.tokenizer_dir=TOK --set train.output_dir=runs/sft
-    tracealign export-hf --checkpoint runs/sft --out runs/sft-hf
-    tracealign train --config configs/tiny_cpu.yaml --set model.hf_dir=runs/sft-hf \
-        --set data.train_path=prefs.jsonl --set data.tokenizer_dir=TOK --set train.output_dir=runs/dpo \
-        [--set data.bci_path=BCI_STORE --set loss.cbd_data_weight=0.1 \
-         --set loss.cbd_veto_table=VETO_DIR --set loss.cbd_cont_weight=0.05]      # DPO + CBD
-    tracealign export-hf --checkpoint runs/dpo --out runs/dpo-hf
-
-From Python: ``train(load_config(path, overrides))`` with the same overrides; re-running a command
-resumes from its latest checkpoint.
+The command line (``tracealign train``, ``tracealign export-hf``) is in README.md; from Python:
+``train(load_config(path, overrides))``. Re-running a command resumes from its latest checkpoint.
 """
 
 import importlib
