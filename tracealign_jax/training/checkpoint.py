@@ -1,10 +1,10 @@
 """Orbax checkpoints of the train state + data position: periodic/final, keep-last-N, async, any mesh.
 
 A checkpoint step directory holds two items: ``state`` (the TrainState: params, optimizer, step,
-reference params, non-finite counters) and ``data`` (the batch stream's JSON position). Checkpoints
-from before issue 19 also hold an ``rng`` item; restore ignores it. Restores go through ``abstract_train_state`` of the CURRENT mesh, i.e.
-``jax.ShapeDtypeStruct``s carrying the new NamedShardings, so each process reads exactly its new
-shards (restoring onto another mesh shape works; nothing lands in the saved layout first).
+reference params, non-finite counters) and ``data`` (the batch stream's JSON position); checkpoints
+from before issue 19 also hold an ``rng`` item, which restore ignores. Restores go through
+``abstract_train_state`` of the CURRENT mesh (``jax.ShapeDtypeStruct``s carrying the new
+NamedShardings), so each process reads exactly its new shards, on any mesh shape.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ TRL's ``precompute_ref_log_probs`` keeps them in memory for one run; its users a
 them (trl#3985). Here the store lives at ``<data.ref_logps_path>/<key>`` where ``key`` hashes the
 reference parameters' identity (checkpoint path or HF dir, or the init seed + architecture) and the
 tokenized dataset's fingerprint, so a different reference or dataset never reads stale values.
-Layout: the per-response float32 arrays of ``tracealign_jax.response_store`` (chosen/rejected [N, T_max] +
-lengths), holding log p_ref(token) in nats for each response token.
+Layout: ``tracealign_jax.response_store`` (chosen/rejected float32 [N, T_max] + lengths), holding
+log p_ref(token) in nats for each response token.
 """
 
 from __future__ import annotations
