@@ -1,19 +1,11 @@
 """The steps compile-check compiles: the trainer's and decoder's own jitted functions, abstract inputs.
 
 ``build_specs(cfg, mesh, rules, steps=("train", "decode"))`` returns ``StepSpec``s for
-
-- ``train[ref=precomputed]`` / ``train[ref=in_step]``: ``training.step.train_step_fn_and_shardings``,
-  i.e. the jitted DPO+CBD step with the trainer's in/out shardings, donation and remat policy, at the
-  config's LARGEST data bucket (the one that needs the most memory). The reference mode is the
-  config's ``loss.reference`` switched per row: precomputed reference log-probs streamed in the batch,
-  or the frozen reference parameters held in the state and run in the step.
-- ``decode``: ``decoding.runner.abstract_decoder(...).jitted()``, the Prov-Decode function (prefill +
-  beam search / sampling in one while loop, with the config's veto mode) at the largest prompt bucket.
-
-The veto table is data (its size depends on the corpus), so it enters as an abstract ``VetoTable`` of
-``veto_contexts`` contexts and ``veto_entries`` next-token entries (replicated, as the trainer and
-decoder place it); the defaults (2^24 contexts, 2^25 entries: 0.5 GB) stand for a table compiled
-from a ~1 B-token unsafe corpus. The step's memory report includes it.
+``train[ref=precomputed]`` / ``train[ref=in_step]`` (``training.step.train_step_fn_and_shardings`` at
+the config's largest data bucket, the reference mode switched per row) and ``decode``
+(``decoding.runner.abstract_decoder(...).jitted()`` at the largest prompt bucket). The veto table
+enters as an abstract, replicated ``VetoTable`` of ``veto_contexts`` contexts and ``veto_entries``
+entries; the defaults (2^24 / 2^25, 0.5 GB) stand for a table from a ~1 B-token unsafe corpus.
 """
 
 from __future__ import annotations
