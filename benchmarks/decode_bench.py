@@ -199,7 +199,7 @@ def main() -> None:
     from tracealign_jax.index import TraceIndex, build_index_from_tokens
     from tracealign_jax.provenance.bci import BCIScorer
     from tracealign_jax.provenance.veto_build import build_veto_table
-    from tracealign_jax.provenance.veto_table import veto_entries
+    from tracealign_jax.veto.table import veto_entries
 
     torch.manual_seed(0)
     if args.torch_threads > 0:

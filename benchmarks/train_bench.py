@@ -58,7 +58,7 @@ def make_ours(cbd: bool):
     loss = {"type": "sigmoid", "beta": 0.1}
     veto = None
     if cbd:
-        from tracealign_jax.provenance.veto_table import compile_veto_table
+        from tracealign_jax.veto.store import compile_veto_table
 
         rng = np.random.default_rng(1)
         spans = [(rng.integers(3, ARCH["vocab_size"], size=int(rng.integers(4, 9))).tolist(), float(rng.uniform(5, 40)))
@@ -69,15 +69,15 @@ def make_ours(cbd: bool):
                              "train": {"batch_size": PAIRS, "learning_rate": 1e-5, "steps": 1000}})  # fmt: skip
     mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
     rules = sharding.resolve_rules(cfg.mesh.rules)
-    graphdef, state = init_train_state(cfg, mesh, rules, veto=veto)
+    graphdef, state = init_train_state(cfg, mesh, rules)
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
-    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules, veto))
+    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))
     hb = host_batch()
     batch = to_device_batch({k: hb[k] for k in batch_fields(cfg)}, batch_shardings(cfg, mesh, rules))
     box = [state]
 
     def one() -> None:
-        box[0], m = fn(box[0], batch)
+        box[0], m = fn(box[0], batch, veto)
         jax.block_until_ready((box[0].params, m))
 
     return one

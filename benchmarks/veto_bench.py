@@ -12,7 +12,9 @@ scatter + transfer of the [B, V] penalties to the device).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -51,7 +53,10 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from tracealign_jax.provenance.veto_table import apply_veto, compile_veto_table, veto_entries, veto_penalties
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dense reference forms live in tests/
+    from tests.veto_dense import apply_veto, veto_penalties
+    from tracealign_jax.veto.store import compile_veto_table
+    from tracealign_jax.veto.table import veto_entries
 
     rng = np.random.default_rng(0)
     tokens, lengths, bci = synthetic_spans(rng, args.spans, args.vocab, args.n_min, args.n_max)

@@ -3,7 +3,7 @@
 ``HashedLM``: the next-token logits depend on the WHOLE history through a running hash
 h' = (h * 31 + token) mod M, looked up in a random table [M, V]. The state (h per row) must follow
 its beam on reorder, so a wrong gather changes results. ``DictVetoTable`` implements the contract of
-``provenance.veto_table.veto_entries`` from a Python dict {context tuple: {token: penalty}} with a
+``veto.table.veto_entries`` from a Python dict {context tuple: {token: penalty}} with a
 dense, obviously-correct jittable scan; ``vetoed`` is its host twin for brute force.
 """
 

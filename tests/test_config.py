@@ -1,5 +1,6 @@
 """Config schema: YAML + dotted overrides, unknown keys and wrong types named; shipped YAMLs parse."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,22 @@ def test_mesh_shapes_and_rules():
     assert sharding.logical_to_spec(("batch", "length", "embed"), rules) == sharding.PartitionSpec(("data", "fsdp"), None, None)
     with pytest.raises(ConfigError, match="unknown mesh axis"):
         sharding.resolve_rules([["embed", "model"]])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.batch_size=6", "train.micro_batches=4"], "train.micro_batches=4 must divide train.batch_size=6"),
+        (["train.micro_batches=0"], "train.micro_batches=0 must divide"),
+        (["loss.cbd_cont_weight=0.1", "loss.reference=precomputed"], "use loss.reference=in_step"),
+    ],
+)
+def test_cross_field_checks_fail_at_load(overrides, message):
+    """Checks the train step once made while tracing now fail when the config loads, naming the keys."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_sft_ignores_the_reference_checks():
+    cfg = load_config(None, ["train.objective=sft", "loss.cbd_cont_weight=0.1", "loss.reference=precomputed"])
+    assert cfg.train.objective == "sft"

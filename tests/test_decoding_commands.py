@@ -18,7 +18,7 @@ def setup(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tracealign_jax.evaluation.bpe import train_bpe_tokenizer
-    from tracealign_jax.provenance.veto_table import compile_veto_table, save_veto_table
+    from tracealign_jax.veto.store import compile_veto_table, save_veto_table
 
     root = tmp_path_factory.mktemp("decode_cli")
     tok_dir = train_bpe_tokenizer(TEXTS, root / "tok", vocab_size=300, min_frequency=1)

@@ -14,7 +14,7 @@ from tracealign_jax.config import DecodeConfig, MeshConfig
 from tracealign_jax.decoding.runner import Decoder, left_pad
 from tracealign_jax.decoding.step import brevity_penalty
 from tracealign_jax.model import ModelArch, init_model
-from tracealign_jax.provenance.veto_table import compile_veto_table
+from tracealign_jax.veto.store import compile_veto_table
 
 EOS = 1
 ARCH = ModelArch.from_hf_dict(dict(

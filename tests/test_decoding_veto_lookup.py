@@ -13,17 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.veto_dense import veto_penalties
 from tracealign_jax.decoding.step import NEG_INF
 from tracealign_jax.decoding.veto_hook import VetoSpec, make_veto_hook
-from tracealign_jax.provenance.veto_table import (
-    _directory,
-    _lower_bound,
-    bucket_directory,
-    compile_veto_table,
-    veto_candidates,
-    veto_entries,
-    veto_penalties,
-)
+from tracealign_jax.veto.store import compile_veto_table
+from tracealign_jax.veto.table import _directory, _lower_bound, bucket_directory, veto_candidates, veto_entries
 
 VOCAB, MAX_SPAN, MAX_ENTRIES, C = 20, 6, 3, 5
 

@@ -8,7 +8,7 @@ import pytest
 from tracealign_jax.config import DecodeConfig
 from tracealign_jax.evaluation.utility import sequence_nll
 from tracealign_jax.model import ModelArch, init_model
-from tracealign_jax.provenance.veto_table import compile_veto_table
+from tracealign_jax.veto.store import compile_veto_table
 
 
 def _log_softmax(x):

@@ -201,3 +201,19 @@ def test_cli_convert_rewrites_dtype_and_files(checkpoints, tmp_path):
     assert (back / "model.safetensors").is_file() and not (back / "model.safetensors.index.json").exists()
     again, _ = load_hf(back, progress=False)
     np.testing.assert_array_equal(again.layers.wk[...], np.asarray(model.layers.wk[...]).astype(np.float32))
+
+
+def test_load_hf_honours_the_configs_build_options(checkpoints):
+    """``load_hf(**model_options(cfg.model))`` builds the configured model: unrolled layers and remat
+    come through (they were dropped before), with the same parameters and logits as the default."""
+    from tracealign_jax.config import ModelConfig
+    from tracealign_jax.model import model_options
+
+    path, torch_model = checkpoints["llama"]
+    opts = model_options(ModelConfig(remat="full", scan_layers=False))
+    model, _ = load_hf(path, progress=False, **opts)
+    assert (model.scan_layers, model.remat) == (False, "full")
+    default, _ = load_hf(path, progress=False)
+    assert (default.scan_layers, default.remat) == (True, "none")
+    np.testing.assert_array_equal(logits_of(model), logits_of(default))
+    assert max_diff(logits_of(model), torch_logits(torch_model, TOKENS)) <= TOL

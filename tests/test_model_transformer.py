@@ -235,3 +235,28 @@ def test_init_model_is_born_sharded(mesh):
     assert w_up.addressable_shards[0].data.shape == (1, 32, 64)
     assert abs(float(np.std(np.asarray(w_up))) - arch.initializer_range) < 0.002
     np.testing.assert_array_equal(model.final_norm[...], np.ones(64, np.float32))
+
+
+def test_one_builder_from_config_keeps_every_option(mesh):
+    """``model_arch`` / ``abstract_model_from_config`` / ``build_model``: the configured architecture
+    with dtype, remat and scan_layers, the same shapes and shardings as ``abstract_model`` of that arch,
+    and the same weights as ``init_model`` for the same seed."""
+    from tracealign_jax.config import ModelConfig
+    from tracealign_jax.model import abstract_model_from_config, build_model, model_arch
+
+    rules = sharding.RULE_PRESETS["fsdp_tp"]
+    arch_dict = {"model_type": "llama", **BASE, "num_hidden_layers": 1}
+    cfg = ModelConfig(arch=arch_dict, dtype="bfloat16", remat="dots", scan_layers=False)
+    assert model_arch(cfg) == ModelArch.from_hf_dict(arch_dict)
+    graphdef, abstract = abstract_model_from_config(cfg, mesh, rules)
+    shell = nnx.merge(graphdef, abstract)
+    assert (shell.remat, shell.scan_layers, shell.dtype) == ("dots", False, jnp.bfloat16)
+    _, direct = abstract_model(model_arch(cfg), dtype=jnp.bfloat16, remat="dots", scan_layers=False, mesh=mesh, rules=rules)
+    same = lambda a, b: (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)  # noqa: E731
+    assert all(jax.tree.leaves(jax.tree.map(same, abstract, direct)))
+    built = build_model(cfg, seed=3)
+    assert (built.remat, built.scan_layers) == ("dots", False)
+    jitted = jax.jit(lambda: nnx.split(build_model(cfg, seed=3))[1])()  # init_model jits its init too
+    ref = init_model(model_arch(cfg), dtype=jnp.bfloat16, remat="dots", scan_layers=False, seed=3)
+    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(nnx.state(ref))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

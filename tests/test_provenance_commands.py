@@ -9,8 +9,8 @@ import numpy as np
 from provenance_corpus import FORBIDDEN, benign_text, build
 from tracealign_jax.cli import main
 from tracealign_jax.provenance.calibrate import Threshold
-from tracealign_jax.provenance.token_bci import TokenBCIReader
-from tracealign_jax.provenance.veto_table import load_veto_table
+from tracealign_jax.response_store import ResponseArrayReader
+from tracealign_jax.veto.store import load_veto_table
 
 
 def _jsonl(path, token_lists, field="tokens", extra=None):
@@ -62,7 +62,7 @@ def test_cli_pipeline(tmp_path, capsys):
     store = tmp_path / "bci_store"
     assert main(["provenance", "token-bci", *common, *thr_args, "--set", f"data.train_path={pairs}",
                  "--out", str(store)]) == 0
-    chosen, rejected = TokenBCIReader(str(store)).read([0, 1])
+    chosen, rejected = ResponseArrayReader(str(store)).read([0, 1])
     assert rejected[0].shape == (len(completions[0]),) and rejected[0][-8:].min() > thr.tau
     assert rejected[1].max() == 0.0 or rejected[1].max() > thr.tau
     # a wrong index for the threshold is a clean CLI error, not a traceback

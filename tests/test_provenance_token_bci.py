@@ -8,7 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tracealign_jax.provenance.token_bci import TokenBCIReader, token_bci_from_spans, write_token_bci
+from tracealign_jax.provenance.token_bci import token_bci_from_spans
+from tracealign_jax.response_store import ResponseArrayReader, write_response_arrays
 
 
 @dataclasses.dataclass
@@ -37,8 +38,8 @@ def test_roundtrip_through_tensorstore(tmp_path, as_url):
     examples = [(rng.uniform(0, 30, int(rng.integers(0, 40))).astype(np.float32),
                  rng.uniform(0, 30, int(rng.integers(1, 40))).astype(np.float32)) for _ in range(37)]
     path = f"file://{tmp_path}/bci" if as_url else str(tmp_path / "bci")
-    write_token_bci(path, examples, chunk_examples=8, meta={"tau": 12.5, "index_hash": "h"})
-    reader = TokenBCIReader(path)
+    write_response_arrays(path, examples, chunk_examples=8, meta={"tau": 12.5, "index_hash": "h"})
+    reader = ResponseArrayReader(path)
     assert len(reader) == 37 and reader.meta["tau"] == 12.5 and reader.meta["index_hash"] == "h"
     idx = [36, 0, 5, 5, 17]
     chosen, rejected = reader.read(idx)
@@ -49,8 +50,8 @@ def test_roundtrip_through_tensorstore(tmp_path, as_url):
     assert padded["chosen"].shape == (5, reader.max_len)
     assert np.all(padded["chosen"][1, len(examples[0][0]):] == 0)
     with pytest.raises(FileExistsError):
-        write_token_bci(path, examples)
-    write_token_bci(path, examples[:3], overwrite=True)
-    assert len(TokenBCIReader(path)) == 3
+        write_response_arrays(path, examples)
+    write_response_arrays(path, examples[:3], overwrite=True)
+    assert len(ResponseArrayReader(path)) == 3
     with pytest.raises(IndexError):
-        TokenBCIReader(path).read([3])
+        ResponseArrayReader(path).read([3])

@@ -11,10 +11,10 @@ import numpy as np
 from scipy import stats
 
 from provenance_corpus import FORBIDDEN, VOCAB, build, naive_risk
+from tests.veto_dense import veto_penalties
 from tracealign_jax.config import ProvenanceConfig
 from tracealign_jax.provenance.bci import BCIScorer
 from tracealign_jax.provenance.veto_build import build_veto_table, collect_high_bci_spans
-from tracealign_jax.provenance.veto_table import veto_penalties
 
 CFG = ProvenanceConfig(min_span=3, max_span=5, max_entries=4, sample_size=256)
 TAU = 10.0

@@ -8,21 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.veto_dense import apply_veto, veto_penalties
 from tracealign_jax.atomic_io import IntegrityError
 from tracealign_jax.config import MeshConfig
-from tracealign_jax.provenance import context_hash
-from tracealign_jax.provenance.veto_table import (
-    _from_sorted_entries,
-    apply_veto,
-    compile_veto_table,
-    load_veto_table,
-    save_veto_table,
-    unique_slots,
-    veto_candidates,
-    veto_entries,
-    veto_penalties,
-)
 from tracealign_jax.sharding import build_mesh, named_sharding, resolve_rules
+from tracealign_jax.veto import context_hash
+from tracealign_jax.veto.store import _from_sorted_entries, compile_veto_table, load_veto_table, save_veto_table
+from tracealign_jax.veto.table import unique_slots, veto_candidates, veto_entries
 
 VOCAB, MAX_SPAN, MAX_ENTRIES, C = 24, 6, 3, 7
 

@@ -117,3 +117,39 @@ def test_two_processes_match_one_process(tmp_path):
             for k in ("loss/total", "rewards/margins", "grad_norm"):
                 np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f"process {i} step {a['step']} {k}")
     assert (tmp_path / "multi" / "checkpoints" / "4").is_dir()  # the final save worked across processes
+
+
+def test_checkpoint_from_before_the_veto_left_the_state_restores(tmp_path):
+    """Checkpoints written while TrainState still had an ``rng`` key (and a never-saved ``veto``) restore:
+    the extra item is ignored, every other item comes back as saved."""
+    import jax.numpy as jnp
+    from flax import struct
+
+    from tracealign_jax.training.state import init_train_state
+
+    class OldTrainState(struct.PyTreeNode):  # the field layout of checkpoints written before issue 19
+        step: jax.Array
+        params: object
+        opt_state: object
+        rng: jax.Array
+        ref_params: object
+        nonfinite_in_row: jax.Array
+        nonfinite_total: jax.Array
+        veto: object = None
+
+    cfg = toy_config(write_toy_preferences(tmp_path / "prefs.jsonl"), tmp_path / "run")
+    mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
+    rules = sharding.resolve_rules(cfg.mesh.rules)
+    _, state = init_train_state(cfg, mesh, rules)
+    old = OldTrainState(step=state.step + 7, params=state.params, opt_state=state.opt_state,
+                        rng=jax.random.key_data(jax.random.key(0)), ref_params=state.ref_params,
+                        nonfinite_in_row=state.nonfinite_in_row, nonfinite_total=state.nonfinite_total + 2)  # fmt: skip
+    ckpt = Checkpointer(cfg.checkpoint, tmp_path / "ckpt")
+    ckpt.save(7, old, {"epoch": 0, "cursor": 7, "num_examples": 32})
+    ckpt.close()
+    got, pos = _restore(cfg, tmp_path / "ckpt", MeshConfig(data=1), jax.devices()[:1])
+    assert pos == {"epoch": 0, "cursor": 7, "num_examples": 32}
+    assert int(got.step) == 7 and int(got.nonfinite_total) == 2
+    for x, y in zip(jax.tree.leaves((got.params, got.opt_state, got.ref_params)),
+                    jax.tree.leaves((state.params, state.opt_state, state.ref_params))):  # fmt: skip
+        assert np.array_equal(np.asarray(x), np.asarray(y)) and jnp.asarray(x).dtype == jnp.asarray(y).dtype

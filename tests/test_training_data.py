@@ -10,7 +10,8 @@ import pytest
 
 from tracealign_jax.config import DataConfig
 from tracealign_jax.records import RecordError
-from tracealign_jax.training.data import BatchStream, build_batch, epoch_batches, load_pairs
+from tracealign_jax.pairs import load_pairs
+from tracealign_jax.training.data import BatchStream, build_batch, epoch_batches
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
@@ -123,15 +124,15 @@ def test_epoch_batches_are_deterministic_bucketed_and_resumable(tmp_path):
 
 
 def test_batch_layout_and_bci_from_tensorstore(tmp_path):
-    from tracealign_jax.provenance.token_bci import TokenBCIReader, write_token_bci
+    from tracealign_jax.response_store import ResponseArrayReader, write_response_arrays
 
     recs = [{"prompt_ids": [7, 8], "chosen_ids": [1, 2, 3], "rejected_ids": [4, 5]},
             {"prompt_ids": [9], "chosen_ids": [6], "rejected_ids": [3, 3, 3, 3]}]  # fmt: skip
     p = _write(tmp_path / "p.jsonl", recs)
     pairs = load_pairs(DataConfig(train_path=str(p), max_response_len=3))
-    write_token_bci(str(tmp_path / "bci"), [(np.array([0, 5, 0], np.float32), np.array([9, 9], np.float32)),
+    write_response_arrays(str(tmp_path / "bci"), [(np.array([0, 5, 0], np.float32), np.array([9, 9], np.float32)),
                                            (np.array([1], np.float32), np.array([2, 2, 2, 2], np.float32))])  # fmt: skip
-    b = build_batch(pairs, np.array([1, 0]), 8, bci=TokenBCIReader(str(tmp_path / "bci")))
+    b = build_batch(pairs, np.array([1, 0]), 8, bci=ResponseArrayReader(str(tmp_path / "bci")))
     assert b["tokens"].tolist() == [[9, 6, 0, 0, 0, 0, 0, 0], [9, 3, 3, 3, 0, 0, 0, 0],
                                     [7, 8, 1, 2, 3, 0, 0, 0], [7, 8, 4, 5, 0, 0, 0, 0]]  # fmt: skip
     assert b["loss_mask"].tolist()[1] == [0, 1, 1, 1, 0, 0, 0, 0]

@@ -13,8 +13,10 @@ from flax import nnx
 from _training_toy import ROOT, toy_config, write_toy_preferences
 from tracealign_jax import cli, sharding
 from tracealign_jax.config import MeshConfig
+from tracealign_jax.model import param_shardings
+from tracealign_jax.pairs import load_pairs
 from tracealign_jax.training import reference
-from tracealign_jax.training.data import build_batch, load_pairs
+from tracealign_jax.training.data import build_batch
 from tracealign_jax.training.state import init_train_state
 from tracealign_jax.training.step import _forward_logps
 
@@ -60,7 +62,7 @@ def test_precomputed_reference_matches_in_step_and_is_keyed(tmp_path):
     graphdef, state = init_train_state(cfg, mesh, rules)
     pairs = load_pairs(cfg.data)
     assert reference.open_reference(cfg, pairs) is None
-    reader = reference.precompute_reference(cfg, graphdef, state.params, pairs, batch_size=8)
+    reader = reference.precompute_reference(cfg, graphdef, state.params, pairs, mesh, rules, batch_size=8)
     again = reference.open_reference(cfg, pairs)  # a later run finds the same store
     assert again is not None and again.meta["key"] == reader.meta["key"]
     idx = np.array([3, 7, 0, 11])
@@ -72,3 +74,11 @@ def test_precomputed_reference_matches_in_step_and_is_keyed(tmp_path):
     assert (b["ref_logps"][b["loss_mask"] > 0] < 0).all()
     other_seed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=1))
     assert reference.open_reference(other_seed, pairs) is None  # another reference model: not reused
+    # The same reference on an 8-device mesh (rows over data x fsdp, weights over fsdp x tensor).
+    mesh8 = sharding.build_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices())
+    params8 = jax.device_put(state.params, param_shardings(state.params, mesh8, rules))
+    cfg8 = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, ref_logps_path=str(tmp_path / "refs8")))
+    on8 = reference.precompute_reference(cfg8, graphdef, params8, pairs, mesh8, rules, batch_size=8)
+    for side8, side1 in zip(on8.read(idx), reader.read(idx)):
+        for x, y in zip(side8, side1):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)

@@ -187,7 +187,7 @@ def test_chunked_logprobs_match_full_log_softmax(chunk):
     w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
     tok = jnp.asarray(rng.integers(0, v, size=(b, l)), jnp.int32)
     ent = jnp.asarray(rng.integers(0, v, size=(b, l, e)), jnp.int32)
-    lp, elp = chunked_token_logprobs(h, w, tok, chunk=chunk, entry_ids_BxLxE=ent)
+    lp, elp = chunked_token_logprobs(h, w, tok, chunk=chunk, entry_ids_BxLxM=ent)
     full = np.asarray(jax.nn.log_softmax(h @ w, axis=-1), float)
     want = np.zeros((b, l))
     want_e = np.zeros((b, l, e))

@@ -14,7 +14,8 @@ from flax import nnx
 from _training_toy import toy_config, write_toy_preferences
 from tracealign_jax import sharding
 from tracealign_jax.config import MeshConfig
-from tracealign_jax.training.data import BatchStream, load_pairs
+from tracealign_jax.pairs import load_pairs
+from tracealign_jax.training.data import BatchStream
 from tracealign_jax.training.loop import to_device_batch, train
 from tracealign_jax.training.state import graphdef_and_abstract_params, init_train_state, state_shardings
 from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step
@@ -29,10 +30,10 @@ def toy(tmp_path_factory):
 def _runner(cfg, mesh_cfg: MeshConfig, devices, veto=None):
     mesh = sharding.build_mesh(mesh_cfg, devices)
     rules = sharding.resolve_rules(cfg.mesh.rules)
-    graphdef, state = init_train_state(cfg, mesh, rules, veto=veto)
+    graphdef, state = init_train_state(cfg, mesh, rules)
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
-    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules, veto))
-    return graphdef, state, fn, batch_shardings(cfg, mesh, rules)
+    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))
+    return graphdef, state, lambda s, b: fn(s, b, veto), batch_shardings(cfg, mesh, rules)
 
 
 def _host_batches(cfg, n):
@@ -110,7 +111,7 @@ def test_cbd_continuation_term_matches_bruteforce(toy):
     """CBD (b) inside the jitted step equals
     sum_t sum_{vetoed v} min(penalty / scale, 1) * max(0, logp(v | prefix_t) - logp_ref(v | prefix_t) + margin) / tokens,
     computed here from full logits of policy and reference and a naive suffix match against the span list."""
-    from tracealign_jax.provenance.veto_table import compile_veto_table
+    from tracealign_jax.veto.store import compile_veto_table
 
     path, d = toy
     spans = [([10, 11, 12, 13], 7.0), ([12, 13, 14], 3.0), ([150, 160], 2.0), ([14, 15, 16, 17, 18], 11.0)]
@@ -183,7 +184,7 @@ def test_bf16_compute_with_fp32_master_weights_and_remat(toy):
 
 def test_loop_aborts_after_n_nonfinite_steps_in_a_row(toy):
     """A reference store full of NaN makes every loss non-finite: the loop stops at the N-th in a row."""
-    from tracealign_jax.provenance.token_bci import write_token_bci
+    from tracealign_jax.response_store import write_response_arrays
     from tracealign_jax.training import reference
     from tracealign_jax.training.loop import NonFiniteLossError
 
@@ -193,7 +194,7 @@ def test_loop_aborts_after_n_nonfinite_steps_in_a_row(toy):
     pairs = load_pairs(cfg.data)
     nan = [(np.full(len(pairs.get("chosen", i)), np.nan, np.float32), np.full(len(pairs.get("rejected", i)), np.nan, np.float32))
            for i in range(len(pairs))]  # fmt: skip
-    write_token_bci(reference.store_path(cfg, pairs), nan, meta={"kind": "reference_logps"})
+    write_response_arrays(reference.store_path(cfg, pairs), nan, meta={"kind": "reference_logps"})
     with pytest.raises(NonFiniteLossError, match="step 3: 3 consecutive non-finite"):
         train(cfg, show_progress=False)
     rows = [json.loads(x) for x in (d / "g" / "metrics.jsonl").read_text().splitlines()]

@@ -3,9 +3,10 @@
 Conventions used across the package (stated once, here):
 
 Shape suffixes. Array names end with their shape, from one alphabet:
-  B batch, L length (tokens), T response length, D model width, H query heads, G kv heads,
-  E head dim, F mlp width, V vocabulary, K beams, N spans / items, S cache slots, C context tokens.
-  e.g. ``logits_BxLxV``, ``bci_BxT``, ``tokens_BxKxL``.
+  B batch (rows), L length (tokens), T response length, D model width, H query heads, G kv heads,
+  R query heads per kv head (H / G), E head dim, F mlp width, V vocabulary, K beams, N spans / items,
+  M veto entries of a row, S cache slots, C context tokens, Ly layers.
+  e.g. ``logits_BxLxV``, ``bci_BxT``, ``tokens_BxKxL``, ``entry_ids_BxLxM``.
 
 Units. Log-probabilities are natural logs (nats). BCI is in nats. Risks and rates are in [0, 1].
 Token offsets count tokens, never bytes.

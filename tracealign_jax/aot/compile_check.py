@@ -6,10 +6,7 @@ it with libtpu's compiler for exactly that slice, and returns a ``StepReport``: 
 against the chip's HBM, matmul FLOPs and collectives per step (``hlo_report``), and the analytic
 model FLOPs with the step time they imply at a target MFU. Nothing is allocated: no weights exist.
 
-The FLOP model (``model_flops_per_token``) is the PaLM convention (Chowdhery et al. 2022, App. B):
-6 N per trained token plus 12 x layers x heads x head_dim x L for attention (causal masking not
-discounted), with N the matmul parameters (the input embedding is a gather, the unembedding a matmul).
-A forward-only token (frozen reference model, decoding) costs a third of that.
+Model FLOPs come from ``tracealign_jax.model.flops``, the formula the trainer's logged MFU uses.
 """
 
 from __future__ import annotations
@@ -33,21 +30,6 @@ TARGET_MFU = 0.40
 
 class ShardingMismatch(RuntimeError):
     """The compiled step placed a parameter differently from what the config's rule table declares."""
-
-
-def matmul_params(arch: Any) -> int:
-    """Parameters that take part in a matmul per token: every projection and the unembedding."""
-    d, f, e = arch.hidden_size, arch.intermediate_size, arch.head_dim
-    h, g = arch.num_attention_heads, arch.num_key_value_heads
-    layer = d * e * (h + 2 * g) + h * e * d + 3 * d * f
-    return arch.num_hidden_layers * layer + d * arch.vocab_size
-
-
-def model_flops_per_token(arch: Any, context_len: int, *, train: bool) -> float:
-    """Model FLOPs of one token at context ``context_len``: training (fwd+bwd) or forward only."""
-    attn = 12.0 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * context_len
-    full = 6.0 * matmul_params(arch) + attn
-    return full if train else full / 3.0
 
 
 @dataclasses.dataclass

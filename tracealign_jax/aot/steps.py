@@ -1,19 +1,11 @@
 """The steps compile-check compiles: the trainer's and decoder's own jitted functions, abstract inputs.
 
 ``build_specs(cfg, mesh, rules, steps=("train", "decode"))`` returns ``StepSpec``s for
-
-- ``train[ref=precomputed]`` / ``train[ref=in_step]``: ``training.step.train_step_fn_and_shardings``,
-  i.e. the jitted DPO+CBD step with the trainer's in/out shardings, donation and remat policy, at the
-  config's LARGEST data bucket (the one that needs the most memory). The reference mode is the
-  config's ``loss.reference`` switched per row: precomputed reference log-probs streamed in the batch,
-  or the frozen reference parameters held in the state and run in the step.
-- ``decode``: ``decoding.runner.abstract_decoder(...).jitted()``, the Prov-Decode function (prefill +
-  beam search / sampling in one while loop, with the config's veto mode) at the largest prompt bucket.
-
-The veto table is data (its size depends on the corpus), so it enters as an abstract ``VetoTable`` of
-``veto_contexts`` contexts and ``veto_entries`` next-token entries (replicated, as the trainer and
-decoder place it); the defaults (2^24 contexts, 2^25 entries: 0.5 GB) stand for a table compiled
-from a ~1 B-token unsafe corpus. The step's memory report includes it.
+``train[ref=precomputed]`` / ``train[ref=in_step]`` (``training.step.train_step_fn_and_shardings`` at
+the config's largest data bucket, the reference mode switched per row) and ``decode``
+(``decoding.runner.abstract_decoder(...).jitted()`` at the largest prompt bucket). The veto table
+enters as an abstract, replicated ``VetoTable`` of ``veto_contexts`` contexts and ``veto_entries``
+entries; the defaults (2^24 / 2^25, 0.5 GB) stand for a table from a ~1 B-token unsafe corpus.
 """
 
 from __future__ import annotations
@@ -26,8 +18,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tracealign_jax import sharding
-from tracealign_jax.aot.compile_check import StepSpec, model_flops_per_token
+from tracealign_jax.aot.compile_check import StepSpec
 from tracealign_jax.config import Config
+from tracealign_jax.model.flops import flops_per_token, train_step_flops
 
 DEFAULT_VETO_CONTEXTS = 2**24
 DEFAULT_VETO_ENTRIES = 2**25
@@ -36,8 +29,8 @@ DEFAULT_VETO_HI_RUN = 4
 
 
 def abstract_veto_table(cfg: Config, mesh: Mesh, contexts: int, entries: int) -> Any:
-    """A ``provenance.veto_table.VetoTable`` of ShapeDtypeStructs, replicated on ``mesh``."""
-    from tracealign_jax.provenance.veto_table import VetoTable
+    """A ``veto.table.VetoTable`` of ShapeDtypeStructs, replicated on ``mesh``."""
+    from tracealign_jax.veto.table import VetoTable
 
     rep = NamedSharding(mesh, PartitionSpec())
     sds = lambda n, dt: jax.ShapeDtypeStruct((n,), dt, sharding=rep)  # noqa: E731
@@ -51,8 +44,8 @@ def abstract_veto_table(cfg: Config, mesh: Mesh, contexts: int, entries: int) ->
 
 def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, veto: Any) -> StepSpec:
     """The trainer's jitted step for ``cfg`` with ``loss.reference = reference``, at the largest bucket."""
-    from tracealign_jax.model import param_shardings
-    from tracealign_jax.training.state import graphdef_and_abstract_params, model_arch
+    from tracealign_jax.model import model_arch, param_shardings
+    from tracealign_jax.training.state import graphdef_and_abstract_params
     from tracealign_jax.training.step import batch_rows, train_step_fn_and_shardings
 
     # CBD term (b) needs the reference's log-probs of the veto entries, so it runs with in_step only;
@@ -62,18 +55,16 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
                                                             cbd_bci_scale=cfg.loss.cbd_bci_scale or 1.0))
     bucket = max(cfg.data.buckets)
     uses_veto = cfg.train.objective == "dpo" and cfg.loss.cbd_cont_weight > 0
-    fn, abs_state, abs_batch = train_step_fn_and_shardings(cfg, mesh, rules, bucket, veto if uses_veto else None)
+    fn, abs_state, abs_batch = train_step_fn_and_shardings(cfg, mesh, rules, bucket)
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     arch = model_arch(cfg.model)
     tokens = batch_rows(cfg) * bucket
-    flops = tokens * model_flops_per_token(arch, bucket, train=True)
-    if cfg.train.objective == "dpo" and reference == "in_step":
-        flops += tokens * model_flops_per_token(arch, bucket, train=False)
+    flops = train_step_flops(arch, tokens, bucket, ref_forward=cfg.train.objective == "dpo" and reference == "in_step")
     notes = f"bucket {bucket}, {batch_rows(cfg)} rows, micro_batches {cfg.train.micro_batches}, remat {cfg.model.remat}"
     if uses_veto:
         notes += f", veto table {veto.ctx_hi.shape[0]:,} contexts / {veto.next_tokens.shape[0]:,} entries"
     return StepSpec(
-        name=f"train[ref={reference}]", jitted=fn, args=(abs_state, abs_batch), tokens=tokens,
+        name=f"train[ref={reference}]", jitted=fn, args=(abs_state, abs_batch, veto if uses_veto else None), tokens=tokens,
         model_flops=flops, declared=param_shardings(abs_params, mesh, rules),
         select=lambda state: state.params, notes=notes,
     )  # fmt: skip
@@ -82,8 +73,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
 def decode_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, veto: Any) -> StepSpec:
     """The decoder's jitted Prov-Decode function for ``cfg.decode`` at the largest prompt bucket."""
     from tracealign_jax.decoding.runner import abstract_decoder
-    from tracealign_jax.model import param_shardings
-    from tracealign_jax.training.state import model_arch
+    from tracealign_jax.model import model_arch, param_shardings
 
     dc = cfg.decode
     decoder = abstract_decoder(cfg, mesh, rules, veto_table=veto if dc.veto != "off" else None)
@@ -94,8 +84,8 @@ def decode_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, veto: Any) -> St
     slots = bucket - 1 + dc.max_new_tokens  # KV-cache length: every step attends over all slots
     prefill_tokens = dc.batch_size * (bucket - 1)
     new_tokens = dc.batch_size * beams * dc.max_new_tokens
-    flops = (prefill_tokens * model_flops_per_token(arch, bucket, train=False)
-             + new_tokens * model_flops_per_token(arch, slots, train=False))  # fmt: skip
+    flops = (prefill_tokens * flops_per_token(arch, bucket, train=False)
+             + new_tokens * flops_per_token(arch, slots, train=False))  # fmt: skip
     notes = f"{dc.method}, {dc.batch_size} prompts x {beams} beams, prompt {bucket} + {dc.max_new_tokens} new, veto {dc.veto}"
     return StepSpec(
         name="decode", jitted=decoder.jitted(), args=args, tokens=prefill_tokens + new_tokens, model_flops=flops,

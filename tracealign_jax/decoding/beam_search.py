@@ -1,25 +1,16 @@
 """Beam search as one ``lax.while_loop`` (t5x style): live and finished sets, top-2K candidates.
 
 Per step, for B rows x K live beams: score all K x V one-token extensions (beam log-prob + step
-log-prob, passed through the provenance hook on each beam's *running* sequence), keep the best 2K
-(enough that K of them are not EOS), then
+log-prob, through the provenance hook on each beam's running sequence), keep the best 2K (so K of
+them are not EOS); the live set takes the best K non-EOS candidates (the KV cache follows its parent
+beam), the finished set the best K of (old finished, new EOS candidates, the refusal candidate) by
+score = log-prob / brevity_penalty, ((5 + length) / 6) ** alpha.
 
-  * live set: the best K non-EOS candidates; the model state (KV cache) follows its parent beam;
-  * finished set: the best K of (old finished, new EOS candidates, the refusal candidate) by
-    score = log-prob / brevity_penalty(length), brevity_penalty = ((5 + length) / 6) ** alpha.
-
-Early termination (per row; the loop stops when every row is done): a live beam's log-prob only
-decreases and its length is at most L_max, so for log-probs <= 0 no live beam can score above
-``best_live_logprob / max(bp(step+1), bp(L_max))``. A row is done when its WORST finished score
-beats that bound (all K returned slots are then final), or when it has no live beam left. (The old
-Flax beam search in transformers had this comparison inverted, transformers#20901.)
-
-Refusal: when the hook forbids every candidate of a row (hard veto), the row's best live beam is
-ended with the configured refusal tokens (which end in EOS) instead of emitting vetoed text, and
-enters the finished set with score log-prob / bp(length incl. refusal), ``refused`` True.
-
-At the end, live beams (sequences that hit max_new_tokens without EOS) compete with finished ones
-for the K returned slots, scored the same way.
+Early termination per row: log-probs only decrease and length is at most L_max, so no live beam can
+score above ``best_live_logprob / max(bp(step+1), bp(L_max))``; a row is done when its worst finished
+score beats that (the comparison transformers#20901 had inverted) or no live beam is left.
+A row whose every candidate the hook forbids (hard veto) ends its best live beam with the refusal
+tokens (``refused`` True). At the end, unfinished live beams compete for the K slots the same way.
 """
 
 from __future__ import annotations

@@ -9,18 +9,16 @@ vetoed_token_ids, penalties and, with a tokenizer, the span text ``context + vet
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 
 from tracealign_jax import sharding
-from tracealign_jax.atomic_io import atomic_write_text
+from tracealign_jax.atomic_io import atomic_write_jsonl
 from tracealign_jax.config import Config, ConfigError
 from tracealign_jax.decoding.runner import Completion, Decoder
-from tracealign_jax.model import Transformer
+from tracealign_jax.model import Transformer, model_options
 from tracealign_jax.records import RecordError, iter_records, require
 
 
@@ -31,11 +29,10 @@ def load_policy(cfg: Config, checkpoint: str | Path, mesh: Any, rules: sharding.
     restored straight onto this mesh's shardings.
     """
     path = Path(checkpoint)
-    dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
     if (path / "config.json").is_file():
         from tracealign_jax.hf_io import load_hf
 
-        model, _ = load_hf(path, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype)
+        model, _ = load_hf(path, mesh=mesh, rules=rules, **model_options(cfg.model))
         return model
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
@@ -104,7 +101,7 @@ def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_tab
     if cfg.decode.veto != "off":
         if not veto_table:
             raise ConfigError(f"decode.veto={cfg.decode.veto!r} needs --veto-table DIR")
-        from tracealign_jax.provenance.veto_table import load_veto_table
+        from tracealign_jax.veto.store import load_veto_table
 
         table, _ = load_veto_table(veto_table)
     model = load_policy(cfg, checkpoint, mesh, rules)
@@ -119,7 +116,7 @@ def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_tab
     comps = decoder.decode(tokens, progress=progress)
     seconds = time.perf_counter() - start
     rows = [completion_record(i, t, c, tokenizer, decoder.eos_id) for i, t, c in zip(ids, texts, comps)]
-    atomic_write_text(out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    atomic_write_jsonl(out, rows)
     return {
         "prompts": len(rows), "out": str(out), "seconds": round(seconds, 3), "veto": cfg.decode.veto,
         "vetoes": sum(c.vetoes for c in comps), "refused": sum(c.refused for c in comps),

@@ -141,8 +141,19 @@ class Decoder:
                 self.graphdef, self.cfg, spec, self.veto_lookup, eos_id=self.eos_id, pad_id=self.pad_id,
                 refusal_ids=self.refusal_ids, mesh=self.mesh, rules=self.rules,
             )
-            self._fns[spec.mode] = jax.jit(fn)
+            self._fns[spec.mode] = jax.jit(fn, **self._shardings())
         return self._fns[spec.mode]
+
+    def _shardings(self) -> dict[str, Any]:
+        """jit in/out shardings on the mesh (as the train step): parameters where they live, prompt rows
+        and per-row outputs over the batch axes, veto table, RNG key and step count replicated."""
+        if self.mesh is None:
+            return {}
+        rows, replicated = self._row_sharding(), NamedSharding(self.mesh, PartitionSpec())
+        params = jax.tree.map(lambda x: x.sharding, self.params)
+        per_row = {f.name: rows for f in dataclasses.fields(DecodeOutput) if f.name != "steps"}
+        out = DecodeOutput(**per_row, steps=replicated)
+        return {"in_shardings": (params, rows, rows, replicated, replicated), "out_shardings": out}
 
     def _row_sharding(self) -> Any:
         if self.mesh is None:
@@ -303,12 +314,9 @@ def abstract_decoder(cfg: Any, mesh: Mesh, rules: sharding.Rules, veto_table: An
 
     cfg: the full ``Config`` (model arch + dtypes from ``cfg.model``, decoding from ``cfg.decode``).
     """
-    from tracealign_jax.model import abstract_model
-    from tracealign_jax.training.state import model_arch
+    from tracealign_jax.model import abstract_model_from_config, model_arch
 
     arch = model_arch(cfg.model)
-    graphdef, params = abstract_model(
-        arch, dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype), mesh=mesh, rules=rules
-    )
+    graphdef, params = abstract_model_from_config(cfg.model, mesh, rules)
     return Decoder((graphdef, params), cfg.decode, eos_id=_first_id(arch.eos_token_id, 0),
                    pad_id=_first_id(arch.pad_token_id, 0), veto_table=veto_table, mesh=mesh, rules=rules)  # fmt: skip

@@ -2,7 +2,7 @@
 
 At each step, for all beams/rows at once, the veto table is looked up on each row's CURRENT running
 sequence (last C tokens of prompt + generated so far, right-aligned), giving sparse
-``(token_ids_BxE, penalties_BxE, valid_BxE)``: next tokens that would extend a high-BCI span whose
+``(token_ids_BxM, penalties_BxM, valid_BxM)``: next tokens that would extend a high-BCI span whose
 first >= ``min_prefix`` tokens the suffix already matches, with their penalties (nats; the lookup
 takes the max over matching suffix lengths). A candidate is *vetoed* when its penalty exceeds tau:
 
@@ -11,7 +11,7 @@ takes the max over matching suffix lengths). A candidate is *vetoed* when its pe
     with the refusal by the decoding loop.
 
 The lookup is a jittable function ``lookup(table, context_BxC, context_len_B, min_prefix)`` with the
-contract of ``tracealign_jax.provenance.veto_table.veto_entries``; the table is a pytree of device
+contract of ``tracealign_jax.veto.table.veto_entries``; the table is a pytree of device
 arrays passed into the jitted decode (never closed over, so a new table does not recompile).
 """
 
@@ -51,8 +51,8 @@ class VetoSpec:
 
 
 def default_lookup() -> VetoLookup:
-    """The provenance veto-table lookup (``provenance.veto_table.veto_entries``): one entry per token."""
-    from tracealign_jax.provenance.veto_table import veto_entries
+    """The provenance veto-table lookup (``veto.table.veto_entries``): one entry per token."""
+    from tracealign_jax.veto.table import veto_entries
 
     return veto_entries
 
@@ -62,34 +62,34 @@ def step_lookup(table: Any) -> VetoLookup:
     ``bucket_directory`` (built here, once per decode call, outside the loop). Same slots as
     ``veto_entries`` before its per-row sort (a token may repeat across suffix lengths): the hook
     tolerates repeats, and on CPU that sort cost more than the rest of the lookup together."""
-    from tracealign_jax.provenance.veto_table import bucket_directory, veto_candidates
+    from tracealign_jax.veto.table import bucket_directory, veto_candidates
 
     directory = bucket_directory(table)
     return lambda t, ctx, ctx_len, min_prefix: veto_candidates(t, ctx, ctx_len, min_prefix, directory=directory)
 
 
-_PAIRWISE_MAX_E = 256
-"""Up to this many entries per row, distinct hits are counted by an [E, E] comparison, else by a sort."""
+_PAIRWISE_MAX_M = 256
+"""Up to this many entries per row, distinct hits are counted by an [M, M] comparison, else by a sort."""
 
 
-def distinct_hits(ids_BxE: jax.Array, hit_BxE: jax.Array) -> jax.Array:
+def distinct_hits(ids_BxM: jax.Array, hit_BxM: jax.Array) -> jax.Array:
     """int32[B]: how many distinct token ids are among the ``hit`` entries of each row."""
-    b, e = ids_BxE.shape
-    if e <= _PAIRWISE_MAX_E:
-        # Entry i repeats if an earlier hit j < i has the same id: one elementwise pass over [B, E, E].
-        earlier_ExE = jnp.arange(e)[None, :] < jnp.arange(e)[:, None]
-        same_BxExE = (ids_BxE[:, :, None] == ids_BxE[:, None, :]) & hit_BxE[:, None, :] & earlier_ExE
-        return jnp.sum(hit_BxE & ~jnp.any(same_BxExE, axis=2), axis=1, dtype=jnp.int32)
+    b, e = ids_BxM.shape
+    if e <= _PAIRWISE_MAX_M:
+        # Entry i repeats if an earlier hit j < i has the same id: one elementwise pass over [B, M, M].
+        earlier_ExM = jnp.arange(e)[None, :] < jnp.arange(e)[:, None]
+        same_BxExM = (ids_BxM[:, :, None] == ids_BxM[:, None, :]) & hit_BxM[:, None, :] & earlier_ExM
+        return jnp.sum(hit_BxM & ~jnp.any(same_BxExM, axis=2), axis=1, dtype=jnp.int32)
     big = jnp.iinfo(jnp.int32).max
-    sorted_BxE = jnp.sort(jnp.where(hit_BxE, ids_BxE, big), axis=1)
-    first_BxE = jnp.concatenate([jnp.ones((b, 1), bool), sorted_BxE[:, 1:] != sorted_BxE[:, :-1]], axis=1)
-    return jnp.sum(first_BxE & (sorted_BxE != big), axis=1, dtype=jnp.int32)
+    sorted_BxM = jnp.sort(jnp.where(hit_BxM, ids_BxM, big), axis=1)
+    first_BxM = jnp.concatenate([jnp.ones((b, 1), bool), sorted_BxM[:, 1:] != sorted_BxM[:, :-1]], axis=1)
+    return jnp.sum(first_BxM & (sorted_BxM != big), axis=1, dtype=jnp.int32)
 
 
 def make_veto_hook(spec: VetoSpec, table: Any, lookup: VetoLookup | None = None) -> LogitsHook | None:
     """The logits hook for ``spec`` (None when the veto is off). Call inside the jitted decode.
 
-    Works on the sparse entries only (O(B x E) scatters, never a dense [B, V] penalty pass), so the
+    Works on the sparse entries only (O(B x M) scatters, never a dense [B, V] penalty pass), so the
     veto's cost does not grow with the vocabulary. Duplicate entries for one token (several
     matching suffix lengths) act once, with their largest penalty: the soft veto scatters with
     ``min`` (lp - gamma x max penalty), the hard veto forbids a token if any entry exceeds tau
@@ -104,28 +104,28 @@ def make_veto_hook(spec: VetoSpec, table: Any, lookup: VetoLookup | None = None)
     lookup = step_lookup(table) if lookup is None else lookup
 
     def hook(logprobs_BxV: jax.Array, context_BxC: jax.Array, context_len_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-        ids_BxE, pens_BxE, valid_BxE = lookup(table, context_BxC, context_len_B, spec.min_prefix)
+        ids_BxM, pens_BxM, valid_BxM = lookup(table, context_BxC, context_len_B, spec.min_prefix)
         b, v = logprobs_BxV.shape
-        if ids_BxE.shape[1] == 0:  # min_prefix longer than the context window: nothing can match
+        if ids_BxM.shape[1] == 0:  # min_prefix longer than the context window: nothing can match
             return logprobs_BxV, jnp.zeros((b,), jnp.int32)
-        hit_BxE = valid_BxE & (pens_BxE > spec.tau)
-        ids_BxE = ids_BxE.astype(jnp.int32)
-        rows_BxE = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], ids_BxE.shape)
+        hit_BxM = valid_BxM & (pens_BxM > spec.tau)
+        ids_BxM = ids_BxM.astype(jnp.int32)
+        rows_BxM = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], ids_BxM.shape)
 
         def veto(lp_BxV: jax.Array) -> tuple[jax.Array, jax.Array]:
             if spec.mode == "soft":
                 # min over duplicates of (lp - gamma * pen) = lp - gamma * max pen.
-                current_BxE = jnp.take_along_axis(lp_BxV, jnp.clip(ids_BxE, 0, v - 1), axis=1)
-                new_BxE = jnp.where(hit_BxE, current_BxE - spec.gamma * pens_BxE.astype(jnp.float32), jnp.inf)
-                lp_BxV = lp_BxV.at[rows_BxE, ids_BxE].min(new_BxE, mode="drop")
+                current_BxM = jnp.take_along_axis(lp_BxV, jnp.clip(ids_BxM, 0, v - 1), axis=1)
+                new_BxM = jnp.where(hit_BxM, current_BxM - spec.gamma * pens_BxM.astype(jnp.float32), jnp.inf)
+                lp_BxV = lp_BxV.at[rows_BxM, ids_BxM].min(new_BxM, mode="drop")
             else:
-                lp_BxV = lp_BxV.at[rows_BxE, jnp.where(hit_BxE, ids_BxE, v)].set(NEG_INF, mode="drop")
-            return lp_BxV, distinct_hits(ids_BxE, hit_BxE)
+                lp_BxV = lp_BxV.at[rows_BxM, jnp.where(hit_BxM, ids_BxM, v)].set(NEG_INF, mode="drop")
+            return lp_BxV, distinct_hits(ids_BxM, hit_BxM)
 
         # Most steps veto nothing anywhere in the batch (the suffixes match no context): skip the
-        # scatters then. Inside the branch the entries are materialized operands, so the [E, E]
+        # scatters then. Inside the branch the entries are materialized operands, so the [M, M]
         # comparison of ``distinct_hits`` does not re-run the table gathers that produced them.
-        return jax.lax.cond(jnp.any(hit_BxE), veto, lambda lp_BxV: (lp_BxV, jnp.zeros((b,), jnp.int32)),
+        return jax.lax.cond(jnp.any(hit_BxM), veto, lambda lp_BxV: (lp_BxV, jnp.zeros((b,), jnp.int32)),
                             logprobs_BxV)
 
     return hook

@@ -92,7 +92,7 @@ def _train_stage(cfg: Config, tok_dir: str, hf_out_name: str = "hf") -> Callable
     def run(out: Path) -> dict:
         from tracealign_jax.hf_io import save_hf
         from tracealign_jax.training import train
-        from tracealign_jax.training.state import model_arch
+        from tracealign_jax.model import model_arch
 
         c = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, output_dir=str(out / "train")),

@@ -47,7 +47,8 @@ def calibrate_stage(cfg: Config, index_dir: str, data_dir: Path, tokenizer: Any)
 
     def run(out: Path) -> dict:
         from tracealign_jax.index import TraceIndex
-        from tracealign_jax.provenance import BCIScorer, calibrate
+        from tracealign_jax.provenance.bci import BCIScorer
+        from tracealign_jax.provenance.calibrate import calibrate
         from tracealign_jax.provenance.calibrate import split_heldout
 
         index = TraceIndex.open(index_dir)
@@ -72,9 +73,11 @@ def arrays_stage(dpo_cfg: Config, index_dir: str, tau: float) -> Stage:
         from transformers import AutoTokenizer
 
         from tracealign_jax.index import TraceIndex
-        from tracealign_jax.provenance import BCIScorer, build_veto_table, save_veto_table
-        from tracealign_jax.provenance.token_bci import token_bci_for_pairs, write_token_bci
-        from tracealign_jax.training.data import load_pairs
+        from tracealign_jax.pairs import load_pairs
+        from tracealign_jax.provenance import BCIScorer, build_veto_table
+        from tracealign_jax.provenance.token_bci import token_bci_for_pairs
+        from tracealign_jax.response_store import write_response_arrays
+        from tracealign_jax.veto.store import save_veto_table
 
         index = TraceIndex.open(index_dir)
         scorer = BCIScorer(index, dpo_cfg.provenance)
@@ -82,7 +85,7 @@ def arrays_stage(dpo_cfg: Config, index_dir: str, tau: float) -> Stage:
         pairs = load_pairs(dataclasses.replace(dpo_cfg.data, cache_dir=str(out / "data_cache")), tokenizer=tokenizer)
         examples = token_bci_for_pairs(scorer, pairs, tau)
         meta = {"index_hash": str(index.manifest_hash), "tau": tau, "bci_settings": scorer.settings()}
-        store = write_token_bci(str(out / "token_bci"), examples, meta=meta)
+        store = write_response_arrays(str(out / "token_bci"), examples, meta=meta)
         table, meta = build_veto_table(index, scorer, dpo_cfg.provenance, tau)
         save_veto_table(table, out / "veto_table", meta=meta)
         nonzero = [float((c > 0).mean()) for c, _ in examples] + [float((r > 0).mean()) for _, r in examples]
@@ -110,7 +113,8 @@ def run_adb_eval(cfg: Config, *, prompts: str | Path, policies: dict[str, str], 
     from tracealign_jax.evaluation.synthetic_data import REFUSAL
     from tracealign_jax.hf_io import load_hf
     from tracealign_jax.index import TraceIndex
-    from tracealign_jax.provenance import BCIScorer, Threshold, TraceShield, load_veto_table
+    from tracealign_jax.provenance import BCIScorer, Threshold, TraceShield
+    from tracealign_jax.veto.store import load_veto_table
 
     ev, out_dir = cfg.eval, Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

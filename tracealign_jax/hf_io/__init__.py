@@ -1,6 +1,6 @@
 """Hugging Face checkpoints in and out: safetensors only, streamed tensor by tensor, no torch needed.
 
-    load_hf(path, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=jnp.float32, remat="none",
+    load_hf(path, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=jnp.float32, remat="none", scan_layers=True,
             progress=True) -> (Transformer, ModelArch)
     save_hf(model_or_state, arch, out_dir, tokenizer_dir=None, max_shard_bytes=5 GiB, *, dtype=None,
             generation_config=None, overwrite=False, progress=True) -> Path

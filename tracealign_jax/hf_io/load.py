@@ -110,14 +110,17 @@ def load_hf(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     remat: str = "none",
+    scan_layers: bool = True,
     progress: bool = True,
 ) -> tuple[Transformer, ModelArch]:
     """(model, arch) from a HF checkpoint dir; parameters cast to ``param_dtype``, placed by ``rules``
-    on ``mesh`` (default: all on the first device)."""
+    on ``mesh`` (default: all on the first device). dtype / remat / scan_layers as ``Transformer``;
+    a run passes ``**model.model_options(cfg.model)``."""
     path = Path(path)
     arch = ModelArch.from_hf_dir(path)
     checkpoint = _Checkpoint(path, arch)
-    graphdef, abstract = abstract_model(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh, rules=rules)
+    graphdef, abstract = abstract_model(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
+                                        mesh=mesh, rules=rules)  # fmt: skip
     variables = _flat_paths(abstract)
     by_path = {m.path: m for m in checkpoint.maps}
     if set(by_path) != set(variables):

@@ -78,8 +78,8 @@ def alphabetic_code(counts_V1: np.ndarray) -> tuple[np.ndarray, np.ndarray] | No
     The most frequent ids get a first byte of their own; every other id shares its first byte with
     up to 255 id-neighbours and adds a second byte. Byte strings then sort exactly as the id
     strings they code (the first bytes increase with the id, and no code is a prefix of another),
-    so sorting the coded text sorts the shard. On a Zipf corpus it is ~1.5 bytes per token instead
-    of 2, and libdivsufsort sorts it ~2x faster than the big-endian 16-bit text."""
+    so sorting the coded text sorts the shard. On a Zipf corpus it is shorter than 2 bytes per token,
+    and libdivsufsort sorts it faster than the big-endian 16-bit text."""
     n_sym = len(counts_V1)
     if n_sym > 1 << 16:
         return None
@@ -196,7 +196,7 @@ def write_index(
     for edge_g, edge_v in edges:
         write_entries(sa_u8, bits, edge_g, edge_v)
     # unmapped without msync: like the files written above, the pages reach the disk by the
-    # kernel's writeback (a synchronous flush of the suffix array alone cost ~0.1 s per 10 M tokens)
+    # kernel's writeback (a synchronous flush of the suffix array would dominate the build)
     del sa_u8
     sort_s = time.perf_counter() - t_sort
 

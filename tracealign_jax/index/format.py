@@ -26,8 +26,8 @@ Files in an index directory:
                           boundaries, build stats and every file's size and SHA-256.
 
 All shards live in one token file and one suffix-array file (shards are logical) so a query passes
-a few plain arrays to one compiled call: a numba typed list of per-shard arrays costs ~2-5 us just to
-unbox per call, which alone is half the per-count budget.
+a few plain arrays to one compiled call: unboxing a numba typed list of per-shard arrays on every
+call would cost as much as the count itself.
 """
 
 from __future__ import annotations

@@ -1,39 +1,24 @@
-"""What every suffix-array search kernel shares: the layout, SA entries, comparison, the fence.
+"""What every suffix-array search kernel shares: SA entries, the comparison, the fence, prefetch.
 
-The kernels (numba, ``nogil``) search every shard inside one call: ``single_search`` (one query's
-range, count), ``interleaved_search`` (LANES searches in flight: batched ranges, counts, positions),
-``match_spans`` (longest matches, maximal spans), ``next_tokens`` (next-token counts); the build's
-packing and coding kernels are in ``sa_packing``. This module holds what they share: ``_JIT``,
-``_prefetch``, ``_sa_at`` (one packed SA entry), ``_compare`` (suffix vs. query), ``_in_vocab``,
-and the fence (``build_fence``, ``_narrow``).
+Kernels (numba, ``nogil``, all shards in one call): ``single_search``, ``interleaved_search``,
+``match_spans``, ``next_tokens``; build-side packing is in ``sa_packing``.
 
-Layout the kernels see (see ``format.py``): ``tokens`` is the whole token array (uint16/uint32,
-every document followed by the separator ``sep`` = vocab size, the largest value, so suffixes sort in
-numeric token order and no match can cross a document); ``sa_u8`` holds the suffix arrays of all
-shards back to back, each entry a shard-local position bit-packed into ``bits`` bits;
-``shard_starts_S1`` (int64[S+1]) are the token offsets where shards begin (shard s covers tokens
-``[shard_starts[s], shard_starts[s+1])`` and SA entries with the same indices); ``bucket_SxV2``
-(int64[S, V+2]) is where each first token's block starts in a shard's suffix array
-(``bucket[s, t]`` .. ``bucket[s, t + 1]``; ``bucket[s, sep]`` = the shard's non-separator suffixes,
-``bucket[s, sep + 1]`` = the shard's length), so every search starts inside one block, already
-knowing one matching token, and a one-token count needs no search at all. ``fence_F`` (uint64,
-built at open by ``build_fence``) holds the second and third token of every FENCE_RATE-th suffix
-of the suffix array, so the search narrows the block to the suffixes sharing q's first three
-tokens by bisecting a small cached array, before it touches the suffix array and the tokens.
+Layout (``format.py``): ``tokens`` is the whole token array, each document followed by the separator
+``sep`` = vocab size (it sorts last; no match crosses a document); ``sa_u8`` the bit-packed
+shard-local suffix arrays back to back; ``shard_starts_S1`` int64[S+1] token offsets of the shards;
+``bucket_SxV2`` int64[S, V+2] where each first token's block starts in a shard's suffix array, so a
+search starts inside one block and a one-token count needs no search. ``fence_F`` (uint64, built at
+open by ``build_fence``) holds tokens 2-3 of every FENCE_RATE-th suffix, so a search narrows the
+block by bisecting a small cached array before it touches the suffix array.
 
-Queries arrive as int64 arrays. Callers guarantee query tokens lie in ``[0, sep)``: a token outside
-the vocabulary can never match and is handled before the kernels (or, in ``longest_matches``, by
-cutting the query there), so a query can never match a separator.
+Queries are int64 with tokens in ``[0, sep)`` (callers cut or reject others), so a query never
+matches a separator. Batched kernels take absolute offsets into the flat query array, so callers
+split a batch into chunks and run them in threads (``nogil``; blocking threads share a busy machine
+better than a spinning OpenMP team).
 
-Batched kernels take absolute offsets into the flat query array and return results for just that
-slice, so the caller splits a big batch into chunks and runs them in threads: every kernel is
-``nogil``, and Python threads that block are kinder to a busy machine than an OpenMP team that spins.
-
-Binary searches keep the LCP with both bracket ends (Manber-Myers ``min(llcp, hlcp)`` skip), so a
-comparison starts where the known common prefix ends. Inside a first-token block both brackets
-start at 1. At the end of a lower-bound search the larger of the two LCPs is the longest match in
-the shard: a bracket still at the block's edge reads 1 where the true LCP with the rank outside the
-block is 0, but then the other bracket was compared and is >= 1, so the maximum is exact.
+Binary searches keep the LCP with both bracket ends (Manber-Myers ``min(llcp, hlcp)``), so each
+comparison starts where the known common prefix ends; inside a first-token block both start at 1,
+and at the end of a lower-bound search the larger of the two is the longest match in the shard.
 """
 
 from __future__ import annotations

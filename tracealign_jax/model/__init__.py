@@ -14,8 +14,11 @@ Public API::
     abstract_model(arch, *, dtype, param_dtype, remat, scan_layers, mesh=None, rules=None) -> (graphdef, abstract_state)
     init_model(arch, *, dtype, param_dtype, remat, scan_layers, seed=0, mesh=None, rules=None) -> Transformer
     shard_model(model, mesh, rules) -> Transformer
+    from a run's ModelConfig: model_arch(cfg), model_options(cfg), build_model(cfg, seed),
+    abstract_model_from_config(cfg, mesh, rules)
 """
 
+from tracealign_jax.model.build import abstract_model_from_config, build_model, model_arch, model_options
 from tracealign_jax.model.config import ModelArch
 from tracealign_jax.model.kv_cache import KVCache, cache_shardings, init_cache
 from tracealign_jax.model.partitioning import abstract_model, init_model, logical_axes, param_shardings, shard_model
@@ -32,4 +35,8 @@ __all__ = [
     "init_model",
     "shard_model",
     "logical_axes",
+    "model_arch",
+    "model_options",
+    "build_model",
+    "abstract_model_from_config",
 ]

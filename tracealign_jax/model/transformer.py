@@ -93,8 +93,7 @@ def _project(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
 
     [B, L, *in] x [*in, *out] -> [B, L, *out] through [B*L, prod(in)] @ [prod(in), prod(out)]: the same
     numbers as the einsum, but XLA's CPU backend then emits the backward's weight- and input-gradient
-    dots as plain matmuls instead of transposing 3-D/4-D operands first (a 2-matmul MLP block on
-    [16, 128, 256]: gradient 38 ms instead of 58 ms).
+    dots as plain matmuls instead of transposing 3-D/4-D operands first.
     """
     lead, k_in, k_out = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     y = x.reshape(-1, math.prod(k_in)) @ w.reshape(math.prod(k_in), -1)

@@ -1,28 +1,26 @@
-"""Provenance: BCI scoring, TraceShield, the drift bound and the precomputed arrays jitted code uses.
+"""Provenance: BCI scoring, TraceShield, the drift bound and the per-token BCI arrays (host side).
 
-Host-side modules (``bci``, ``calibrate``, ``shield``, ``bound``, ``token_bci`` writers, ``veto_build``)
-take a ``tracealign_jax.index.TraceIndex`` object as an argument; none imports the index package, so
-jitted code (training, decoding) can import ``veto_table`` without pulling host machinery in.
+Modules take a ``tracealign_jax.index.TraceIndex`` object as an argument; none imports the index
+package. Names below load their module on first use, so importing one submodule pulls in nothing
+else (the veto table itself lives in ``tracealign_jax.veto``).
 """
 
-from tracealign_jax.provenance.bci import BCIScorer, ScoredSpan, SpanScore
-from tracealign_jax.provenance.bound import DriftBound, drift_bound, set_bound
-from tracealign_jax.provenance.calibrate import Threshold, calibrate
-from tracealign_jax.provenance.shield import OffendingSpan, ShieldVerdict, Source, TraceShield, render_report, write_jsonl
-from tracealign_jax.provenance.token_bci import TokenBCIReader, compute_token_bci, token_bci_for_pairs, write_token_bci
-from tracealign_jax.provenance.veto_build import build_veto_table, collect_high_bci_spans
-from tracealign_jax.provenance.veto_table import (
-    VetoTable,
-    compile_veto_table,
-    load_veto_table,
-    save_veto_table,
-    veto_entries,
-    veto_penalties,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "BCIScorer", "DriftBound", "OffendingSpan", "ScoredSpan", "ShieldVerdict", "Source", "SpanScore", "Threshold",
-    "TokenBCIReader", "TraceShield", "VetoTable", "build_veto_table", "calibrate", "collect_high_bci_spans",
-    "compile_veto_table", "compute_token_bci", "drift_bound", "load_veto_table", "render_report", "save_veto_table",
-    "set_bound", "token_bci_for_pairs", "veto_entries", "veto_penalties", "write_jsonl", "write_token_bci",
-]
+_HOMES = {
+    "BCIScorer": "bci", "ScoredSpan": "bci", "SpanScore": "bci",
+    "DriftBound": "bound", "drift_bound": "bound", "set_bound": "bound",
+    "Threshold": "calibrate",
+    "OffendingSpan": "shield", "ShieldVerdict": "shield", "Source": "shield", "TraceShield": "shield",
+    "render_report": "shield", "write_jsonl": "shield",
+    "compute_token_bci": "token_bci", "token_bci_for_pairs": "token_bci",
+    "build_veto_table": "veto_build", "collect_high_bci_spans": "veto_build",
+}  # fmt: skip
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

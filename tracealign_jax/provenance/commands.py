@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 import numpy as np
 
+from tracealign_jax.atomic_io import atomic_write_jsonl, atomic_write_text
 from tracealign_jax.records import RecordError, iter_records
 
 
@@ -77,12 +77,6 @@ def _items(path: str, field: str, index: Any, keep_records: bool = False) -> tup
     return (tokens, texts, records) if keep_records else (tokens, texts)
 
 
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    from tracealign_jax.atomic_io import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
-
 def _score(args: argparse.Namespace) -> int:
     cfg, index, scorer = _setup(args)
     tokens, _ = _items(args.input, args.field, index)
@@ -94,7 +88,7 @@ def _score(args: argparse.Namespace) -> int:
                              conflict=s.conflict, bci=s.bci, tokens=tokens[i][s.start:s.end].tolist()))
             print(f"{i:>5} {f'{s.start}-{s.end}':>9} {s.count:>7} {s.rarity:>8.2f} {s.conflict:>8.3f} {s.bci:>8.2f}")
     if args.out:
-        _write_jsonl(args.out, rows)
+        atomic_write_jsonl(args.out, rows)
     return 0
 
 
@@ -158,7 +152,6 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _shield(args: argparse.Namespace) -> int:
-    from tracealign_jax.atomic_io import atomic_write_text
     from tracealign_jax.provenance.calibrate import Threshold
     from tracealign_jax.provenance.shield import TraceShield, render_report, write_jsonl
 
@@ -190,7 +183,7 @@ def _bound(args: argparse.Namespace) -> int:
     p = cfg.provenance
     bounds = drift_bound(index, scorer, queries, tau, horizon=args.horizon or p.horizon, delta=p.delta,
                          max_occurrences=args.max_occurrences, epsilon=args.epsilon)
-    _write_jsonl(args.out, [dict(dataclasses.asdict(b), item=i) for i, b in enumerate(bounds)])
+    atomic_write_jsonl(args.out, [dict(dataclasses.asdict(b), item=i) for i, b in enumerate(bounds)])
     print(f"{'item':>5} {'l_q':>4} {'M(q)':>8} {'examined':>8} {'drifting':>8} {'bound':>7}")
     for i, b in enumerate(bounds):
         print(f"{i:>5} {b.context_len:>4} {b.support:>8} {b.examined:>8} {b.drifting + b.truncated:>8} {b.bound:>7.4f}")
@@ -199,8 +192,9 @@ def _bound(args: argparse.Namespace) -> int:
 
 
 def _token_bci(args: argparse.Namespace) -> int:
-    from tracealign_jax.provenance.token_bci import token_bci_for_pairs, write_token_bci
-    from tracealign_jax.training.data import load_pairs
+    from tracealign_jax.pairs import load_pairs
+    from tracealign_jax.provenance.token_bci import token_bci_for_pairs
+    from tracealign_jax.response_store import write_response_arrays
 
     cfg, index, scorer = _setup(args)
     tau, _ = _tau(args, cfg, index, scorer)
@@ -213,7 +207,7 @@ def _token_bci(args: argparse.Namespace) -> int:
     arrays = token_bci_for_pairs(scorer, pairs, tau)
     meta = {"tau": tau, "index_hash": str(index.manifest_hash), "dataset": getattr(pairs, "fingerprint", ""),
             "bci_settings": scorer.settings()}
-    url = write_token_bci(out, arrays, meta=meta, overwrite=args.overwrite)
+    url = write_response_arrays(out, arrays, meta=meta, overwrite=args.overwrite)
     flagged = sum(int((c > 0).any()) + int((r > 0).any()) for c, r in arrays)
     print(f"{len(arrays)} examples, {flagged} responses with high-BCI tokens -> {url}")
     return 0
@@ -221,7 +215,7 @@ def _token_bci(args: argparse.Namespace) -> int:
 
 def _veto(args: argparse.Namespace) -> int:
     from tracealign_jax.provenance.veto_build import build_veto_table
-    from tracealign_jax.provenance.veto_table import save_veto_table
+    from tracealign_jax.veto.store import save_veto_table
 
     cfg, index, scorer = _setup(args)
     tau, _ = _tau(args, cfg, index, scorer)

@@ -3,7 +3,7 @@
 Every window of length n_min..n_max (``ProvenanceConfig.min_span`` / ``max_span``) of every document
 with risk >= ``min_risk`` is a candidate; duplicates are removed, candidates are scored in batches
 (``BCIScorer.score_spans``: one batched occurrence-sampling call per batch) and those with
-BCI > tau are compiled by ``veto_table.compile_veto_table`` into contexts k = 1..n_max-1 -> next
+BCI > tau are compiled by ``veto.store.compile_veto_table`` into contexts k = 1..n_max-1 -> next
 tokens + penalties (nats), at most ``max_entries`` per context.
 
 Entry penalties (``ProvenanceConfig.veto_weighting``). A span's first tokens are often boilerplate that
@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from tracealign_jax.config import ProvenanceConfig
-from tracealign_jax.provenance.veto_table import VetoTable, compile_veto_table
+from tracealign_jax.veto.store import compile_veto_table
+from tracealign_jax.veto.table import VetoTable
 
 
 def candidate_windows(index: Any, n_min: int, n_max: int, min_risk: float = 0.5,

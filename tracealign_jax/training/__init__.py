@@ -4,37 +4,31 @@ Public API::
 
     train(cfg) -> TrainResult                       the loop (data, step, metrics, checkpoints, resume)
     losses.dpo_objective / preference_loss / sft_objective / cbd_data_loss / cbd_continuation_loss
-    chunked_token_logprobs(h_BxLxD, unembed_DxV, tokens_BxL, chunk=..., entry_ids_BxLxE=...)
+    chunked_token_logprobs(h_BxLxD, unembed_DxV, tokens_BxL, chunk=..., entry_ids_BxLxM=...)
     TrainState, init_train_state(cfg, mesh, rules) -> (graphdef, state), abstract_train_state(cfg, mesh, rules)
-    make_train_step(cfg, graphdef, mesh, rules, state_shardings) -> jitted train_step(state, batch)
+    make_train_step(cfg, graphdef, mesh, rules, state_shardings) -> jitted train_step(state, batch, veto)
     train_step_fn_and_shardings(cfg, mesh, rules, bucket_len) -> (jitted step, abstract state, abstract batch)
-    abstract_batch(cfg, mesh, rules, bucket_len);  load_pairs(DataConfig) / BatchStream;  Checkpointer
+    abstract_batch(cfg, mesh, rules, bucket_len);  BatchStream(pairs.load_pairs(DataConfig), ...);  Checkpointer
 
-SFT, then DPO / DPO+CBD on a JSONL preference file (prompt/chosen/rejected)::
-
-    tracealign train --config configs/tiny_cpu.yaml --set train.objective=sft \
-        --set data.train_path=prefs.jsonl --set data.tokenizer_dir=TOK --set train.output_dir=runs/sft
-    tracealign export-hf --checkpoint runs/sft --out runs/sft-hf
-    tracealign train --config configs/tiny_cpu.yaml --set model.hf_dir=runs/sft-hf \
-        --set data.train_path=prefs.jsonl --set data.tokenizer_dir=TOK --set train.output_dir=runs/dpo \
-        [--set data.bci_path=BCI_STORE --set loss.cbd_data_weight=0.1 \
-         --set loss.cbd_veto_table=VETO_DIR --set loss.cbd_cont_weight=0.05]      # DPO + CBD
-    tracealign export-hf --checkpoint runs/dpo --out runs/dpo-hf
-
-From Python: ``train(load_config(path, overrides))`` with the same overrides; re-running a command
-resumes from its latest checkpoint.
+The command line (``tracealign train``, ``tracealign export-hf``) is in README.md; from Python:
+``train(load_config(path, overrides))``. Re-running a command resumes from its latest checkpoint.
 """
 
-from tracealign_jax.training import losses
-from tracealign_jax.training.checkpoint import Checkpointer
-from tracealign_jax.training.data import BatchStream, TokenizedPairs, build_batch, load_pairs
-from tracealign_jax.training.logprobs import chunked_token_logprobs
-from tracealign_jax.training.loop import NonFiniteLossError, TrainResult, train
-from tracealign_jax.training.state import TrainState, abstract_train_state, init_train_state, make_optimizer
-from tracealign_jax.training.step import abstract_batch, make_train_step, train_step, train_step_fn_and_shardings
+import importlib
+from typing import Any
 
-__all__ = [
-    "losses", "Checkpointer", "BatchStream", "TokenizedPairs", "build_batch", "load_pairs", "chunked_token_logprobs",
-    "NonFiniteLossError", "TrainResult", "train", "TrainState", "abstract_train_state", "init_train_state",
-    "make_optimizer", "abstract_batch", "make_train_step", "train_step", "train_step_fn_and_shardings",
-]  # fmt: skip
+_HOMES = {
+    "Checkpointer": "checkpoint", "BatchStream": "data", "build_batch": "data",
+    "chunked_token_logprobs": "logprobs", "NonFiniteLossError": "loop", "TrainResult": "loop", "train": "loop",
+    "TrainState": "state", "abstract_train_state": "state", "init_train_state": "state", "make_optimizer": "state",
+    "abstract_batch": "step", "make_train_step": "step", "train_step": "step", "train_step_fn_and_shardings": "step",
+}  # fmt: skip
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    """Loads a name's module on first use, so ``training.step`` can be imported without the loop
+    (and its Orbax / tensorstore imports)."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -1,14 +1,15 @@
 """Orbax checkpoints of the train state + data position: periodic/final, keep-last-N, async, any mesh.
 
-A checkpoint step directory holds two items: ``state`` (the TrainState without the veto table:
-params, optimizer, step, RNG, reference params, non-finite counters) and ``data`` (the batch
-stream's JSON position). Restores go through ``abstract_train_state`` of the CURRENT mesh, i.e.
-``jax.ShapeDtypeStruct``s carrying the new NamedShardings, so each process reads exactly its new
-shards (restoring onto another mesh shape works; nothing lands in the saved layout first).
+A checkpoint step directory holds two items: ``state`` (the TrainState: params, optimizer, step,
+reference params, non-finite counters) and ``data`` (the batch stream's JSON position); checkpoints
+from before issue 19 also hold an ``rng`` item, which restore ignores. Restores go through
+``abstract_train_state`` of the CURRENT mesh (``jax.ShapeDtypeStruct``s carrying the new
+NamedShardings), so each process reads exactly its new shards, on any mesh shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ import orbax.checkpoint as ocp
 
 from tracealign_jax.config import CheckpointConfig
 from tracealign_jax.training.state import TrainState
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainState))
 
 
 class Checkpointer:
@@ -31,7 +35,8 @@ class Checkpointer:
             enable_async_checkpointing=cfg.async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "data"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -49,7 +54,7 @@ class Checkpointer:
             return False
         return self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state.replace(veto=None)), data=ocp.args.JsonSave(data_position)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
             force=force,
         )
 
@@ -58,11 +63,25 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.dir}: no checkpoint to restore")
-        target = abstract_state.replace(veto=None)
+        saved = set(self.manager.item_metadata(step)["state"].keys())
+        if saved - _FIELDS:  # written before issue 19 (it held TrainState.rng): restore our fields only
+            return self._restore_older(step, abstract_state, saved)
         got = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
         )
         return got["state"], dict(got["data"])
+
+    def _restore_older(self, step: int, abstract_state: TrainState, saved: set[str]) -> tuple[TrainState, dict[str, Any]]:
+        """An older checkpoint with items TrainState no longer has: partial restore, extras ignored."""
+        if missing := {f for f in _FIELDS if f not in saved and getattr(abstract_state, f) is not None}:
+            raise ValueError(f"{self.dir}/{step}: checkpoint lacks {sorted(missing)}; it is not a TrainState checkpoint")
+        target = {f: getattr(abstract_state, f) for f in _FIELDS}
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)  # fmt: skip
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+            got = reader.restore(self.dir / str(step) / "state", args=args)
+        data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        return TrainState(**{f: got[f] for f in _FIELDS}), dict(data)
 
     def wait(self) -> None:
         """Blocks until async saves are durable (call before exiting)."""

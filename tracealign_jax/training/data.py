@@ -1,17 +1,4 @@
-"""Preference data: read, validate, tokenize once (cached), bucket, shuffle deterministically, batch.
-
-Records (JSONL or Parquet, one pair per record), in any of three forms:
-  strings        {"prompt": str, "chosen": str, "rejected": str}
-  conversations  {"prompt": [{"role", "content"}, ...], "chosen": str | [messages], "rejected": ...}
-                 rendered with the tokenizer's chat template (the response is what the template adds
-                 after the generation prompt)
-  token ids      {"prompt_ids": [int], "chosen_ids": [int], "rejected_ids": [int]} (no tokenizer)
-For SFT only ``prompt`` + ``chosen`` (or ``response``) are needed. A malformed record raises
-``RecordError`` naming file, line and field before any training, unless ``data.skip_malformed``
-(then it is skipped and counted in ``TokenizedPairs.num_skipped``).
-
-Truncation: responses keep their start (at most ``max_response_len`` tokens); an over-long prompt
-keeps its end (``truncation: keep_end``, the tokens next to the response) or its start (``keep_start``).
+"""Batches of tokenized pairs: bucket, shuffle deterministically, pad.
 
 Batch (host NumPy dict; every array fixed-shape per bucket length L). Rows are interleaved: row 2i is
 pair i's prompt + chosen response, row 2i+1 the same prompt + rejected response, right-padded
@@ -27,158 +14,12 @@ pair i's prompt + chosen response, row 2i+1 the same prompt + rejected response,
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from tracealign_jax.atomic_io import atomic_directory, sha256_file, verify_manifest, write_manifest
 from tracealign_jax.config import ConfigError, DataConfig
-from tracealign_jax.records import RecordError, iter_records, require
-
-FIELDS = ("prompt", "chosen", "rejected")
-CACHE_FORMAT = "tracealign-pref-tokens-v1"
-
-
-@dataclass
-class TokenizedPairs:
-    """Tokenized dataset as flat arrays: ``<f>_tokens`` int32 concatenated, ``<f>_offsets`` int64[N+1]."""
-
-    arrays: dict[str, np.ndarray]
-    num_skipped: int = 0
-    fingerprint: str = ""
-
-    def __len__(self) -> int:
-        return len(self.arrays["prompt_offsets"]) - 1
-
-    def get(self, field: str, i: int) -> np.ndarray:
-        off = self.arrays[f"{field}_offsets"]
-        return self.arrays[f"{field}_tokens"][off[i] : off[i + 1]]
-
-    def lengths(self, field: str) -> np.ndarray:
-        return np.diff(self.arrays[f"{field}_offsets"])
-
-
-def _messages(value: Any, path: Path, line: int, field: str) -> list[dict]:
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise RecordError(path, line, f"{field}[{j}]", "expected {'role': str, 'content': str}")
-    return list(value)
-
-
-def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Sequence[str]) -> dict[str, list[int]]:
-    """Token ids of prompt and responses of one record (before truncation)."""
-    if "prompt_ids" in rec:
-        out = {}
-        for f in fields:
-            ids = require(rec, f"{f}_ids", list, path, line)
-            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-                raise RecordError(path, line, f"{f}_ids", "expected a list of non-negative ints")
-            out[f] = ids
-        return out
-    if tokenizer is None:
-        raise RecordError(path, line, "prompt", "text records need data.tokenizer_dir (or give prompt_ids/chosen_ids/rejected_ids)")
-    prompt = require(rec, "prompt", (str, list), path, line)
-    out = {}
-    if isinstance(prompt, list):
-        msgs = _messages(prompt, path, line, "prompt")
-        prompt_text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        out["prompt"] = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        for f in fields[1:]:
-            resp = require(rec, f, (str, list), path, line)
-            turn = [{"role": "assistant", "content": resp}] if isinstance(resp, str) else _messages(resp, path, line, f)
-            full = tokenizer.apply_chat_template(msgs + turn, tokenize=False)
-            if not full.startswith(prompt_text):
-                raise RecordError(path, line, f, "chat template does not extend the prompt rendering")
-            out[f] = tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-        return out
-    out["prompt"] = tokenizer(prompt)["input_ids"]  # special tokens (BOS) belong to the prompt
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for f in fields[1:]:
-        out[f] = tokenizer(require(rec, f, str, path, line), add_special_tokens=False)["input_ids"] + eos
-    return out
-
-
-def _truncate(ids: list[int], n: int, keep_end: bool) -> list[int]:
-    return ids[-n:] if keep_end and len(ids) > n else ids[:n]
-
-
-def _fingerprint(cfg: DataConfig, fields: Sequence[str]) -> str:
-    tok_hash = ""
-    if cfg.tokenizer_dir:
-        h = hashlib.sha256()
-        for p in sorted(Path(cfg.tokenizer_dir).glob("*")):
-            if p.is_file() and p.suffix in (".json", ".model", ".txt", ".jinja"):
-                h.update(p.name.encode() + sha256_file(p).encode())
-        tok_hash = h.hexdigest()
-    key = dict(format=CACHE_FORMAT, data=sha256_file(cfg.train_path), tok=tok_hash, fields=list(fields),
-               prompt=cfg.max_prompt_len, response=cfg.max_response_len, trunc=cfg.truncation, skip=cfg.skip_malformed)  # fmt: skip
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def load_pairs(cfg: DataConfig, *, sft: bool = False, tokenizer: Any = None, show_progress: bool = False) -> TokenizedPairs:
-    """Reads + validates + tokenizes ``cfg.train_path`` (cached under ``cfg.cache_dir`` by content hash).
-
-    The fingerprint covers the data file, tokenizer files and length settings, so a changed input
-    never reuses a stale cache. ``sft`` reads only prompt + chosen (or ``response``).
-    """
-    path = Path(cfg.train_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.train_path: {path}: no such file")
-    fields = ("prompt", "chosen") if sft else FIELDS
-    fp = _fingerprint(cfg, fields)
-    cache = Path(cfg.cache_dir) / f"pairs-{fp}" if cfg.cache_dir else None
-    if cache is not None and cache.is_dir():
-        manifest = verify_manifest(cache)
-        arrays = {p.stem: np.load(p, allow_pickle=False) for p in sorted(cache.glob("*.npy"))}
-        return TokenizedPairs(arrays, int(manifest["num_skipped"]), fp)
-    if tokenizer is None and cfg.tokenizer_dir:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
-    keep_end = cfg.truncation == "keep_end"
-    cols: dict[str, list[list[int]]] = {f: [] for f in fields}
-    lines: list[int] = []
-    skipped = 0
-    records = iter_records(path, yield_errors=cfg.skip_malformed)
-    if show_progress:
-        from tqdm import tqdm
-
-        records = tqdm(records, desc=f"tokenize {path.name}", unit="rec")
-    for line, rec in records:
-        try:
-            if isinstance(rec, RecordError):
-                raise rec
-            if sft and "chosen" not in rec and "chosen_ids" not in rec and "response" in rec:
-                rec = dict(rec, chosen=rec["response"])
-            ids = _encode_record(rec, path, line, tokenizer, fields)
-            for f in fields[1:]:
-                if not ids[f]:
-                    raise RecordError(path, line, f, "empty response")
-        except RecordError:
-            if not cfg.skip_malformed:
-                raise
-            skipped += 1
-            continue
-        cols["prompt"].append(_truncate(ids["prompt"], cfg.max_prompt_len, keep_end))
-        for f in fields[1:]:
-            cols[f].append(ids[f][: cfg.max_response_len])
-        lines.append(line)
-    if not lines:
-        raise ConfigError(f"data.train_path: {path}: no usable records ({skipped} malformed)")
-    arrays = {"line": np.asarray(lines, np.int64)}
-    for f, seqs in cols.items():
-        arrays[f"{f}_tokens"] = np.asarray([t for s in seqs for t in s], np.int32)
-        arrays[f"{f}_offsets"] = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
-    if cache is not None:
-        with atomic_directory(cache, overwrite=True) as tmp:
-            for name, arr in arrays.items():
-                np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-            write_manifest(tmp, {"format": CACHE_FORMAT, "fingerprint": fp, "num_skipped": skipped, "source": str(path)})
-    return TokenizedPairs(arrays, skipped, fp)
+from tracealign_jax.pairs import TokenizedPairs
 
 
 def bucket_of(total_len: int, buckets: Sequence[int]) -> int:

@@ -8,8 +8,9 @@ from flax import nnx
 
 from tracealign_jax import sharding
 from tracealign_jax.config import ConfigError, MeshConfig, load_config
+from tracealign_jax.model import model_arch
 from tracealign_jax.training.checkpoint import restore_params
-from tracealign_jax.training.state import abstract_train_state, graphdef_and_abstract_params, model_arch
+from tracealign_jax.training.state import abstract_train_state, graphdef_and_abstract_params
 
 
 def resolve_run(checkpoint: Path, config_path: str | None) -> tuple[Path, Path]:

@@ -9,7 +9,7 @@ Memory: the loop over sequence chunks is a ``lax.scan`` whose body is rematerial
 (float32) instead of ``[B, L, V]``. With tensor parallelism the vocabulary axis of the unembedding
 is sharded, so each device holds ``[B, chunk, V / tensor]``: vocabulary chunking comes from the mesh.
 CBD term (b) needs the policy's log-prob of a few sparse veto tokens per position; they are gathered
-from the same logits block, which costs E extra gathers per position and no extra matmul.
+from the same logits block, which costs M extra gathers per position and no extra matmul.
 """
 
 from __future__ import annotations
@@ -31,24 +31,24 @@ def chunked_token_logprobs(
     tokens_BxL: jax.Array,
     *,
     chunk: int = 0,
-    entry_ids_BxLxE: jax.Array | None = None,
+    entry_ids_BxLxM: jax.Array | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of each token and (optionally) of veto-entry tokens, from final hidden states.
 
     h_BxLxD: hidden states after the final norm; unembed_DxV: the output projection (tied or not);
     tokens_BxL int32. chunk: sequence positions per logits block (0 = all L at once; L is padded up
-    to a multiple). entry_ids_BxLxE int32: token ids whose log-prob is wanted at each position, in
+    to a multiple). entry_ids_BxLxM int32: token ids whose log-prob is wanted at each position, in
     the token frame (entry e at position t is a candidate for token t). The matmul runs in
     ``compute_dtype`` with float32 accumulation; log-softmax is float32.
-    Returns ``(token_logps_BxL float32, entry_logps_BxLxE float32 | None)``.
+    Returns ``(token_logps_BxL float32, entry_logps_BxLxM float32 | None)``.
     """
     b, l, d = h_BxLxD.shape
     next_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))  # target of hidden s is token s+1
     entries = None
-    if entry_ids_BxLxE is not None:
+    if entry_ids_BxLxM is not None:
         # Entries for token t are scored by hidden t-1: move them to the hidden frame.
-        entries = jnp.pad(entry_ids_BxLxE[:, 1:], ((0, 0), (0, 1), (0, 0)))
+        entries = jnp.pad(entry_ids_BxLxM[:, 1:], ((0, 0), (0, 1), (0, 0)))
     c = l if chunk <= 0 or chunk >= l else chunk
     n_chunks = -(-l // c)
     pad = n_chunks * c - l
@@ -60,13 +60,13 @@ def chunked_token_logprobs(
         return jnp.moveaxis(x, 1, 0)
 
     @jax.checkpoint
-    def block(h_BxCxD: jax.Array, tgt_BxC: jax.Array, ent_BxCxE: jax.Array | None):
+    def block(h_BxCxD: jax.Array, tgt_BxC: jax.Array, ent_BxCxM: jax.Array | None):
         logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(compute_dtype), w, preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, tgt_BxC[..., None], axis=-1)[..., 0] - lse
-        if ent_BxCxE is None:
+        if ent_BxCxM is None:
             return tgt, None
-        ent = jnp.take_along_axis(logits, ent_BxCxE, axis=-1) - lse[..., None]
+        ent = jnp.take_along_axis(logits, ent_BxCxM, axis=-1) - lse[..., None]
         return tgt, ent
 
     xs = (to_chunks(h_BxLxD), to_chunks(next_BxL), None if entries is None else to_chunks(entries))

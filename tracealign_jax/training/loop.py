@@ -18,19 +18,21 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tracealign_jax import sharding
-from tracealign_jax.config import Config, to_dict
+from tracealign_jax.config import Config, to_dict, validate
+from tracealign_jax.model import model_arch, model_options
+from tracealign_jax.model.flops import train_step_flops
+from tracealign_jax.pairs import TokenizedPairs, load_pairs
 from tracealign_jax.training.checkpoint import Checkpointer
-from tracealign_jax.training.data import BatchStream, TokenizedPairs, load_pairs
-from tracealign_jax.training.metrics import MetricsWriter, step_flops
+from tracealign_jax.training.data import BatchStream
+from tracealign_jax.training.metrics import MetricsWriter
 from tracealign_jax.training.state import (
     TrainState,
     abstract_train_state,
     graphdef_and_abstract_params,
     init_train_state,
-    model_arch,
     state_shardings,
 )
 from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step
@@ -66,7 +68,7 @@ def _load_veto(cfg: Config) -> tuple[Any, dict]:
         return None, {}
     if not cfg.loss.cbd_veto_table:
         raise ValueError("loss.cbd_cont_weight > 0 needs loss.cbd_veto_table (a provenance veto table directory)")
-    from tracealign_jax.provenance.veto_table import load_veto_table
+    from tracealign_jax.veto.store import load_veto_table
 
     return load_veto_table(cfg.loss.cbd_veto_table)
 
@@ -91,7 +93,7 @@ def _initial_model(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> Any:
         return None
     from tracealign_jax.hf_io import load_hf
 
-    model, _ = load_hf(cfg.model.hf_dir, mesh=mesh, rules=rules, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    model, _ = load_hf(cfg.model.hf_dir, mesh=mesh, rules=rules, **model_options(cfg.model))
     return model
 
 
@@ -99,6 +101,7 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
           show_progress: bool = True) -> TrainResult:  # fmt: skip
     """Runs (or resumes) training to ``cfg.train.steps``; ``stop_after`` ends early after that many
     steps in this call (tests use it to simulate an interrupted run)."""
+    validate(cfg)
     sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.build_mesh(cfg.mesh)
     rules = sharding.resolve_rules(cfg.mesh.rules)
@@ -111,21 +114,22 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         raise ValueError("loss.cbd_data_weight > 0 needs per-token BCI arrays: set data.bci_path "
                          "(written by `tracealign provenance token-bci`)")
     if cfg.data.bci_path and not sft:
-        from tracealign_jax.provenance.token_bci import TokenBCIReader
+        from tracealign_jax.response_store import ResponseArrayReader
 
-        bci = TokenBCIReader(cfg.data.bci_path)
+        bci = ResponseArrayReader(cfg.data.bci_path)
         if len(bci) != len(pairs):
             raise ValueError(f"data.bci_path: {len(bci)} examples but the dataset has {len(pairs)}")
     veto, veto_meta = _load_veto(cfg)
+    if veto is not None:  # replicated once here, so the step never re-transfers it
+        veto = jax.device_put(veto, NamedSharding(mesh, PartitionSpec()))
     cfg = _resolve_bci_scale(cfg, bci, veto_meta)
     ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or out_dir / "checkpoints")
     resumed_from = ckpt.latest_step()
     graphdef, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     if resumed_from is not None:
-        state, position = ckpt.restore(abstract_train_state(cfg, mesh, rules, veto))
-        state = state.replace(veto=veto)
+        state, position = ckpt.restore(abstract_train_state(cfg, mesh, rules))
     else:
-        graphdef, state = init_train_state(cfg, mesh, rules, model=_initial_model(cfg, mesh, rules), veto=veto)
+        graphdef, state = init_train_state(cfg, mesh, rules, model=_initial_model(cfg, mesh, rules))
         position = None
     ref_reader = None
     if not sft and cfg.loss.reference == "precomputed":
@@ -135,11 +139,11 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         if ref_reader is None:
             if resumed_from is not None:
                 raise ValueError("reference log-probs store missing on resume; the reference params are not in the checkpoint")
-            ref_reader = reference.precompute_reference(cfg, graphdef, state.params, pairs, cfg.train.batch_size)
+            ref_reader = reference.precompute_reference(cfg, graphdef, state.params, pairs, mesh, rules, cfg.train.batch_size)
     stream = BatchStream(pairs, cfg.data, cfg.train.batch_size, sft=sft, bci=bci, ref_logps=ref_reader)
     if position is not None:
         stream.restore(position)
-    step_fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules, veto))
+    step_fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))
     b_sh = batch_shardings(cfg, mesh, rules)
     fields = batch_fields(cfg)
     arch = model_arch(cfg.model)
@@ -163,7 +167,7 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         m["step_time_s"] = dt
         m["tokens_per_s"] = valid_tokens / dt
         if cfg.train.peak_flops_per_device > 0:
-            flops = step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=not sft and cfg.loss.reference == "in_step")
+            flops = train_step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=not sft and cfg.loss.reference == "in_step")
             m["mfu"] = flops / dt / (cfg.train.peak_flops_per_device * jax.device_count())
         history.append(dict(m, step=n))
         if n % max(cfg.train.log_every, 1) == 0 or n == end:
@@ -181,7 +185,7 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
             host = next(stream)
             position = stream.position()
             batch = to_device_batch({k: host[k] for k in fields}, b_sh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, veto)
             if pending is not None:
                 drain(pending)  # step n is already queued: reading n-1 does not stall the device
             pending = (n, metrics, host["tokens"].shape, float(host["valid"].sum()))

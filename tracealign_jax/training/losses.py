@@ -1,45 +1,28 @@
-"""DPO-family preference losses, the SFT objective and the two CBD terms, as pure functions of arrays.
+"""DPO-family preference losses, the SFT objective and the two CBD terms: pure functions of arrays.
 
-Every function takes log-probabilities (nats) that a caller computed (``training.logprobs``), masks
-and BCI arrays, and returns ``(loss, metrics)``. Nothing here touches a model.
+Inputs are log-probabilities (nats, from ``training.logprobs``), masks and BCI arrays; every function
+returns ``(loss, metrics)``. Each term is a SUM divided by a count the caller passes (``num_pairs``,
+``num_tokens``, ``num_chosen_tokens``; default: the arrays at hand). The train step passes the whole
+batch's counts to every micro-batch, so accumulated micro-batches equal the big batch (not TRL's
+mean of micro-batch means).
 
-Normalisation and gradient accumulation. Each term is a SUM over pairs / tokens divided by a count
-that the caller passes in (``num_pairs``, ``num_tokens``, ``num_chosen_tokens``); by default the
-count of the arrays at hand. The train step passes the counts of the whole global batch to every
-micro-batch, so summing micro-batch losses (and gradients, and metrics) gives exactly the big-batch
-value: a token-weighted mean, not a mean of micro-batch means (the TRL gradient-accumulation bug).
+``logratio = log pi(y|x) - log pi_ref(y|x)`` summed over response tokens, ``margin_B =
+logratio(chosen) - logratio(rejected)``, rewards ``beta * logratio``. Loss types (TRL's formulas,
+ls = label_smoothing): sigmoid -(1-ls) log s(beta m) - ls log s(-beta m) (DPO; cDPO with ls > 0);
+robust (-(1-ls) log s(beta m) + ls log s(-beta m)) / (1-2ls); hinge max(0, 1 - beta m) (SLiC);
+ipo (m_avg - 1/(2 beta))^2 with m_avg from per-token-averaged logps.
 
-Conventions: ``logratio = log pi(y|x) - log pi_ref(y|x)`` summed over response tokens;
-``margin_B = logratio(chosen) - logratio(rejected)`` (the "logits" of TRL). Rewards are
-``beta * logratio``.
-
-Loss types (TRL's formulas, ``ls`` = label_smoothing):
-  sigmoid  -(1-ls) log s(beta m) - ls log s(-beta m)            (DPO; ls > 0 is conservative cDPO)
-  robust   (-(1-ls) log s(beta m) + ls log s(-beta m)) / (1-2ls) (unbiased under label noise)
-  hinge    max(0, 1 - beta m)                                   (SLiC)
-  ipo      (m_avg - 1/(2 beta))^2, with m_avg from per-token-averaged logps (as TRL does)
-
-CBD (Contrastive Belief Deconfliction). The TraceAlign paper does not publish a formula; its reference
-code adds ``0.01 * sum max(0, BCI - tau)`` over spans of argmax-decoded tokens as a constant, so it
-has no gradient. Ours, both differentiable and both bounded:
-  BCI weights: w(b) = min(b / s, 1) in [0, 1] with s = ``cbd_bci_scale`` (the calibrated tau, nats):
-      a token or continuation at or above the threshold weighs 1, one below it proportionally less.
-      Raw BCIs are sums of unigram surprisals (a memorized 100-token procedure scores ~600 nats), so
-      using them unscaled makes CBD outweigh the preference loss by orders of magnitude.
-  (a) data term, over response tokens t of both responses with per-token BCI b_t (nats):
-      L_a = sum_t w(b_t) * max(0, logp_t - logp_ref_t + margin) / num_tokens
-      pushes the policy's log-prob of high-BCI tokens at least ``margin`` nats below the reference's;
-      tokens with b_t = 0 contribute nothing.
-  (b) continuation term, over every response position t (the model predicting token t from its
-      prefix) with the sparse veto entries (token v_e, penalty r_e) of that prefix:
-      L_b = sum_t sum_e w(r_e) * max(0, logp(v_e | prefix_t) - logp_ref(v_e | prefix_t) + margin) / num_tokens
-      the same hinge on the policy's own next-token distribution: every continuation that would
-      extend a high-BCI span must lose ``margin`` nats against the reference. Unlike the paper's
-      expected-penalty form (sum_e p(v_e) r_e, unbounded below the reference and blind to it), the
-      hinge stops pushing once the margin is met, so it cannot drive the policy into degenerate
-      text that merely avoids every vetoed token.
-Total: L = L_pref + rpo_alpha * NLL(chosen) + cbd_data_weight * L_a + cbd_cont_weight * L_b.
-Terms with weight 0 are not traced at all, so CBD with both weights 0 is bit-for-bit plain DPO.
+CBD. The paper publishes no formula (its code adds a constant without gradient). Ours are two bounded
+hinges weighted by w(b) = min(b / s, 1), s = ``cbd_bci_scale`` (the calibrated tau: raw BCIs reach
+hundreds of nats and would swamp the preference loss):
+  (a) L_a = sum_t w(b_t) max(0, logp_t - logp_ref_t + margin) / num_tokens over response tokens with
+      per-token BCI b_t: high-BCI tokens end at least ``margin`` nats below the reference.
+  (b) L_b = sum_t sum_m w(r_m) max(0, logp(v_m | prefix_t) - logp_ref(v_m | prefix_t) + margin)
+      / num_tokens over the veto entries (v_m, r_m) of every response prefix: the same hinge on the
+      policy's own next-token distribution. Unlike an expected penalty it stops once the margin is
+      met, so it cannot push the policy into degenerate text that merely avoids vetoed tokens.
+Total: L_pref + rpo_alpha NLL(chosen) + cbd_data_weight L_a + cbd_cont_weight L_b. A zero-weight
+term is not traced, so CBD with both weights 0 is bit-for-bit plain DPO.
 """
 
 from __future__ import annotations
@@ -166,10 +149,10 @@ def cbd_data_loss(
 
 
 def cbd_continuation_loss(
-    entry_logps_BxLxE: jax.Array,
-    ref_entry_logps_BxLxE: jax.Array,
-    penalties_BxLxE: jax.Array,
-    valid_BxLxE: jax.Array,
+    entry_logps_BxLxM: jax.Array,
+    ref_entry_logps_BxLxM: jax.Array,
+    penalties_BxLxM: jax.Array,
+    valid_BxLxM: jax.Array,
     mask_BxL: jax.Array,
     margin: float,
     scale: float,
@@ -177,17 +160,17 @@ def cbd_continuation_loss(
 ) -> tuple[jax.Array, Metrics]:
     """CBD term (b): ``sum_t sum_e w(r_e) max(0, logp(v_e) - logp_ref(v_e) + margin) / num_tokens``.
 
-    entry_logps_BxLxE / ref_entry_logps_BxLxE: the policy's / reference's log-prob (nats) of each veto
-    entry's token at each position; penalties_BxLxE: its penalty (BCI, nats); valid_BxLxE: real
+    entry_logps_BxLxM / ref_entry_logps_BxLxM: the policy's / reference's log-prob (nats) of each veto
+    entry's token at each position; penalties_BxLxM: its penalty (BCI, nats); valid_BxLxM: real
     entries; mask_BxL: positions that count.
     """
     n = _count(mask_BxL, num_tokens)
-    w = valid_BxLxE.astype(jnp.float32) * mask_BxL.astype(jnp.float32)[..., None]
-    gap = entry_logps_BxLxE - jax.lax.stop_gradient(ref_entry_logps_BxLxE) + margin
+    w = valid_BxLxM.astype(jnp.float32) * mask_BxL.astype(jnp.float32)[..., None]
+    gap = entry_logps_BxLxM - jax.lax.stop_gradient(ref_entry_logps_BxLxM) + margin
     # a masked-out entry's log-prob may be anything (padding ids); where() keeps its gradient exactly 0.
     hinge = jnp.where(w > 0, jax.nn.relu(gap), 0.0)
-    loss = jnp.sum(hinge * bci_weights(penalties_BxLxE, scale) * w) / n
-    probs = jnp.where(w > 0, jnp.exp(entry_logps_BxLxE), 0.0)
+    loss = jnp.sum(hinge * bci_weights(penalties_BxLxM, scale) * w) / n
+    probs = jnp.where(w > 0, jnp.exp(entry_logps_BxLxM), 0.0)
     return loss, {
         "loss/cbd_cont": jax.lax.stop_gradient(loss),
         "bci/veto_mass": jax.lax.stop_gradient(jnp.sum(probs) / n),
@@ -210,7 +193,7 @@ def dpo_objective(
 
     policy/ref_logps_2BxL: per-token log-probs of each row's tokens (nats; position t scores token t);
     loss_mask_2BxL: 1 on response tokens. bci_2BxL: per-token BCI for CBD (a). veto: the CBD (b)
-    arrays ``(entry_logps_2BxLxE, ref_entry_logps_2BxLxE, penalties_2BxLxE, valid_2BxLxE)``. Counts default to the arrays'
+    arrays ``(entry_logps_2BxLxM, ref_entry_logps_2BxLxM, penalties_2BxLxM, valid_2BxLxM)``. Counts default to the arrays'
     own; the step passes the global batch's. Returns ``(loss, metrics)`` with every term reported.
     """
     b = policy_logps_2BxL.shape[0] // 2
@@ -236,7 +219,7 @@ def dpo_objective(
         metrics.update(m)
     if cfg.cbd_cont_weight:
         if veto is None:
-            raise ValueError("loss.cbd_cont_weight > 0 needs a provenance veto table (provenance.veto_table)")
+            raise ValueError("loss.cbd_cont_weight > 0 needs a provenance veto table (tracealign_jax.veto.table)")
         term, m = cbd_continuation_loss(*veto, mask, cfg.cbd_margin, cfg.cbd_bci_scale, num_tokens)
         loss = loss + cfg.cbd_cont_weight * term
         metrics.update(m)

@@ -1,4 +1,4 @@
-"""Training metrics: model FLOPs / MFU from the config, and a writer to JSONL + TensorBoard + tqdm.
+"""Training metrics: a writer to JSONL + TensorBoard + tqdm (FLOPs for MFU: ``model.flops``).
 
 Only process 0 writes. TensorBoard event files come from tensorboardX (no TensorFlow needed).
 """
@@ -11,27 +11,6 @@ from typing import Any
 
 import jax
 
-from tracealign_jax.model import ModelArch
-
-
-def matmul_params(arch: ModelArch) -> int:
-    """Parameters that take part in a matmul per token (the embedding lookup does not, unless tied)."""
-    n = arch.num_params()
-    return n if arch.tie_word_embeddings else n - arch.vocab_size * arch.hidden_size
-
-
-def flops_per_token(arch: ModelArch, seq_len: int, *, train: bool = True) -> float:
-    """Model FLOPs per token (PaLM appendix B): 6N + 12 * layers * heads * head_dim * seq for a
-    forward + backward, a third of it for a forward only. Causal masking is not discounted."""
-    attn = 2 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * seq_len
-    fwd = 2 * matmul_params(arch) + attn
-    return 3 * fwd if train else fwd
-
-
-def step_flops(arch: ModelArch, tokens: int, seq_len: int, *, ref_forward: bool) -> float:
-    """Model FLOPs of one DPO/SFT step over ``tokens`` tokens (policy fwd+bwd, + reference fwd)."""
-    per = flops_per_token(arch, seq_len) + (flops_per_token(arch, seq_len, train=False) if ref_forward else 0.0)
-    return per * tokens
 
 
 class MetricsWriter:

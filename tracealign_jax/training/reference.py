@@ -4,8 +4,8 @@ TRL's ``precompute_ref_log_probs`` keeps them in memory for one run; its users a
 them (trl#3985). Here the store lives at ``<data.ref_logps_path>/<key>`` where ``key`` hashes the
 reference parameters' identity (checkpoint path or HF dir, or the init seed + architecture) and the
 tokenized dataset's fingerprint, so a different reference or dataset never reads stale values.
-Layout: the per-response float32 arrays of ``provenance.token_bci`` (chosen/rejected [N, T_max] +
-lengths), holding log p_ref(token) in nats for each response token.
+Layout: ``tracealign_jax.response_store`` (chosen/rejected float32 [N, T_max] + lengths), holding
+log p_ref(token) in nats for each response token.
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tracealign_jax import sharding
 from tracealign_jax.config import Config, to_dict
-from tracealign_jax.provenance.token_bci import TokenBCIReader, write_token_bci
-from tracealign_jax.training.data import TokenizedPairs, assign_buckets, build_batch
+from tracealign_jax.model import param_shardings
+from tracealign_jax.pairs import TokenizedPairs
+from tracealign_jax.response_store import ResponseArrayReader, write_response_arrays
+from tracealign_jax.training.data import assign_buckets, build_batch
 
 
 def reference_key(cfg: Config, pairs: TokenizedPairs) -> str:
@@ -38,23 +42,36 @@ def store_path(cfg: Config, pairs: TokenizedPairs) -> str:
     return str(Path(cfg.data.ref_logps_path) / reference_key(cfg, pairs))
 
 
-def open_reference(cfg: Config, pairs: TokenizedPairs) -> TokenBCIReader | None:
+def open_reference(cfg: Config, pairs: TokenizedPairs) -> ResponseArrayReader | None:
     """The stored reference log-probs for this (reference, dataset), or None if not computed yet."""
     path = store_path(cfg, pairs)
     if not (Path(path) / "meta.json").is_file():
         return None
-    reader = TokenBCIReader(path)
+    reader = ResponseArrayReader(path)
     if reader.meta.get("kind") != "reference_logps" or len(reader) != len(pairs):
         raise ValueError(f"{path}: not a reference log-prob store for this dataset")
     return reader
 
 
-def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, pairs: TokenizedPairs,
-                         batch_size: int = 8) -> TokenBCIReader:  # fmt: skip
-    """Computes every example's per-token reference log-probs (one jit per bucket) and stores them."""
-    from tracealign_jax.training.step import _forward_logps
+def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, pairs: TokenizedPairs, mesh: Mesh,
+                         rules: sharding.Rules, batch_size: int = 8) -> ResponseArrayReader:  # fmt: skip
+    """Computes every example's per-token reference log-probs (one jit per bucket) and stores them.
 
-    fwd = jax.jit(lambda p, b: _forward_logps(graphdef, p, b, cfg.train.logprob_chunk, None)[0])
+    The forward is jitted under ``mesh`` like the train step: parameters in their declared shardings,
+    batch rows over the batch axes, the [rows, L] log-probs replicated so every process can read them.
+    """
+    from tracealign_jax.training.loop import to_device_batch
+    from tracealign_jax.training.step import BATCH_AXES, _forward_logps
+
+    rows = sharding.named_sharding(mesh, rules, BATCH_AXES)
+    batch_sh = {k: rows for k in ("tokens", "positions", "valid")}
+
+    def forward(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        with sharding.use_mesh(mesh, rules):
+            return _forward_logps(graphdef, params, batch, cfg.train.logprob_chunk, None)[0]
+
+    fwd = jax.jit(forward, in_shardings=(param_shardings(ref_params, mesh, rules), batch_sh),
+                  out_shardings=NamedSharding(mesh, PartitionSpec()))  # fmt: skip
     bucket_N = assign_buckets(pairs, cfg.data.buckets)
     out: list[list[np.ndarray]] = [[np.zeros(0, np.float32)] * 2 for _ in range(len(pairs))]
     order = np.argsort(bucket_N, kind="stable")
@@ -63,7 +80,7 @@ def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, p
         length = int(bucket_N[idx].max())
         padded = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
         batch = build_batch(pairs, padded, length)
-        dev = {k: batch[k] for k in ("tokens", "positions", "valid")}
+        dev = to_device_batch({k: batch[k] for k in batch_sh}, batch_sh)
         logps = np.asarray(jax.device_get(fwd(ref_params, dev)))
         for i, ex in enumerate(idx):
             for j in range(2):
@@ -73,8 +90,8 @@ def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, p
     path = store_path(cfg, pairs)
     if jax.process_index() == 0:
         meta = {"kind": "reference_logps", "key": reference_key(cfg, pairs), "dataset": pairs.fingerprint}
-        write_token_bci(path, [tuple(x) for x in out], meta=meta, overwrite=True)
+        write_response_arrays(path, [tuple(x) for x in out], meta=meta, overwrite=True)
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("tracealign_reference_written")
-    return TokenBCIReader(path)
+    return ResponseArrayReader(path)

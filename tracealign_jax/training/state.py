@@ -1,10 +1,9 @@
 """The training state pytree, the optimizer, and how both are born sharded (or abstract, for AOT/restore).
 
 ``TrainState`` holds float32 master parameters (``model.param_dtype``), the optax state, the step,
-an RNG key (raw uint32 key data, so it checkpoints as a plain array), the frozen reference
-parameters (in the compute dtype; None when reference log-probs are precomputed) and the counters
-of non-finite steps. The provenance veto table (CBD term b) rides along in ``veto`` as constant
-device arrays; it is rebuilt from disk on resume, never checkpointed.
+the frozen reference parameters (in the compute dtype; None when reference log-probs are
+precomputed) and the counters of non-finite steps. The veto table (CBD term b) is data, not state:
+the step takes it as its own argument.
 
 Shardings come from the parameters' logical axis metadata (``model.param_shardings``); the optimizer
 moments mirror their parameter's sharding; scalars are replicated. ``abstract_train_state`` builds
@@ -23,31 +22,20 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tracealign_jax import sharding
-from tracealign_jax.config import Config, ModelConfig, TrainConfig
-from tracealign_jax.model import ModelArch, Transformer, abstract_model, param_shardings
+from tracealign_jax.config import Config, TrainConfig
+from tracealign_jax.model import Transformer, abstract_model_from_config, build_model, param_shardings
 
 
 class TrainState(struct.PyTreeNode):
-    """step int32[]; params nnx.State (master dtype); opt_state optax; rng uint32[2] key data;
-    ref_params nnx.State in compute dtype or None; nonfinite_in_row / nonfinite_total int32[];
-    veto: a provenance ``VetoTable`` or None (not checkpointed)."""
+    """step int32[]; params nnx.State (master dtype); opt_state optax; ref_params nnx.State in compute
+    dtype or None; nonfinite_in_row / nonfinite_total int32[]."""
 
     step: jax.Array
     params: Any
     opt_state: Any
-    rng: jax.Array
     ref_params: Any
     nonfinite_in_row: jax.Array
     nonfinite_total: jax.Array
-    veto: Any = None
-
-
-def model_arch(cfg: ModelConfig) -> ModelArch:
-    """The architecture: ``hf_dir``'s config.json with ``arch`` entries overriding, or ``arch`` alone."""
-    if cfg.hf_dir:
-        base = ModelArch.from_hf_dir(cfg.hf_dir).to_hf_dict()
-        return ModelArch.from_hf_dict({**base, **cfg.arch})
-    return ModelArch.from_hf_dict(cfg.arch)
 
 
 def make_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -87,73 +75,57 @@ def _mirror_shardings(tree: Any, params: Any, param_sh: Any, replicated: NamedSh
     )
 
 
-def _dtype(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
-
-
 def graphdef_and_abstract_params(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> tuple[nnx.GraphDef, Any]:
-    mc = cfg.model
-    return abstract_model(model_arch(mc), dtype=_dtype(mc.dtype), param_dtype=_dtype(mc.param_dtype),
-                          remat=mc.remat, scan_layers=mc.scan_layers, mesh=mesh, rules=rules)  # fmt: skip
+    return abstract_model_from_config(cfg.model, mesh, rules)
 
 
 def _uses_ref_params(cfg: Config) -> bool:
     return cfg.train.objective == "dpo" and cfg.loss.reference == "in_step"
 
 
-def state_shardings(cfg: Config, abstract_params: Any, mesh: Mesh, rules: sharding.Rules, veto: Any = None) -> TrainState:
+def state_shardings(cfg: Config, abstract_params: Any, mesh: Mesh, rules: sharding.Rules) -> TrainState:
     """NamedShardings of every TrainState field (same pytree structure as the state)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     p_sh = param_shardings(abstract_params, mesh, rules)
     opt_abs = jax.eval_shape(make_optimizer(cfg.train).init, abstract_params)
     return TrainState(
         step=replicated, params=p_sh, opt_state=_mirror_shardings(opt_abs, abstract_params, p_sh, replicated),
-        rng=replicated, ref_params=p_sh if _uses_ref_params(cfg) else None,
-        nonfinite_in_row=replicated, nonfinite_total=replicated,
-        veto=None if veto is None else jax.tree.map(lambda _: replicated, veto),
+        ref_params=p_sh if _uses_ref_params(cfg) else None, nonfinite_in_row=replicated, nonfinite_total=replicated,
     )  # fmt: skip
 
 
-def _build(cfg: Config, params: Any, veto: Any) -> TrainState:
-    compute = _dtype(cfg.model.dtype)
+def _build(cfg: Config, params: Any) -> TrainState:
+    compute = jnp.dtype(cfg.model.dtype)
     ref = jax.tree.map(lambda p: jax.lax.stop_gradient(p).astype(compute), params) if _uses_ref_params(cfg) else None
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(cfg.train).init(params),
-        rng=jax.random.key_data(jax.random.key(cfg.train.seed)), ref_params=ref,
-        nonfinite_in_row=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32), veto=veto,
+        ref_params=ref, nonfinite_in_row=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32),
     )  # fmt: skip
 
 
-def abstract_train_state(cfg: Config, mesh: Mesh, rules: sharding.Rules, veto: Any = None) -> TrainState:
+def abstract_train_state(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> TrainState:
     """The TrainState as ShapeDtypeStructs carrying their NamedShardings (nothing allocated).
 
     Used by AOT compilation (``step.train_step_fn_and_shardings``) and as the Orbax restore target,
     so a checkpoint lands directly in the layout of *this* mesh.
     """
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
-    shardings = state_shardings(cfg, abs_params, mesh, rules, veto)
-    shapes = jax.eval_shape(lambda p, v: _build(cfg, p, v), abs_params, veto)
+    shardings = state_shardings(cfg, abs_params, mesh, rules)
+    shapes = jax.eval_shape(lambda p: _build(cfg, p), abs_params)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
-def init_train_state(cfg: Config, mesh: Mesh, rules: sharding.Rules, *, model: Transformer | None = None,
-                     veto: Any = None) -> tuple[nnx.GraphDef, TrainState]:  # fmt: skip
+def init_train_state(cfg: Config, mesh: Mesh, rules: sharding.Rules, *,
+                     model: Transformer | None = None) -> tuple[nnx.GraphDef, TrainState]:  # fmt: skip
     """(graphdef, state) born sharded: random init from ``cfg.train.seed`` (jitted with out_shardings,
     so no device holds a whole sharded weight) or the parameters of ``model`` (e.g. from ``load_hf``)."""
     graphdef, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
-    shardings = state_shardings(cfg, abs_params, mesh, rules, veto)
+    shardings = state_shardings(cfg, abs_params, mesh, rules)
     if model is None:
-        mc = cfg.model
-        arch = model_arch(mc)
-
-        def fresh(v: Any) -> TrainState:
-            m = Transformer(arch, dtype=_dtype(mc.dtype), param_dtype=_dtype(mc.param_dtype), remat=mc.remat,
-                            scan_layers=mc.scan_layers, rngs=nnx.Rngs(cfg.train.seed))  # fmt: skip
-            return _build(cfg, nnx.split(m)[1], v)
-
-        state = jax.jit(fresh, out_shardings=shardings)(veto)
+        fresh = lambda: _build(cfg, nnx.split(build_model(cfg.model, cfg.train.seed))[1])  # noqa: E731
+        state = jax.jit(fresh, out_shardings=shardings)()
     else:
         params = nnx.split(model)[1]
         params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, abs_params)
-        state = jax.jit(lambda p, v: _build(cfg, p, v), out_shardings=shardings)(params, veto)
+        state = jax.jit(lambda p: _build(cfg, p), out_shardings=shardings)(params)
     return graphdef, state

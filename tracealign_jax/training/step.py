@@ -1,4 +1,4 @@
-"""The train step: ``train_step(state, batch) -> (state, metrics)``, pure, jitted once per bucket shape.
+"""The train step: ``train_step(state, batch, veto) -> (state, metrics)``, pure, jitted once per bucket shape.
 
 One path for every configuration: merge the NNX graph with the state's parameters, run the decoder
 to final hidden states, compute per-token log-probs in chunks (``logprobs``), get reference log-probs
@@ -6,13 +6,14 @@ to final hidden states, compute per-token log-probs in chunks (``logprobs``), ge
 (``losses``), clip + AdamW. Gradient accumulation scans over ``train.micro_batches`` slices of the
 batch; every micro-batch is normalised by the WHOLE batch's pair / token counts, so the accumulated
 gradient equals the one-big-batch gradient. A non-finite loss or gradient norm leaves params and
-optimizer untouched and counts (``nonfinite_in_row`` resets on the next finite step).
+optimizer untouched and counts (``nonfinite_in_row`` resets on the next finite step). The veto table
+(CBD term b; None without it) is its own replicated, non-donated argument, as in decoding.
 
 For AOT (``tracealign_jax.aot``): ``train_step_fn_and_shardings(cfg, mesh, rules, bucket_len)``
 returns the exact jitted step plus the abstract state and batch it compiles for::
 
     step_fn, abs_state, abs_batch = train_step_fn_and_shardings(cfg, mesh, rules, 128)
-    compiled = step_fn.lower(abs_state, abs_batch).compile()
+    compiled = step_fn.lower(abs_state, abs_batch, abs_veto_or_None).compile()
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int
     model = nnx.merge(graphdef, params)
     h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"])
     return chunked_token_logprobs(h, model.unembedding_matrix(), batch["tokens"], chunk=chunk,
-                                  entry_ids_BxLxE=entry_ids, compute_dtype=model.dtype)  # fmt: skip
+                                  entry_ids_BxLxM=entry_ids, compute_dtype=model.dtype)  # fmt: skip
 
 
 def _veto_lookup(cfg: Config, veto: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Veto entries (ids, penalties, valid), each [R, L, E], for every position's prefix."""
-    from tracealign_jax.provenance.veto_table import unique_slots, veto_candidates
+    """Veto entries (ids, penalties, valid), each [B, L, M], for every position's prefix."""
+    from tracealign_jax.veto.table import unique_slots, veto_candidates
 
     r, l = tokens.shape
     ctx, n = veto_contexts(tokens, veto.context_len)
@@ -88,30 +89,27 @@ def _veto_lookup(cfg: Config, veto: Any, tokens: jax.Array) -> tuple[jax.Array, 
     return ids.reshape(r, l, -1), pen.reshape(r, l, -1), ok.reshape(r, l, -1)
 
 
-def loss_fn(params: Any, state: TrainState, batch: Batch, counts: dict[str, jax.Array], *, cfg: Config,
+def loss_fn(params: Any, state: TrainState, batch: Batch, veto: Any, counts: dict[str, jax.Array], *, cfg: Config,
             graphdef: nnx.GraphDef) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
     """The objective on one (micro-)batch, normalised by the global ``counts``."""
     chunk = cfg.train.logprob_chunk
     if cfg.train.objective == "sft":
         logps, _ = _forward_logps(graphdef, params, batch, chunk, None)
         return losses.sft_objective(logps, batch["loss_mask"], counts["tokens"])
-    veto = None
     entry_ids = None
     if cfg.loss.cbd_cont_weight:
-        if state.veto is None:
+        if veto is None:
             raise ValueError("loss.cbd_cont_weight > 0 needs a veto table (loss.cbd_veto_table)")
-        if cfg.loss.reference == "precomputed":
-            raise ValueError("loss.cbd_cont_weight > 0 needs the reference's log-probs of the veto entries, "
-                             "which precomputed reference log-probs do not hold: use loss.reference=in_step")
-        entry_ids, pen, ok = _veto_lookup(cfg, state.veto, batch["tokens"])
+        entry_ids, pen, ok = _veto_lookup(cfg, veto, batch["tokens"])
     logps, entry_logps = _forward_logps(graphdef, params, batch, chunk, entry_ids)
     if cfg.loss.reference == "precomputed":
         ref = batch["ref_logps"]
     else:
         ref, ref_entry_logps = _forward_logps(graphdef, state.ref_params, batch, chunk, entry_ids)
+    entries = None
     if entry_ids is not None:
-        veto = (entry_logps, jax.lax.stop_gradient(ref_entry_logps), pen, ok)
-    return losses.dpo_objective(cfg.loss, logps, jax.lax.stop_gradient(ref), batch["loss_mask"], batch["bci"], veto,
+        entries = (entry_logps, jax.lax.stop_gradient(ref_entry_logps), pen, ok)
+    return losses.dpo_objective(cfg.loss, logps, jax.lax.stop_gradient(ref), batch["loss_mask"], batch["bci"], entries,
                                 counts["pairs"], counts["tokens"], counts["chosen_tokens"])  # fmt: skip
 
 
@@ -124,25 +122,28 @@ def _counts(cfg: Config, batch: Batch) -> dict[str, jax.Array]:
             "chosen_tokens": jnp.maximum(jnp.sum(mask[0::2]), 1.0)}  # fmt: skip
 
 
-def train_step(state: TrainState, batch: Batch, *, cfg: Config, graphdef: nnx.GraphDef) -> tuple[TrainState, dict]:
-    """One optimizer step on a global batch (pure; bind cfg and graphdef with functools.partial)."""
+def train_step(state: TrainState, batch: Batch, veto: Any, *, cfg: Config,
+               graphdef: nnx.GraphDef) -> tuple[TrainState, dict]:  # fmt: skip
+    """One optimizer step on a global batch (pure; bind cfg and graphdef with functools.partial).
+
+    veto: a ``VetoTable`` when ``loss.cbd_cont_weight`` > 0, else None. ``train.micro_batches`` is
+    checked against the batch at config load (``config.validate``).
+    """
     counts = _counts(cfg, batch)
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg, graphdef=graphdef), has_aux=True)
     k = cfg.train.micro_batches
     if k <= 1:
-        (loss, metrics), grads = grad_fn(state.params, state, batch, counts)
+        (loss, metrics), grads = grad_fn(state.params, state, batch, veto, counts)
     else:
         rows = next(iter(batch.values())).shape[0]
-        if rows % k or (rows // k) % (1 if cfg.train.objective == "sft" else 2):
-            raise ValueError(f"train.micro_batches={k} must divide the batch into whole pairs ({rows} rows)")
         micro = jax.tree.map(lambda x: x.reshape((k, rows // k) + x.shape[1:]), batch)
 
         def body(carry, mb):
-            (l, m), g = grad_fn(state.params, state, mb, counts)
+            (l, m), g = grad_fn(state.params, state, mb, veto, counts)
             acc_l, acc_m, acc_g = carry
             return (acc_l + l, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
 
-        shapes = jax.eval_shape(grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro), counts)
+        shapes = jax.eval_shape(grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro), veto, counts)
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
         (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micro)
     grad_norm = optax.global_norm(grads)
@@ -155,7 +156,6 @@ def train_step(state: TrainState, batch: Batch, *, cfg: Config, graphdef: nnx.Gr
         step=state.step + finite.astype(jnp.int32),
         params=keep(new_params, state.params),
         opt_state=keep(new_opt, state.opt_state),
-        rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
         nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
         nonfinite_total=state.nonfinite_total + bad,
     )
@@ -168,22 +168,23 @@ def train_step(state: TrainState, batch: Batch, *, cfg: Config, graphdef: nnx.Gr
 
 
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, rules: sharding.Rules, state_sh: TrainState):
-    """The jitted step with explicit in/out shardings and the state donated."""
+    """The jitted ``step(state, batch, veto)``: explicit in/out shardings, the state donated, the veto
+    table (or None) replicated and not donated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     step = functools.partial(train_step, cfg=cfg, graphdef=graphdef)
 
-    def traced(state: TrainState, batch: Batch):
+    def traced(state: TrainState, batch: Batch, veto: Any):
         with sharding.use_mesh(mesh, rules):
-            return step(state, batch)
+            return step(state, batch, veto)
 
-    return jax.jit(traced, in_shardings=(state_sh, batch_shardings(cfg, mesh, rules)),
+    return jax.jit(traced, in_shardings=(state_sh, batch_shardings(cfg, mesh, rules), replicated),
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))  # fmt: skip
 
 
-def train_step_fn_and_shardings(cfg: Config, mesh: Mesh, rules: sharding.Rules, bucket_len: int, veto: Any = None):
-    """(jitted step, abstract state, abstract batch): ``step.lower(state, batch).compile()`` is the real
-    step compiled for ``mesh`` (works for TPU topologies without the hardware)."""
+def train_step_fn_and_shardings(cfg: Config, mesh: Mesh, rules: sharding.Rules, bucket_len: int):
+    """(jitted step, abstract state, abstract batch): ``step.lower(state, batch, veto).compile()`` is the
+    real step compiled for ``mesh`` (works for TPU topologies without the hardware)."""
     graphdef, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
-    abs_state = abstract_train_state(cfg, mesh, rules, veto)
-    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules, veto))
+    abs_state = abstract_train_state(cfg, mesh, rules)
+    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))
     return fn, abs_state, abstract_batch(cfg, mesh, rules, bucket_len)

@@ -1,0 +1,46 @@
+"""The one way a run's ``ModelConfig`` becomes a decoder: architecture plus build options.
+
+``model_arch`` reads the architecture (``hf_dir``'s config.json, ``arch`` entries overriding);
+``model_options`` the keyword arguments every constructor takes (dtype, param_dtype, remat,
+scan_layers), so ``Transformer``, ``abstract_model``, ``init_model`` and ``hf_io.load_hf`` all
+build the same model from one config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from tracealign_jax import sharding
+from tracealign_jax.config import ModelConfig
+from tracealign_jax.model.config import ModelArch
+from tracealign_jax.model.partitioning import abstract_model
+from tracealign_jax.model.transformer import Transformer
+
+
+def model_arch(cfg: ModelConfig) -> ModelArch:
+    """The architecture: ``hf_dir``'s config.json with ``arch`` entries overriding, or ``arch`` alone."""
+    if cfg.hf_dir:
+        base = ModelArch.from_hf_dir(cfg.hf_dir).to_hf_dict()
+        return ModelArch.from_hf_dict({**base, **cfg.arch})
+    return ModelArch.from_hf_dict(cfg.arch)
+
+
+def model_options(cfg: ModelConfig) -> dict[str, Any]:
+    """``dtype``, ``param_dtype``, ``remat``, ``scan_layers``: the keyword arguments of every builder."""
+    return {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype), "remat": cfg.remat,
+            "scan_layers": cfg.scan_layers}  # fmt: skip
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A randomly initialised model (eager; wrap in jit / eval_shape to place or skip allocation)."""
+    return Transformer(model_arch(cfg), **model_options(cfg), rngs=nnx.Rngs(seed))
+
+
+def abstract_model_from_config(cfg: ModelConfig, mesh: Mesh | None = None,
+                               rules: sharding.Rules | None = None) -> tuple[nnx.GraphDef, nnx.State]:  # fmt: skip
+    """(graphdef, abstract state with NamedShardings on ``mesh``) of the configured model; nothing allocated."""
+    return abstract_model(model_arch(cfg), **model_options(cfg), mesh=mesh, rules=rules)
