@@ -28,21 +28,32 @@ def test_another_seed_gives_other_data(tmp_path: Path):
 
 
 def test_splits_are_consistent():
-    corpus, prefs, adb, forbidden, heldout = (_load(n) for n in ("corpus", "preferences", "adb", "forbidden", "heldout"))
+    corpus, unindexed, prefs, adb, forbidden, heldout = (
+        _load(n) for n in ("corpus", "unindexed", "preferences", "adb", "forbidden", "heldout"))
     judge = ExactContentJudge({f["source_id"]: f["strings"] for f in forbidden}, sd.JUDGE_WINDOW_WORDS)
     # every unsafe document is judged unsafe, every safe one safe: the judge and the labels agree
-    for doc in corpus:
+    for doc in corpus + unindexed:
         assert (judge.match(doc["text"]) is not None) == doc["unsafe"], doc["doc_id"]
+    # coverage: every source is indexed; "variant" sources also have a capitalized copy outside the index
+    cov = {a["source_id"]: a["coverage"] for a in adb if a["expected"] == "refuse"}
+    assert set(cov.values()) == set(sd.COVERAGE)
+    indexed_text = " ".join(d["text"] for d in corpus)
+    unindexed_text = " ".join(d["text"] for d in unindexed)
+    for f in forbidden:
+        assert f["strings"][0] in indexed_text and f["strings"][0] not in unindexed_text
+        capital = " ".join(w[:1].upper() + w[1:] for w in f["strings"][0].split(" "))
+        assert (capital in unindexed_text) == (cov[f["source_id"]] == "variant"), f["source_id"]
     assert {d["category"] for d in corpus if d["unsafe"]} == set(sd.CATEGORIES)
     # preferences: forbidden request -> refusal chosen, content rejected; benign -> the reverse
     refusal = RefusalJudge()
     for p in prefs:
         assert refusal.is_refusal(p["chosen"]) == p["unsafe"] and refusal.is_refusal(p["rejected"]) != p["unsafe"]
         assert (judge.match(p["rejected"]) is not None) == p["unsafe"]
-        assert p["prompt"] + (p["rejected"] if p["unsafe"] else p["chosen"]) in {d["text"] for d in corpus}
+        assert p["prompt"] + (p["rejected"] if p["unsafe"] else p["chosen"]) in {d["text"] for d in corpus + unindexed}
     # ADB: every refuse prompt points at a forbidden source; attacks reword the training request
     sources = {f["source_id"] for f in forbidden}
-    train_prompts = {p["prompt"] for p in prefs}
+    marker = "### Response:"  # the training request: the prompt of a preference pair or of a corpus document
+    train_prompts = {p["prompt"] for p in prefs} | {d["text"].split(marker)[0] + marker for d in corpus + unindexed}
     attacks = {a["attack"] for a in adb if a["expected"] == "refuse"}
     assert attacks == {"direct", "adversarial", "paraphrase", "decoding"}
     for a in adb:

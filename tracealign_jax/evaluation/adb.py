@@ -11,7 +11,8 @@ Completions are decoded once per (policy, veto) pair and shared between defenses
 temperature, beam width, greedy).
 
 ADB prompt records (JSONL): {"id", "source_id", "category", "attack", "prompt", "expected":
-"refuse" | "comply", "decoding": {DecodeConfig field: value}} (source_id, category, decoding optional).
+"refuse" | "comply", "decoding": {DecodeConfig field: value}, "coverage": what the defenses can know of
+the source (synthetic_data.COVERAGE)} (source_id, category, decoding, coverage optional).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class AdbPrompt:
     prompt: str
     expected: str
     decoding: tuple[tuple[str, Any], ...] = ()
+    coverage: str = ""
 
 
 def load_adb(path: str | Path, max_prompts: int = 0) -> list[AdbPrompt]:
@@ -73,7 +75,7 @@ def load_adb(path: str | Path, max_prompts: int = 0) -> list[AdbPrompt]:
             id=require(rec, "id", str, path, line), source_id=str(rec.get("source_id") or rec["id"]),
             category=str(rec.get("category") or "uncategorized"), attack=require(rec, "attack", str, path, line),
             prompt=require(rec, "prompt", str, path, line), expected=expected,
-            decoding=tuple(sorted(decoding.items())),
+            decoding=tuple(sorted(decoding.items())), coverage=str(rec.get("coverage") or ""),
         ))
         if max_prompts and len(out) >= max_prompts:
             break
@@ -167,8 +169,8 @@ def evaluate_defenses(policies: dict[str, Any], tokenizer: Any, prompts: Sequenc
             flagged = bool(v.refuse) if (d.shield and v is not None) else None
             records.append(Judged(p.id, p.source_id, p.category, p.attack, p.expected, fj.unsafe, fj.refused,
                                   fj.quality, flagged, None if v is None else float(v.max_bci),
-                                  rj.unsafe if flagged else None))
-            rows.append({"defense": name, "id": p.id, "attack": p.attack, "category": p.category,
+                                  rj.unsafe if flagged else None, p.coverage))
+            rows.append({"defense": name, "id": p.id, "attack": p.attack, "category": p.category, "coverage": p.coverage,
                          "expected": p.expected, "completion": text, "raw_completion": r.text,
                          "unsafe": fj.unsafe, "refused": fj.refused, "quality": fj.quality,
                          "raw_unsafe": rj.unsafe, "shield_refused": flagged, "vetoes": r.vetoes,

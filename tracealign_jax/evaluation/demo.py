@@ -65,7 +65,8 @@ def _data_stage(ev: EvalConfig) -> Callable[[Path], dict]:
                 _write_jsonl(out / f"{name}.jsonl", records)
         # SFT view of the corpus: the request is the prompt, the rest is the response to learn
         sft = []
-        for doc in _read_jsonl(out / "corpus.jsonl"):
+        unindexed = out / "unindexed.jsonl"
+        for doc in _read_jsonl(out / "corpus.jsonl") + (_read_jsonl(unindexed) if unindexed.is_file() else []):
             head, sep, tail = doc["text"].partition(sd.PROMPT_TEMPLATE.split("{request}")[1])
             sft.append({"prompt": head + sep, "response": tail} if sep else {"prompt": "", "response": doc["text"]})
         _write_jsonl(out / "sft.jsonl", sft)
@@ -79,7 +80,8 @@ def _tokenizer_stage(data_dir: Path, vocab_size: int) -> Callable[[Path], dict]:
     def run(out: Path) -> dict:
         from tracealign_jax.evaluation.bpe import train_bpe_tokenizer
 
-        texts = [d["text"] for d in _read_jsonl(data_dir / "corpus.jsonl")]
+        texts = [d["text"] for name in ("corpus", "unindexed") if (data_dir / f"{name}.jsonl").is_file()
+                 for d in _read_jsonl(data_dir / f"{name}.jsonl")]
         train_bpe_tokenizer(texts, out / "tokenizer", vocab_size=vocab_size)
         return {"dir": str(out / "tokenizer")}
 

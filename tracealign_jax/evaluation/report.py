@@ -85,12 +85,27 @@ def _breakdown(report: dict[str, Any], field: str) -> str:
     return _table(["defense"] + groups, rows)
 
 
+def _coverage_table(report: dict[str, Any]) -> str:
+    groups = sorted({g for m in report["defenses"].values() for g in (m.get("drift_by_coverage") or {})})
+    rows = []
+    for name, m in ordered(report["defenses"]).items():
+        rate, ci = m.get("drift_by_coverage") or {}, m.get("drift_by_coverage_ci95") or {}
+        rows.append([name] + [f"{_fmt(rate.get(g), 'pct')} [{_fmt(ci.get(g), 'interval')}]" if g in ci
+                              else _fmt(rate.get(g), "pct") for g in groups])
+    return _table(["defense"] + groups, rows)
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     paper = ", ".join(f"{k} {100 * v:.1f}%" for k, v in PAPER_DRIFT.items())
     parts = ["# Alignment Drift Benchmark report", "", main_table(report), "",
              f"For comparison, the TraceAlign paper's OLMo-2 ablation (drift): {paper}; perplexity +0.21 for all three.", "",
              "## Drift by attack", "", _breakdown(report, "drift_by_attack"), "",
              "## Drift by category", "", _breakdown(report, "drift_by_category"), ""]
+    if any(m.get("drift_by_coverage") for m in report["defenses"].values()):
+        parts += ["## Drift by coverage (what the defenses can know of the source)", "",
+                  "single: one surface form, indexed; variant: also a capitalized copy the index does not "
+                  "hold (a token-boundary variant). Wilson 95% intervals in brackets.", "",
+                  _coverage_table(report), ""]
     fpr = {n: m.get("shield_false_positive_rate") for n, m in ordered(report["defenses"]).items()
            if m.get("shield_false_positive_rate") is not None}
     if fpr:
