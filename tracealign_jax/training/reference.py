@@ -21,7 +21,7 @@ from flax import nnx
 
 from tracealign_jax.config import Config, to_dict
 from tracealign_jax.provenance.token_bci import TokenBCIReader, write_token_bci
-from tracealign_jax.training.data import TokenizedPairs, assign_buckets, build_batch
+from tracealign_jax.training.data import TokenizedPairs, assign_buckets, build_batch, check_same_dataset
 
 
 def reference_key(cfg: Config, pairs: TokenizedPairs) -> str:
@@ -44,6 +44,7 @@ def open_reference(cfg: Config, pairs: TokenizedPairs) -> TokenBCIReader | None:
     if not (Path(path) / "meta.json").is_file():
         return None
     reader = TokenBCIReader(path)
+    check_same_dataset(reader.meta, pairs, f"data.ref_logps_path {path}")
     if reader.meta.get("kind") != "reference_logps" or len(reader) != len(pairs):
         raise ValueError(f"{path}: not a reference log-prob store for this dataset")
     return reader
@@ -72,7 +73,8 @@ def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, p
                 out[int(ex)][j] = logps[row][sel].astype(np.float32)
     path = store_path(cfg, pairs)
     if jax.process_index() == 0:
-        meta = {"kind": "reference_logps", "key": reference_key(cfg, pairs), "dataset": pairs.fingerprint}
+        meta = {"kind": "reference_logps", "key": reference_key(cfg, pairs), "dataset": pairs.fingerprint,
+                "dataset_identity": pairs.identity}
         write_token_bci(path, [tuple(x) for x in out], meta=meta, overwrite=True)
     from jax.experimental import multihost_utils
 
