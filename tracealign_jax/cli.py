@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, RecordError, IntegrityError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, RecordError, IntegrityError, OSError) as err:  # OSError: missing file, disk full, ...
         print(f"tracealign {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,5 +1,11 @@
 """Orbax checkpoints of the train state + data position: periodic/final, keep-last-N, async, any mesh.
 
+Integrity: once a step's save is complete, ``checksums/<step>.json`` lists every file of the step
+with its size and SHA-256; ``restore`` verifies them first (by default) and refuses a missing,
+truncated or modified file, naming it (Orbax itself would load a flipped weight silently, and a
+truncated ``_METADATA`` surfaces as a bare JSONDecodeError). ``model_config.json`` holds the
+architecture the run was trained with, so export and decoding rebuild exactly that model.
+
 A checkpoint step directory holds two items: ``state`` (the TrainState without the veto table:
 params, optimizer, step, RNG, reference params, non-finite counters) and ``data`` (the batch
 stream's JSON position). Restores go through ``abstract_train_state`` of the CURRENT mesh, i.e.
@@ -9,14 +15,25 @@ shards (restoring onto another mesh shape works; nothing lands in the saved layo
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from tracealign_jax.atomic_io import IntegrityError, atomic_write_json, sha256_file
 from tracealign_jax.config import CheckpointConfig
 from tracealign_jax.training.state import TrainState
+
+CHECKSUMS_DIR = "checksums"  # <checkpoint dir>/checksums/<step>.json: {relpath: {bytes, sha256}} of the step's files
+ARCH_FILE = "model_config.json"  # the architecture (HF config.json fields) the checkpoints were trained with
+
+
+def _step_files(step_dir: Path) -> dict[str, dict[str, Any]]:
+    return {p.relative_to(step_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(step_dir.rglob("*")) if p.is_file()}
 
 
 class Checkpointer:
@@ -32,6 +49,7 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "data"))
+        self._unsummed: list[int] = []  # steps saved (maybe still in flight) whose checksums are not written yet
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -47,21 +65,99 @@ class Checkpointer:
         """Starts saving (async when configured); returns whether a save was started."""
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(
+        self._write_checksums()  # the previous save must be complete before the next one starts anyway
+        started = self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state.replace(veto=None)), data=ocp.args.JsonSave(data_position)),
             force=force,
         )
+        if started:
+            self._unsummed.append(step)
+        return started
 
-    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
-        """(state, data position) of ``step`` (default latest), laid out as ``abstract_state`` says."""
+    def _write_checksums(self) -> None:
+        """Waits for in-flight saves, then records the checksums of every step saved since the last call."""
+        if not self._unsummed:
+            return
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self._unsummed:
+                step_dir = self.dir / str(step)
+                if step_dir.is_dir():
+                    atomic_write_json(self.dir / CHECKSUMS_DIR / f"{step}.json", {"step": step, "files": _step_files(step_dir)})
+            kept = {str(s) for s in self.manager.all_steps()}
+            for old in (self.dir / CHECKSUMS_DIR).glob("*.json"):  # steps that keep_last deleted
+                if old.stem not in kept:
+                    old.unlink(missing_ok=True)
+        self._unsummed = []
+
+    def verify(self, step: int) -> None:
+        """Checks step ``step``'s files against ``checksums/<step>.json``; IntegrityError names the file.
+
+        A step without a checksum file (saved by older code, or killed between Orbax's commit and the
+        checksum write) is restored unverified with a warning on stderr."""
+        step_dir = self.dir / str(step)
+        record = self.dir / CHECKSUMS_DIR / f"{step}.json"
+        if not record.is_file():
+            print(f"warning: {record}: missing; step {step} is restored without checksum verification", file=sys.stderr)
+            return
+        try:
+            listed = json.loads(record.read_text())["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise IntegrityError(f"{record}: unreadable checksum record ({err}); delete it to restore unverified") from None
+        on_disk = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()}
+        for rel, info in listed.items():
+            p = step_dir / rel
+            if not p.is_file():
+                raise IntegrityError(f"{p}: listed in {record} but missing (an incomplete or damaged checkpoint)")
+            if p.stat().st_size != info["bytes"]:
+                raise IntegrityError(f"{p}: {p.stat().st_size} bytes on disk, {info['bytes']} when saved (truncated or replaced)")
+            if sha256_file(p) != info["sha256"]:
+                raise IntegrityError(f"{p}: SHA-256 differs from {record} (corrupted or modified after the save)")
+        extra = sorted(on_disk - set(listed))
+        if extra:
+            raise IntegrityError(f"{step_dir / extra[0]}: not part of the saved checkpoint (added after the save)")
+
+    def write_arch(self, arch: dict[str, Any]) -> None:
+        """Records the run's architecture once (process 0); a different one for the same directory is refused."""
+        saved = self.read_arch()
+        if saved is not None:
+            diff = sorted(k for k in set(saved) | set(arch) if saved.get(k) != arch.get(k))
+            if diff:
+                raise IntegrityError(f"{self.dir / ARCH_FILE}: these checkpoints were trained with another architecture "
+                                     f"({', '.join(f'{k}: {saved.get(k)!r} vs now {arch.get(k)!r}' for k in diff)}); "
+                                     "use the run's own model settings, or another checkpoint.dir")
+        elif jax.process_index() == 0:
+            atomic_write_json(self.dir / ARCH_FILE, arch)
+
+    def read_arch(self) -> dict[str, Any] | None:
+        """The recorded architecture (HF config.json fields), or None for checkpoints saved without one."""
+        path = self.dir / ARCH_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise IntegrityError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+    def restore(self, abstract_state: TrainState, step: int | None = None, *,
+                verify: bool = True) -> tuple[TrainState, dict[str, Any]]:  # fmt: skip
+        """(state, data position) of ``step`` (default latest), laid out as ``abstract_state`` says;
+        the step's files are checked against their checksums first unless ``verify=False``."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.dir}: no checkpoint to restore")
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(f"{self.dir}: no checkpoint for step {step} (have {self.all_steps()})")
+        if verify:
+            self.verify(step)
         target = abstract_state.replace(veto=None)
-        got = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
-        )
+        try:
+            got = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as err:  # a damaged file Orbax does not name
+            raise IntegrityError(f"{self.dir / str(step)}: unreadable checkpoint ({type(err).__name__}: {err})") from None
         return got["state"], dict(got["data"])
 
     def wait(self) -> None:
@@ -70,17 +166,36 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self._write_checksums()
         self.manager.close()
 
 
 def restore_params(directory: str | Path, abstract_state: TrainState, step: int | None = None) -> Any:
     """Only the policy parameters of a checkpoint (for export / decoding), onto ``abstract_state``'s layout."""
-    ckpt = Checkpointer(CheckpointConfig(dir=str(directory), async_save=False, keep_last=0))
+    ckpt = open_checkpoints(directory)
     try:
         state, _ = ckpt.restore(abstract_state, step)
     finally:
         ckpt.close()
     return state.params
+
+
+def open_checkpoints(directory: str | Path) -> Checkpointer:
+    """A read-side Checkpointer of an existing checkpoint directory (refuses a missing one, never creates it)."""
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    return Checkpointer(CheckpointConfig(dir=str(directory), async_save=False, keep_last=0))
+
+
+def recorded_arch(directory: str | Path) -> dict[str, Any] | None:
+    """The architecture a checkpoint directory records (``model_config.json``), or None."""
+    path = Path(directory) / ARCH_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise IntegrityError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
 def tree_equal(a: Any, b: Any) -> bool:

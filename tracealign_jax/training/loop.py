@@ -21,9 +21,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tracealign_jax import sharding
-from tracealign_jax.config import Config, to_dict
+from tracealign_jax.config import Config, ConfigError, to_dict
 from tracealign_jax.training.checkpoint import Checkpointer
-from tracealign_jax.training.data import BatchStream, TokenizedPairs, load_pairs
+from tracealign_jax.training.data import BatchStream, TokenizedPairs, check_same_dataset, check_token_ids, load_pairs
 from tracealign_jax.training.metrics import MetricsWriter, step_flops
 from tracealign_jax.training.state import (
     TrainState,
@@ -86,6 +86,27 @@ def _resolve_bci_scale(cfg: Config, bci: Any, veto_meta: dict) -> Config:
     return dataclasses.replace(cfg, loss=dataclasses.replace(loss, cbd_bci_scale=taus[0]))
 
 
+def _check_tokenizers(cfg: Config, pairs: TokenizedPairs, vocab_size: int, artifacts: dict[str, dict]) -> None:
+    """Provenance artifacts (per-token BCI store, veto table) hold token ids of the index's tokenizer:
+    refuse them when it is not the data's tokenizer, or when their vocabulary exceeds the model's."""
+    data_hash = ""
+    if cfg.data.tokenizer_dir:
+        from tracealign_jax.index.corpus import tokenizer_fingerprint
+
+        try:
+            data_hash = tokenizer_fingerprint(cfg.data.tokenizer_dir)[1]
+        except FileNotFoundError:  # a slow tokenizer (no tokenizer.json): no index can have been built with it
+            data_hash = ""
+    for key, meta in artifacts.items():
+        theirs = meta.get("tokenizer_hash")
+        if data_hash and theirs and theirs != data_hash:
+            raise ConfigError(f"{key}: built with tokenizer {theirs}, but data.tokenizer_dir {cfg.data.tokenizer_dir} "
+                              f"has hash {data_hash}: rebuild it from an index of the data's tokenizer")
+        if int(meta.get("vocab_size", 0)) > vocab_size:
+            raise ConfigError(f"{key}: built over a vocabulary of {meta['vocab_size']} tokens, the model has "
+                              f"{vocab_size}: the index tokenizer is not the model's")
+
+
 def _initial_model(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> Any:
     if not cfg.model.hf_dir:
         return None
@@ -114,11 +135,17 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         from tracealign_jax.provenance.token_bci import TokenBCIReader
 
         bci = TokenBCIReader(cfg.data.bci_path)
+        check_same_dataset(bci.meta, pairs, f"data.bci_path {cfg.data.bci_path}")
         if len(bci) != len(pairs):
             raise ValueError(f"data.bci_path: {len(bci)} examples but the dataset has {len(pairs)}")
     veto, veto_meta = _load_veto(cfg)
     cfg = _resolve_bci_scale(cfg, bci, veto_meta)
+    arch = model_arch(cfg.model)
+    check_token_ids(pairs, arch.vocab_size, cfg.data.train_path, "the model's")
+    _check_tokenizers(cfg, pairs, arch.vocab_size, {"data.bci_path": bci.meta if bci is not None else {},
+                                                    "loss.cbd_veto_table": veto_meta})
     ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or out_dir / "checkpoints")
+    ckpt.write_arch(arch.to_hf_dict())
     resumed_from = ckpt.latest_step()
     graphdef, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     if resumed_from is not None:
@@ -142,7 +169,6 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
     step_fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules, veto))
     b_sh = batch_shardings(cfg, mesh, rules)
     fields = batch_fields(cfg)
-    arch = model_arch(cfg.model)
     start = resumed_from or 0
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     writer = MetricsWriter(out_dir, cfg.train.steps, start, show_progress=show_progress)
