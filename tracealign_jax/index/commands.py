@@ -78,6 +78,12 @@ def _query_tokens(args: argparse.Namespace, index) -> list[int]:
             raise SystemExit(f"--tokens: expected comma-separated integers, got {args.tokens!r}") from None
     if index.tokenizer_dir is None:
         raise SystemExit(f"{index.path}: no bundled tokenizer; pass --tokens")
+    if (index.tokenizer_dir / "tokenizer.json").is_file():
+        # The Rust tokenizer that the fast HF tokenizer wraps, without importing transformers (and torch):
+        # seconds of a query command's start-up for the same ids.
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(index.tokenizer_dir / "tokenizer.json")).encode(args.text, add_special_tokens=False).ids
     from tracealign_jax.index.corpus import load_tokenizer
 
     return load_tokenizer(index.tokenizer_dir)(args.text, add_special_tokens=False)["input_ids"]

@@ -5,20 +5,31 @@ take a ``tracealign_jax.index.TraceIndex`` object as an argument; none imports t
 jitted code (training, decoding) can import ``veto_table`` without pulling host machinery in.
 """
 
-from tracealign_jax.provenance.bci import BCIScorer, ScoredSpan, SpanScore
-from tracealign_jax.provenance.bound import DriftBound, drift_bound, set_bound
+import importlib
+from typing import Any
+
+# Light (NumPy only) and eager: the function ``calibrate`` shares its name with its module, and a lazy
+# attribute would be shadowed by the module once anything imports ``provenance.calibrate``.
 from tracealign_jax.provenance.calibrate import Threshold, calibrate
-from tracealign_jax.provenance.shield import OffendingSpan, ShieldVerdict, Source, TraceShield, render_report, write_jsonl
-from tracealign_jax.provenance.token_bci import TokenBCIReader, compute_token_bci, token_bci_for_pairs, write_token_bci
-from tracealign_jax.provenance.veto_build import build_veto_table, collect_high_bci_spans
-from tracealign_jax.provenance.veto_table import (
-    VetoTable,
-    compile_veto_table,
-    load_veto_table,
-    save_veto_table,
-    veto_entries,
-    veto_penalties,
-)
+
+# Imported on first use (PEP 562): ``import tracealign_jax.provenance.commands`` for a host-only command
+# must not pull in JAX (veto_table) or tensorstore (token_bci).
+_EXPORTS = {
+    "bci": ("BCIScorer", "ScoredSpan", "SpanScore"),
+    "bound": ("DriftBound", "drift_bound", "set_bound"),
+    "shield": ("OffendingSpan", "ShieldVerdict", "Source", "TraceShield", "render_report", "write_jsonl"),
+    "token_bci": ("TokenBCIReader", "compute_token_bci", "token_bci_for_pairs", "write_token_bci"),
+    "veto_build": ("build_veto_table", "collect_high_bci_spans"),
+    "veto_table": ("VetoTable", "compile_veto_table", "load_veto_table", "save_veto_table", "veto_entries", "veto_penalties"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"tracealign_jax.provenance.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'tracealign_jax.provenance' has no attribute {name!r}")
+
 
 __all__ = [
     "BCIScorer", "DriftBound", "OffendingSpan", "ScoredSpan", "ShieldVerdict", "Source", "SpanScore", "Threshold",
