@@ -72,3 +72,32 @@ def test_refusal_ranks_below_every_allowed_hypothesis(k):
     refusal = _refusal_brute_force(lm, PROMPTS[0], max_new)
     best_allowed = brute_force(lm, PROMPTS[0], max_new, EOS, ALPHA, 1, allowed)[0]
     assert refusal is not None and refusal[0] > best_allowed[0]
+
+
+def test_losses_say_cdpo_and_apply_it():
+    """Issue 17 item 10: label_smoothing is cDPO's epsilon (documented, named), not TRL 1.16's ignored option."""
+    from tracealign_jax.config import LossConfig
+    from tracealign_jax.training import losses
+
+    assert "TRL's formulas" not in losses.__doc__
+    assert "cDPO" in losses.__doc__ and "ignores" in losses.__doc__ and "cDPO" in LossConfig.__doc__
+    beta, eps = 0.1, 0.2
+    pc, pr, rc, rr = (jnp.asarray([v], jnp.float32) for v in (-3.0, -7.0, -4.0, -5.0))
+    loss, _ = losses.preference_loss(pc, pr, rc, rr, loss_type="sigmoid", beta=beta, label_smoothing=eps)
+    m = (-3.0 + 4.0) - (-7.0 + 5.0)
+    cdpo = -(1 - eps) * np.log(1 / (1 + np.exp(-beta * m))) - eps * np.log(1 / (1 + np.exp(beta * m)))
+    np.testing.assert_allclose(float(loss), cdpo, rtol=1e-6)
+
+
+def test_decode_refuses_prompt_ids_and_veto_tables_beyond_the_model_vocabulary(tmp_path):
+    """Issue 17 items 1, 2 at decode time: prompt ids, tokenizer and veto table must fit the model's vocabulary."""
+    from tracealign_jax.config import ConfigError
+    from tracealign_jax.decoding.job import _check_vocabularies, read_prompts
+    from tracealign_jax.records import RecordError
+
+    (tmp_path / "p.jsonl").write_text('{"prompt_ids": [1, 2]}\n{"prompt_ids": [3, 600]}\n')
+    with pytest.raises(RecordError, match=r"p\.jsonl:2: prompt_ids: token id 600 >= the model's vocab_size 512"):
+        read_prompts(tmp_path / "p.jsonl", None, 512)
+    with pytest.raises(ConfigError, match="veto table built over 768 tokens, the model has 512"):
+        _check_vocabularies(512, "", None, "vt", {"vocab_size": 768})
+    _check_vocabularies(512, "", None, "vt", {"vocab_size": 512})

@@ -100,7 +100,9 @@ class DataConfig:
 class LossConfig:
     """DPO-family loss and the Contrastive Belief Deconfliction (CBD) terms.
 
-    type: sigmoid | ipo | hinge | robust (label-smoothed cDPO uses sigmoid + label_smoothing).
+    type: sigmoid | ipo | hinge | robust. Conservative DPO (cDPO) is ``type: sigmoid`` with
+      ``label_smoothing`` = its epsilon (the assumed label-flip probability, in [0, 0.5)); TRL 1.16's
+      sigmoid loss ignores label_smoothing, ours applies the cDPO form (see ``training.losses``).
     beta: inverse temperature on log-ratio margins (nats^-1). rpo_alpha: weight of chosen NLL.
     cbd_data_weight / cbd_margin: term (a), hinge on high-BCI response tokens (margin in nats).
     cbd_cont_weight: term (b), the same hinge on the veto-table continuations of every response prefix.

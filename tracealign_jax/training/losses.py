@@ -13,9 +13,13 @@ Conventions: ``logratio = log pi(y|x) - log pi_ref(y|x)`` summed over response t
 ``margin_B = logratio(chosen) - logratio(rejected)`` (the "logits" of TRL). Rewards are
 ``beta * logratio``.
 
-Loss types (TRL's formulas, ``ls`` = label_smoothing):
-  sigmoid  -(1-ls) log s(beta m) - ls log s(-beta m)            (DPO; ls > 0 is conservative cDPO)
-  robust   (-(1-ls) log s(beta m) + ls log s(-beta m)) / (1-2ls) (unbiased under label noise)
+Loss types (``ls`` = ``loss.label_smoothing``, the cDPO epsilon: the assumed probability that a
+preference label is flipped):
+  sigmoid  -(1-ls) log s(beta m) - ls log s(-beta m)            (DPO; with ls > 0 this is conservative
+           DPO, cDPO (Mitchell 2023), on purpose. NOT TRL 1.16's sigmoid loss, which ignores
+           label_smoothing: for ls > 0 ours differs from TRL's by ls * beta * m, measured equal to the
+           cDPO formula to 1e-16. ls = 0 is plain DPO and equals TRL.)
+  robust   (-(1-ls) log s(beta m) + ls log s(-beta m)) / (1-2ls) (robust DPO, unbiased under label noise)
   hinge    max(0, 1 - beta m)                                   (SLiC)
   ipo      (m_avg - 1/(2 beta))^2, with m_avg from per-token-averaged logps (as TRL does)
 
