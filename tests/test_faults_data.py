@@ -157,3 +157,19 @@ def test_reference_store_of_another_preference_file_is_refused(tmp_path):
                     meta={"kind": "reference_logps", "dataset": other_pairs.fingerprint, "dataset_identity": other_pairs.identity})
     with pytest.raises(ConfigError, match=r"data\.ref_logps_path .*built on another dataset \(other\.jsonl\)"):
         reference.open_reference(cfg, pairs)
+
+
+def test_a_flipped_byte_in_a_token_array_store_is_refused(tmp_path):
+    """Per-token BCI / reference log-prob stores carry a crc32c per chunk: a flipped byte fails the read."""
+    from tracealign_jax.atomic_io import IntegrityError
+    from tracealign_jax.provenance.token_bci import TokenBCIReader, write_token_bci
+
+    examples = [(np.arange(5, dtype=np.float32) + i, np.arange(3, dtype=np.float32)) for i in range(6)]
+    write_token_bci(str(tmp_path / "bci"), examples)
+    assert TokenBCIReader(str(tmp_path / "bci")).read([2])[0][0].tolist() == [2, 3, 4, 5, 6]
+    chunk = next(p for p in (tmp_path / "bci" / "chosen").rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match=r"corrupted chunk .*Digest mismatch"):
+        TokenBCIReader(str(tmp_path / "bci")).read([2])
