@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -91,16 +92,18 @@ class Checkpointer:
                     old.unlink(missing_ok=True)
         self._unsummed = []
 
-    def verify(self, step: int) -> None:
+    def verify(self, step: int, *, hashes: bool = True) -> Callable[[], None]:
         """Checks step ``step``'s files against ``checksums/<step>.json``; IntegrityError names the file.
 
-        A step without a checksum file (saved by older code, or killed between Orbax's commit and the
-        checksum write) is restored unverified with a warning on stderr."""
+        Presence and sizes are checked now; the SHA-256s too with ``hashes``, else the returned callable
+        checks them (``restore`` runs it in a thread while Orbax reads, so the hashing overlaps the
+        restore). A step without a checksum file (saved by older code, or killed between Orbax's commit
+        and the checksum write) is restored unverified with a warning on stderr."""
         step_dir = self.dir / str(step)
         record = self.dir / CHECKSUMS_DIR / f"{step}.json"
         if not record.is_file():
             print(f"warning: {record}: missing; step {step} is restored without checksum verification", file=sys.stderr)
-            return
+            return lambda: None
         try:
             listed = json.loads(record.read_text())["files"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -112,11 +115,19 @@ class Checkpointer:
                 raise IntegrityError(f"{p}: listed in {record} but missing (an incomplete or damaged checkpoint)")
             if p.stat().st_size != info["bytes"]:
                 raise IntegrityError(f"{p}: {p.stat().st_size} bytes on disk, {info['bytes']} when saved (truncated or replaced)")
-            if sha256_file(p) != info["sha256"]:
-                raise IntegrityError(f"{p}: SHA-256 differs from {record} (corrupted or modified after the save)")
         extra = sorted(on_disk - set(listed))
         if extra:
             raise IntegrityError(f"{step_dir / extra[0]}: not part of the saved checkpoint (added after the save)")
+
+        def check_hashes() -> None:
+            for rel, info in listed.items():
+                if sha256_file(step_dir / rel) != info["sha256"]:
+                    raise IntegrityError(f"{step_dir / rel}: SHA-256 differs from {record} (corrupted or modified after the save)")
+
+        if hashes:
+            check_hashes()
+            return lambda: None
+        return check_hashes
 
     def write_arch(self, arch: dict[str, Any]) -> None:
         """Records the run's architecture once (process 0); a different one for the same directory is refused."""
@@ -149,15 +160,22 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.dir}: no checkpoint to restore")
         if step not in self.manager.all_steps():
             raise FileNotFoundError(f"{self.dir}: no checkpoint for step {step} (have {self.all_steps()})")
-        if verify:
-            self.verify(step)
+        hashes = ThreadPoolExecutor(1).submit(self.verify(step, hashes=False)) if verify else None
         target = abstract_state.replace(veto=None)
         try:
             got = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
             )
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as err:  # a damaged file Orbax does not name
+            if hashes is not None:
+                hashes.result()  # a checksum mismatch names the file: report that first
             raise IntegrityError(f"{self.dir / str(step)}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+        except BaseException:
+            if hashes is not None:
+                hashes.result()
+            raise
+        if hashes is not None:
+            hashes.result()  # raises IntegrityError: the restored state is dropped, never returned
         return got["state"], dict(got["data"])
 
     def wait(self) -> None:
