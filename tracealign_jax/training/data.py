@@ -27,9 +27,9 @@ pair i's prompt + chosen response, row 2i+1 the same prompt + rejected response,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
