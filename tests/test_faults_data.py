@@ -173,3 +173,20 @@ def test_a_flipped_byte_in_a_token_array_store_is_refused(tmp_path):
     chunk.write_bytes(bytes(raw))
     with pytest.raises(IntegrityError, match=r"corrupted chunk .*Digest mismatch"):
         TokenBCIReader(str(tmp_path / "bci")).read([2])
+
+
+def test_training_refuses_provenance_artifacts_of_another_tokenizer(tmp_path, tokenizer_dir):
+    """Issue 17 item 2 in training: a BCI store / veto table records the index tokenizer and vocabulary."""
+    from tracealign_jax.index.corpus import tokenizer_fingerprint
+    from tracealign_jax.training.loop import _check_tokenizers
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n")
+    cfg = toy_config(data, tmp_path / "run", f"data.tokenizer_dir={tokenizer_dir}")
+    pairs = load_pairs(DataConfig(train_path=str(data)))
+    ours = tokenizer_fingerprint(tokenizer_dir)[1]
+    _check_tokenizers(cfg, pairs, 512, {"loss.cbd_veto_table": {"tokenizer_hash": ours, "vocab_size": 12}})
+    with pytest.raises(ConfigError, match=rf"loss\.cbd_veto_table: built with tokenizer 0123abcd, but data\.tokenizer_dir .* has hash {ours}"):
+        _check_tokenizers(cfg, pairs, 512, {"loss.cbd_veto_table": {"tokenizer_hash": "0123abcd"}})
+    with pytest.raises(ConfigError, match=r"data\.bci_path: built over a vocabulary of 768 tokens, the model has 512"):
+        _check_tokenizers(cfg, pairs, 512, {"data.bci_path": {"vocab_size": 768}})
