@@ -180,11 +180,14 @@ def verify_manifest_cached(directory: str | Path) -> dict[str, Any]:
     manifest = verify_manifest(directory, checksums=False)
     copies = _read_verified_cache().get(manifest_hash(manifest), [])
     copies = [c for c in copies if isinstance(c, dict)] if isinstance(copies, list) else []
+    hashed = 0
     for rel, info in manifest.get("files", {}).items():
         p = directory / rel
         if any(c.get(rel) == _stat_key(p) for c in copies):
             continue
         if sha256_file(p) != info["sha256"]:
             raise IntegrityError(f"{p}: SHA-256 differs from the manifest (corrupted or modified)")
-    remember_verified(directory, manifest)
+        hashed += 1
+    if hashed:
+        remember_verified(directory, manifest)
     return manifest
