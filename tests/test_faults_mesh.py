@@ -26,3 +26,16 @@ def test_a_dividing_mesh_is_accepted():
     mesh = sharding.build_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
     _, state = abstract_model(ARCH, mesh=mesh, rules=sharding.resolve_rules("fsdp_tp"))
     assert jax.tree.leaves(state)
+
+
+def test_a_batch_the_data_axes_do_not_divide_is_refused_before_compiling(tmp_path):
+    from _training_toy import toy_config, write_toy_preferences
+
+    from tracealign_jax.training.loop import train
+
+    data = write_toy_preferences(tmp_path / "prefs.jsonl", n=16)
+    cfg = toy_config(data, tmp_path / "run", "train.objective=sft", "train.batch_size=4")  # 4 rows over 8 devices
+    with pytest.raises(ConfigError, match=r"train\.batch_size=4 \(4 rows, 1 row per example\) is "
+                                          r"not divisible over the batch axes mesh\.data=8 x mesh\.fsdp=1"):
+        train(cfg, show_progress=False)
+    assert not (tmp_path / "run").exists()

@@ -33,7 +33,7 @@ from tracealign_jax.training.state import (
     model_arch,
     state_shardings,
 )
-from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step
+from tracealign_jax.training.step import batch_fields, batch_rows, batch_shardings, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -107,6 +107,21 @@ def _check_tokenizers(cfg: Config, pairs: TokenizedPairs, vocab_size: int, artif
                               f"{vocab_size}: the index tokenizer is not the model's")
 
 
+def _check_batch_divides(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> None:
+    """The batch rows are split over the mesh's batch axes: refuse a batch they do not divide, naming
+    the settings, before anything is compiled (jax would raise a bare IndivisibleError at step 1)."""
+    spec = next(iter(batch_shardings(cfg, mesh, rules).values())).spec
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    rows = batch_rows(cfg)
+    if rows % ways:
+        per = "2 rows per pair" if cfg.train.objective == "dpo" else "1 row per example"
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} ({rows} rows, {per}) is not divisible over the "
+                          f"batch axes {' x '.join(f'mesh.{a}={mesh.shape[a]}' for a in axes)}: choose a batch whose "
+                          f"rows are a multiple of {ways}")
+
+
 def _initial_model(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> Any:
     if not cfg.model.hf_dir:
         return None
@@ -123,6 +138,7 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
     sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.build_mesh(cfg.mesh)
     rules = sharding.resolve_rules(cfg.mesh.rules)
+    _check_batch_divides(cfg, mesh, rules)
     sft = cfg.train.objective == "sft"
     out_dir = Path(cfg.train.output_dir)
     if pairs is None:
