@@ -28,11 +28,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted: no partial temp file is left behind either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -125,4 +129,70 @@ def verify_manifest(directory: str | Path, checksums: bool = True) -> dict[str, 
             raise IntegrityError(f"{p}: {size} bytes on disk, manifest says {info['bytes']} (truncated or replaced)")
         if checksums and sha256_file(p) != info["sha256"]:
             raise IntegrityError(f"{p}: SHA-256 differs from the manifest (corrupted or modified)")
+    return manifest
+
+
+# ---- verified once, trusted while unchanged -----------------------------------------------------------
+# A full SHA-256 pass over a large artifact (an index of billions of tokens) is too slow for every open,
+# and a size check alone misses a flipped byte. So the first open checks every checksum and records each
+# file's (size, mtime_ns, inode) in a small per-user cache; later opens re-hash only files whose stat
+# changed (any write through the filesystem changes mtime). Media bit rot under an unchanged mtime is
+# what ``tracealign index verify`` (a full pass) is for. The cache is keyed by the manifest's hash, so
+# a renamed or moved artifact stays verified, and it is only a cache: unreadable or unwritable, every
+# open simply verifies in full.
+VERIFIED_CACHE_ENV = "TRACEALIGN_CACHE_DIR"
+_MAX_CACHED = 256  # artifacts (manifest hashes)
+_COPIES = 8  # verified copies remembered per artifact
+
+
+def _verified_cache_path() -> Path:
+    root = os.environ.get(VERIFIED_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "tracealign")
+    return Path(root) / "verified_artifacts.json"
+
+
+def _stat_key(p: Path) -> list[int]:
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_verified_cache() -> dict[str, Any]:
+    try:
+        data = json.loads(_verified_cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remember_verified(directory: str | Path, manifest: dict[str, Any]) -> None:
+    """Records that every file of ``directory`` matches ``manifest`` as it is now (after a build or full check)."""
+    directory = Path(directory)
+    try:
+        stats = {rel: _stat_key(directory / rel) for rel in manifest.get("files", {})}
+        cache = _read_verified_cache()
+        key = manifest_hash(manifest)
+        copies = [c for c in cache.pop(key, []) if isinstance(c, dict) and c != stats]  # copies of one artifact
+        cache[key] = (copies + [stats])[-_COPIES:]
+        while len(cache) > _MAX_CACHED:
+            cache.pop(next(iter(cache)))
+        atomic_write_json(_verified_cache_path(), cache)
+    except OSError:
+        pass  # read-only home, full disk: the next open verifies in full again
+
+
+def verify_manifest_cached(directory: str | Path) -> dict[str, Any]:
+    """``verify_manifest`` with checksums, skipping the hash of files unchanged since a verified open."""
+    directory = Path(directory)
+    manifest = verify_manifest(directory, checksums=False)
+    copies = _read_verified_cache().get(manifest_hash(manifest), [])
+    copies = [c for c in copies if isinstance(c, dict)] if isinstance(copies, list) else []
+    hashed = 0
+    for rel, info in manifest.get("files", {}).items():
+        p = directory / rel
+        if any(c.get(rel) == _stat_key(p) for c in copies):
+            continue
+        if sha256_file(p) != info["sha256"]:
+            raise IntegrityError(f"{p}: SHA-256 differs from the manifest (corrupted or modified)")
+        hashed += 1
+    if hashed:
+        remember_verified(directory, manifest)
     return manifest

@@ -21,21 +21,34 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tracealign_jax.decoding.commands",
     "tracealign_jax.evaluation.commands",
 )
+# Which module registers each top-level command, so a run imports only its own module: a host-only
+# command (``index query``, ``bci score``) then never imports JAX, Flax or tensorstore (start-up time).
+COMMANDS: dict[str, str] = {
+    **dict.fromkeys(("bci", "shield", "bound", "provenance"), "tracealign_jax.provenance.commands"),
+    "index": "tracealign_jax.index.commands",
+    "hf": "tracealign_jax.hf_io.commands",
+    "compile-check": "tracealign_jax.aot.commands",
+    **dict.fromkeys(("train", "export-hf"), "tracealign_jax.training.commands"),
+    "decode": "tracealign_jax.decoding.commands",
+    **dict.fromkeys(("demo", "eval", "data"), "tracealign_jax.evaluation.commands"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command, or (``command`` known) with only the module that registers it."""
     parser = argparse.ArgumentParser(
         prog="tracealign",
         description="Trace unsafe completions to their training data; defend with that provenance.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
         parser.print_help()
@@ -46,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, RecordError, IntegrityError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, RecordError, IntegrityError, OSError) as err:  # OSError: missing file, disk full, ...
         print(f"tracealign {args.command}: error: {err}", file=sys.stderr)
         return 2
 

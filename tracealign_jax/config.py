@@ -10,6 +10,7 @@ the one it needs (``train_step`` gets ``cfg.loss``, the mesh builder gets ``cfg.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -19,7 +20,14 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+    """A configuration value is missing, unknown or of the wrong type; the message names the key.
+
+    ``key`` (when known) is the dotted key at fault, so ``load_config`` can say whether the value came
+    from the YAML file or from a ``--set`` override."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +99,9 @@ class DataConfig:
 class LossConfig:
     """DPO-family loss and the Contrastive Belief Deconfliction (CBD) terms.
 
-    type: sigmoid | ipo | hinge | robust (label-smoothed cDPO uses sigmoid + label_smoothing).
+    type: sigmoid | ipo | hinge | robust. Conservative DPO (cDPO) is ``type: sigmoid`` with
+      ``label_smoothing`` = its epsilon (the assumed label-flip probability, in [0, 0.5)); TRL 1.16's
+      sigmoid loss ignores label_smoothing, ours applies the cDPO form (see ``training.losses``).
     beta: inverse temperature on log-ratio margins (nats^-1). rpo_alpha: weight of chosen NLL.
     cbd_data_weight / cbd_margin: term (a), hinge on high-BCI response tokens (margin in nats).
     cbd_cont_weight: term (b), the same hinge on the veto-table continuations of every response prefix.
@@ -162,7 +172,8 @@ class DecodeConfig:
 
     veto: off | soft (subtract gamma x penalty from candidate scores) | hard (forbid penalty > tau).
     min_prefix: the veto starts once the running suffix matches this many tokens of a high-BCI span.
-    refusal: text emitted when every candidate of a row is vetoed ("" = end the row with EOS).
+    refusal: text emitted when every candidate of a row is vetoed ("" = end the row with EOS). In beam
+      search a refusal ranks below every allowed hypothesis: it is the answer only when the row has none.
     prompt_buckets: padded prompt lengths, so a run compiles once per bucket.
     """
 
@@ -286,11 +297,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}", key)
         return from_dict(tp, value, prefix=key)
     if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: `--set decode.veto=off`
+            for word in (("on", "yes", "true") if value else ("off", "no", "false")):
+                if word in choices:
+                    return word
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}", key)
         return value
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -303,46 +319,46 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arm, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"{key}: {value!r} matches none of {tp}: {errors}")
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}: {errors}", key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key)
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
-            raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
+            raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}", key)
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
     if origin is list or tp is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key)
         return list(value)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", key)
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+            raise ConfigError(f"{key}: expected true/false, got {value!r}", key)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}", key)
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
             try:
                 return float(value)
             except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+                raise ConfigError(f"{key}: expected a number, got {value!r}", key) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}", key)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}", key)
         return value
-    raise ConfigError(f"{key}: unsupported annotation {tp}")
+    raise ConfigError(f"{key}: unsupported annotation {tp}", key)
 
 
 def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
@@ -352,12 +368,63 @@ def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
     for key in values:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(f"unknown config key '{where}' (known: {sorted(names)})")
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{where}' (known: {sorted(names)}){hint}", where)
     kwargs = {}
     for name, value in values.items():
         where = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], where)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    _check_values(obj, prefix)
+    return obj
+
+
+# Ranges the types cannot express: {section class name: {field: (predicate, what it must be)}}.
+_POS, _NONNEG = (lambda v: v >= 1, "an integer >= 1"), (lambda v: v >= 0, ">= 0")
+_RANGES: dict[str, dict[str, tuple[Any, str]]] = {
+    "TrainConfig": {"steps": _POS, "batch_size": _POS, "micro_batches": _POS, "log_every": _POS,
+                    "max_nonfinite_in_row": _POS, "warmup_steps": _NONNEG, "learning_rate": _NONNEG,
+                    "logprob_chunk": _NONNEG, "max_grad_norm": _NONNEG, "weight_decay": _NONNEG},
+    "DataConfig": {"max_prompt_len": _POS, "max_response_len": _POS,
+                   "buckets": (lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of lengths >= 1")},
+    "CheckpointConfig": {"every_steps": _NONNEG, "keep_last": _NONNEG},
+    "DecodeConfig": {"num_beams": _POS, "max_new_tokens": _POS, "batch_size": _POS, "top_k": _NONNEG,
+                     "temperature": (lambda v: v > 0, "> 0"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                     "prompt_buckets": (lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of lengths >= 1")},
+    "LossConfig": {"beta": (lambda v: v > 0, "> 0"), "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+                   "cbd_data_weight": _NONNEG, "cbd_cont_weight": _NONNEG, "cbd_min_prefix": _POS, "rpo_alpha": _NONNEG},
+    "MeshConfig": {axis: (lambda v: v == -1 or v >= 1, "-1 (all remaining devices) or >= 1") for axis in ("data", "fsdp", "tensor")},
+    "ProvenanceConfig": {"min_span": _POS, "max_span": _POS, "max_entries": _POS, "sample_size": _POS,
+                         "target_fpr": (lambda v: 0 < v < 1, "in (0, 1)"), "delta": (lambda v: 0 < v < 1, "in (0, 1)")},
+}  # fmt: skip
+
+# HF config.json fields that ``ModelArch.from_hf_dict`` reads, or may ignore because they do not change
+# the computation; anything else under ``model.arch`` is a typo and is refused (it would be ignored).
+ARCH_KEYS = frozenset("""model_type architectures vocab_size hidden_size intermediate_size num_hidden_layers
+    num_attention_heads num_key_value_heads head_dim rms_norm_eps rope_theta rope_scaling rope_parameters
+    partial_rotary_factor tie_word_embeddings attention_bias mlp_bias max_position_embeddings sliding_window
+    use_sliding_window max_window_layers layer_types initializer_range bos_token_id eos_token_id pad_token_id
+    torch_dtype dtype hidden_act quantization_config attention_dropout use_cache pretraining_tp
+    transformers_version""".split())
+
+
+def _check_values(obj: Any, prefix: str) -> None:
+    for name, (ok, must) in _RANGES.get(type(obj).__name__, {}).items():
+        value = getattr(obj, name)
+        if not ok(value):
+            where = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{where}: must be {must}, got {value!r}", where)
+    if isinstance(obj, ModelConfig):
+        for key in obj.arch:
+            if key not in ARCH_KEYS:
+                where = f"{prefix}.arch.{key}" if prefix else f"arch.{key}"
+                close = difflib.get_close_matches(key, sorted(ARCH_KEYS), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown config key '{where}' (not a model config.json field this decoder reads)"
+                                  f"{hint}", where)
+    if isinstance(obj, ProvenanceConfig) and obj.max_span < obj.min_span:
+        raise ConfigError(f"{prefix}.max_span: {obj.max_span} is below min_span {obj.min_span}", f"{prefix}.max_span")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -415,9 +482,26 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), c
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-    values = apply_overrides(values, overrides)
     try:
-        cfg = from_dict(cls, values)
+        from_dict(cls, values)
+    except ConfigError as err:  # the file itself is wrong (an override might hide it, but the file is still wrong)
+        if not any(_override_key(o) and err.key and _covers(_override_key(o), err.key) for o in overrides):
+            raise ConfigError(f"{path or '<defaults>'}: {err}", err.key) from None
+    merged = apply_overrides(values, overrides)
+    try:
+        cfg = from_dict(cls, merged)
         return validate(cfg) if cls is Config else cfg
     except ConfigError as err:
-        raise ConfigError(f"{path or '<defaults>'}: {err}") from None
+        culprit = [o for o in overrides if err.key and _covers(_override_key(o), err.key)]
+        where = f"--set {culprit[-1]}" if culprit else str(path or "<defaults>")
+        raise ConfigError(f"{where}: {err}", err.key) from None
+
+
+def _override_key(item: str) -> str:
+    return item.split("=", 1)[0].strip()
+
+
+def _covers(dotted: str, key: str) -> bool:
+    """Whether setting ``dotted`` sets (or is) ``key``: ``train`` covers ``train.steps``, and
+    ``model.arch.x`` is covered by ``model.arch``, or covers it (``model.arch.x`` -> key ``model.arch.x``)."""
+    return key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + ".")

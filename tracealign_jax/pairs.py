@@ -17,6 +17,7 @@ keeps its end (``truncation: keep_end``, the tokens next to the response) or its
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class TokenizedPairs:
     arrays: dict[str, np.ndarray]
     num_skipped: int = 0
     fingerprint: str = ""
+    identity: dict = dataclasses.field(default_factory=dict)  # what the fingerprint hashes (data file, tokenizer, lengths)
+    tokenizer_vocab: int = 0  # len(tokenizer) of data.tokenizer_dir (0: token-id records, no tokenizer)
 
     def __len__(self) -> int:
         return len(self.arrays["prompt_offsets"]) - 1
@@ -59,6 +62,13 @@ def _messages(value: Any, path: Path, line: int, field: str) -> list[dict]:
     return list(value)
 
 
+def _nonempty(value: Any, path: Path, line: int, field: str) -> Any:
+    """A response that is empty or only whitespace would train on EOS alone: refused like any malformed field."""
+    if isinstance(value, str) and not value.strip() or isinstance(value, list) and not value:
+        raise RecordError(path, line, field, "empty response")
+    return value
+
+
 def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Sequence[str]) -> dict[str, list[int]]:
     """Token ids of prompt and responses of one record (before truncation)."""
     if "prompt_ids" in rec:
@@ -75,10 +85,13 @@ def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Seq
     out = {}
     if isinstance(prompt, list):
         msgs = _messages(prompt, path, line, "prompt")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise RecordError(path, line, "prompt", "a conversation needs a tokenizer with a chat template "
+                                                    "(data.tokenizer_dir has none); give prompt as a string")
         prompt_text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         out["prompt"] = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         for f in fields[1:]:
-            resp = require(rec, f, (str, list), path, line)
+            resp = _nonempty(require(rec, f, (str, list), path, line), path, line, f)
             turn = [{"role": "assistant", "content": resp}] if isinstance(resp, str) else _messages(resp, path, line, f)
             full = tokenizer.apply_chat_template(msgs + turn, tokenize=False)
             if not full.startswith(prompt_text):
@@ -88,7 +101,8 @@ def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Seq
     out["prompt"] = tokenizer(prompt)["input_ids"]  # special tokens (BOS) belong to the prompt
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for f in fields[1:]:
-        out[f] = tokenizer(require(rec, f, str, path, line), add_special_tokens=False)["input_ids"] + eos
+        text = _nonempty(require(rec, f, str, path, line), path, line, f)
+        out[f] = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
     return out
 
 
@@ -96,7 +110,7 @@ def _truncate(ids: list[int], n: int, keep_end: bool) -> list[int]:
     return ids[-n:] if keep_end and len(ids) > n else ids[:n]
 
 
-def _fingerprint(cfg: DataConfig, fields: Sequence[str]) -> str:
+def _fingerprint(cfg: DataConfig, fields: Sequence[str]) -> tuple[str, dict]:
     tok_hash = ""
     if cfg.tokenizer_dir:
         h = hashlib.sha256()
@@ -106,7 +120,48 @@ def _fingerprint(cfg: DataConfig, fields: Sequence[str]) -> str:
         tok_hash = h.hexdigest()
     key = dict(format=CACHE_FORMAT, data=sha256_file(cfg.train_path), tok=tok_hash, fields=list(fields),
                prompt=cfg.max_prompt_len, response=cfg.max_response_len, trunc=cfg.truncation, skip=cfg.skip_malformed)  # fmt: skip
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], key
+
+
+_IDENTITY_NAMES = {"data": "preference file contents (SHA-256)", "tok": "tokenizer files", "fields": "fields",
+                   "prompt": "data.max_prompt_len", "response": "data.max_response_len", "trunc": "data.truncation",
+                   "skip": "data.skip_malformed", "format": "tokenization format"}  # fmt: skip
+
+
+def check_same_dataset(meta: dict, pairs: "TokenizedPairs", where: str) -> None:
+    """Refuses an artifact (per-token BCI store, reference log-prob store) whose ``meta`` records another
+    tokenized dataset than ``pairs``: its rows would land on the wrong examples. Names what differs.
+    Artifacts that record no dataset (written by hand or by older code) are checked by size only."""
+    theirs, ours = meta.get("dataset_identity"), pairs.identity
+    if isinstance(theirs, dict) and ours:
+        diff = [k for k in sorted(set(theirs) | set(ours)) if k != "source" and theirs.get(k) != ours.get(k)]
+        if diff:
+            named = ", ".join(f"{_IDENTITY_NAMES.get(k, k)} ({theirs.get(k)!r} vs now {ours.get(k)!r})"
+                              if k != "data" and k != "tok" else _IDENTITY_NAMES[k] for k in diff)
+            src = theirs.get("source", "another preference file")
+            raise ConfigError(f"{where}: built on another dataset ({src}); differs in {named}; rebuild it "
+                              f"for {ours.get('source', 'this data')} (e.g. `tracealign provenance token-bci`)")
+    elif meta.get("dataset") and pairs.fingerprint and meta["dataset"] != pairs.fingerprint:
+        raise ConfigError(f"{where}: built on another dataset (fingerprint {meta['dataset']}, this data has "
+                          f"{pairs.fingerprint}); rebuild it for this data")
+
+
+def check_token_ids(pairs: "TokenizedPairs", vocab_size: int, path: str | Path, what: str) -> None:
+    """Refuses token ids >= ``vocab_size`` (the model's embedding rows), naming the first record that has one:
+    an out-of-range id reads garbage / NaN from the embedding, which trains on nothing and says nothing."""
+    for f in ("prompt", "chosen", "rejected"):
+        toks = pairs.arrays.get(f"{f}_tokens")
+        if toks is None or not len(toks):
+            continue
+        bad = np.flatnonzero(toks >= vocab_size)
+        if len(bad):
+            ex = int(np.searchsorted(pairs.arrays[f"{f}_offsets"], bad[0], side="right") - 1)
+            line = int(pairs.arrays["line"][ex]) if "line" in pairs.arrays else ex + 1
+            raise RecordError(path, line, f, f"token id {int(toks[bad[0]])} >= {what} vocab_size {vocab_size} "
+                                             f"(max id in the data: {int(toks.max())}); the tokenizer and the model disagree")
+    if pairs.tokenizer_vocab > vocab_size:
+        raise ConfigError(f"data.tokenizer_dir: the tokenizer has {pairs.tokenizer_vocab} tokens but {what} "
+                          f"vocab_size is {vocab_size}: use the model's own tokenizer (or a model with a large enough vocabulary)")
 
 
 def load_pairs(cfg: DataConfig, *, sft: bool = False, tokenizer: Any = None, show_progress: bool = False) -> TokenizedPairs:
@@ -119,16 +174,18 @@ def load_pairs(cfg: DataConfig, *, sft: bool = False, tokenizer: Any = None, sho
     if not path.is_file():
         raise FileNotFoundError(f"data.train_path: {path}: no such file")
     fields = ("prompt", "chosen") if sft else FIELDS
-    fp = _fingerprint(cfg, fields)
+    fp, identity = _fingerprint(cfg, fields)
+    identity = dict(identity, source=path.name)
     cache = Path(cfg.cache_dir) / f"pairs-{fp}" if cfg.cache_dir else None
     if cache is not None and cache.is_dir():
         manifest = verify_manifest(cache)
         arrays = {p.stem: np.load(p, allow_pickle=False) for p in sorted(cache.glob("*.npy"))}
-        return TokenizedPairs(arrays, int(manifest["num_skipped"]), fp)
+        return TokenizedPairs(arrays, int(manifest["num_skipped"]), fp, identity, int(manifest.get("tokenizer_vocab", 0)))
     if tokenizer is None and cfg.tokenizer_dir:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
+    tokenizer_vocab = len(tokenizer) if tokenizer is not None else 0
     keep_end = cfg.truncation == "keep_end"
     cols: dict[str, list[list[int]]] = {f: [] for f in fields}
     lines: list[int] = []
@@ -167,5 +224,6 @@ def load_pairs(cfg: DataConfig, *, sft: bool = False, tokenizer: Any = None, sho
         with atomic_directory(cache, overwrite=True) as tmp:
             for name, arr in arrays.items():
                 np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-            write_manifest(tmp, {"format": CACHE_FORMAT, "fingerprint": fp, "num_skipped": skipped, "source": str(path)})
-    return TokenizedPairs(arrays, skipped, fp)
+            write_manifest(tmp, {"format": CACHE_FORMAT, "fingerprint": fp, "num_skipped": skipped, "source": str(path),
+                                 "tokenizer_vocab": tokenizer_vocab})
+    return TokenizedPairs(arrays, skipped, fp, identity, tokenizer_vocab)

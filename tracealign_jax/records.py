@@ -31,19 +31,30 @@ def iter_records(path: str | Path, yield_errors: bool = False) -> Iterator[tuple
         for i, row in enumerate(table.to_pylist()):
             yield i + 1, row
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    # Bytes, split on "\n" only: text mode would also split at a bare "\r" inside a record (shifting
+    # every later line number) and raise a UnicodeDecodeError naming no line on invalid UTF-8.
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
             try:
-                rec = json.loads(line)
+                try:
+                    line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise RecordError(path, i, None, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte column "
+                                                     f"{err.start + 1})") from None
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    col = err.colno  # characters; editors that count bytes see another column after non-ASCII text
+                    byte = len(line[: err.pos].encode("utf-8")) - len(line[: err.pos - col + 1].encode("utf-8")) + 1
+                    at = f"column {col}" + (f", byte {byte}" if byte != col else "")
+                    raise RecordError(path, i, None, f"not valid JSON ({err.msg} at {at})") from None
                 if not isinstance(rec, dict):
                     raise RecordError(path, i, None, f"expected a JSON object, got {type(rec).__name__}")
-            except (json.JSONDecodeError, RecordError) as err:
-                if isinstance(err, json.JSONDecodeError):
-                    err = RecordError(path, i, None, f"not valid JSON ({err.msg} at column {err.colno})")
+            except RecordError as err:
                 if not yield_errors:
-                    raise err from None
+                    raise
                 yield i, err
                 continue
             yield i, rec

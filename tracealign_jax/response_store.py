@@ -68,7 +68,8 @@ def _create(store_path: str, name: str, dtype: str, shape: list[int], chunks: li
             "shape": shape,
             "data_type": dtype,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(c, 1) for c in chunks]}},
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd"}],
+            # crc32c after zstd: a flipped byte in a chunk fails the read instead of returning other values
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd"}, {"name": "crc32c"}],
         },
         "create": True,
         "delete_existing": True,
@@ -102,7 +103,12 @@ class ResponseArrayReader:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_examples):
             raise IndexError(f"{self.url}: example index out of range [0, {self.num_examples})")
         futures = {name: arr[idx].read() for name, arr in self._arrays.items()}
-        return {name: np.asarray(f.result()) for name, f in futures.items()}
+        try:
+            return {name: np.asarray(f.result()) for name, f in futures.items()}
+        except ValueError as err:  # tensorstore: DATA_LOSS (crc32c digest mismatch, truncated chunk) names the file
+            from tracealign_jax.atomic_io import IntegrityError
+
+            raise IntegrityError(f"{self.url}: corrupted chunk ({err}); rebuild the store") from None
 
     def read(self, indices: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """``(chosen, rejected)``: lists of float32[T_i] trimmed to each response's length."""

@@ -11,6 +11,11 @@ score above ``best_live_logprob / max(bp(step+1), bp(L_max))``; a row is done wh
 score beats that (the comparison transformers#20901 had inverted) or no live beam is left.
 A row whose every candidate the hook forbids (hard veto) ends its best live beam with the refusal
 tokens (``refused`` True). At the end, unfinished live beams compete for the K slots the same way.
+
+A refusal is a fallback, not a hypothesis: its tokens are not the model's text and their cost is
+unknown (scoring them 0 let a short prefix + refusal outrank every allowed output), so it ranks below
+every allowed hypothesis (finished, or cut at max_new_tokens) and is returned first only when the row
+has no allowed hypothesis at all.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ class BeamState:
     finished_lengths_BxK: jax.Array  # int32 generated tokens incl. EOS / refusal
     finished_vetoes_BxK: jax.Array  # int32
     finished_refused_BxK: jax.Array  # bool
+    refusal_tokens_BxT: jax.Array  # int32 the row's refusal (best live prefix + refusal tokens), if any
+    refusal_logprob_B: jax.Array  # float32 log-prob of that prefix; NEG_INF when the row never refused
+    refusal_length_B: jax.Array  # int32 generated tokens incl. the refusal tokens
+    refusal_vetoes_B: jax.Array  # int32
     model_state: Any  # pytree, batch axis 0 of size B*K (beam k of row b at b*K + k)
 
 
@@ -113,6 +122,10 @@ def beam_search(
         finished_lengths_BxK=jnp.zeros((b, k), jnp.int32),
         finished_vetoes_BxK=jnp.zeros((b, k), jnp.int32),
         finished_refused_BxK=jnp.zeros((b, k), bool),
+        refusal_tokens_BxT=jnp.full((b, t), pad_id, jnp.int32),
+        refusal_logprob_B=jnp.full((b,), NEG_INF, jnp.float32),
+        refusal_length_B=jnp.zeros((b,), jnp.int32),
+        refusal_vetoes_B=jnp.zeros((b,), jnp.int32),
         model_state=repeat_rows(model_state, k),
     )
 
@@ -162,24 +175,23 @@ def beam_search(
         refusal_tokens_BxT = write_tokens(
             s.live_tokens_BxKxT[:, 0], jnp.full((b,), s.step, jnp.int32), jnp.broadcast_to(refusal_R, (b, r))
         )
-        refusal_lp_B = s.live_logprobs_BxK[:, 0]
-        refusal_score_B = jnp.where(refuse_B, refusal_lp_B / brevity_penalty(alpha, refusal_len), NEG_INF)
+        # A row refuses at most once (it has no live beam afterwards); the refusal waits outside the
+        # finished set and enters only in _final, below every allowed hypothesis.
+        keep_B = lambda new, old: jnp.where(refuse_B.reshape((b,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+        refusal_tokens_BxT = keep_B(refusal_tokens_BxT, s.refusal_tokens_BxT)
+        refusal_logprob_B = keep_B(s.live_logprobs_BxK[:, 0], s.refusal_logprob_B)
+        refusal_length_B = keep_B(jnp.full((b,), refusal_len, jnp.int32), s.refusal_length_B)
+        refusal_vetoes_B = keep_B(s.live_vetoes_BxK[:, 0] + step_vetoes_BxK[:, 0], s.refusal_vetoes_B)
 
-        # Finished set: best K of old finished + EOS candidates + refusal candidate.
+        # Finished set: best K of old finished + EOS candidates.
         new_fin_Bx2K = eos_Bx2K & valid_Bx2K
         new_score_Bx2K = jnp.where(new_fin_Bx2K, top_lp_Bx2K / brevity_penalty(alpha, s.step + 1), NEG_INF)
-        all_scores = jnp.concatenate([s.finished_scores_BxK, new_score_Bx2K, refusal_score_B[:, None]], axis=1)
-        all_lp = jnp.concatenate([s.finished_logprobs_BxK, top_lp_Bx2K, refusal_lp_B[:, None]], axis=1)
-        all_tokens = jnp.concatenate([s.finished_tokens_BxKxT, tokens_Bx2KxT, refusal_tokens_BxT[:, None]], axis=1)
-        all_len = jnp.concatenate(
-            [s.finished_lengths_BxK, jnp.full((b, 2 * k), s.step + 1), jnp.full((b, 1), refusal_len)], axis=1
-        )
-        all_vetoes = jnp.concatenate(
-            [s.finished_vetoes_BxK, vetoes_Bx2K, (s.live_vetoes_BxK[:, 0] + step_vetoes_BxK[:, 0])[:, None]], axis=1
-        )
-        all_refused = jnp.concatenate(
-            [s.finished_refused_BxK, jnp.zeros((b, 2 * k), bool), jnp.ones((b, 1), bool)], axis=1
-        )
+        all_scores = jnp.concatenate([s.finished_scores_BxK, new_score_Bx2K], axis=1)
+        all_lp = jnp.concatenate([s.finished_logprobs_BxK, top_lp_Bx2K], axis=1)
+        all_tokens = jnp.concatenate([s.finished_tokens_BxKxT, tokens_Bx2KxT], axis=1)
+        all_len = jnp.concatenate([s.finished_lengths_BxK, jnp.full((b, 2 * k), s.step + 1)], axis=1)
+        all_vetoes = jnp.concatenate([s.finished_vetoes_BxK, vetoes_Bx2K], axis=1)
+        all_refused = jnp.concatenate([s.finished_refused_BxK, jnp.zeros((b, 2 * k), bool)], axis=1)
         fin_scores_BxK, fin_index_BxK = jax.lax.top_k(all_scores, k)
 
         # Live set: best K non-EOS candidates; a vetoed row has only invalid candidates left.
@@ -205,6 +217,10 @@ def beam_search(
             finished_lengths_BxK=_gather(all_len, fin_index_BxK),
             finished_vetoes_BxK=_gather(all_vetoes, fin_index_BxK),
             finished_refused_BxK=_gather(all_refused, fin_index_BxK),
+            refusal_tokens_BxT=refusal_tokens_BxT,
+            refusal_logprob_B=refusal_logprob_B,
+            refusal_length_B=refusal_length_B,
+            refusal_vetoes_B=refusal_vetoes_B,
             model_state=take_rows(model_state, flat_parent_BK),
         )
 
@@ -213,21 +229,30 @@ def beam_search(
 
 
 def _final(s: BeamState, alpha: float) -> DecodeOutput:
-    """Top K of finished and still-live beams (a live beam is a sequence cut at max_new_tokens)."""
+    """Top K of finished and still-live beams (a live beam is a sequence cut at max_new_tokens), then the
+    row's refusal, if any, in the first free slot (below every allowed hypothesis: module docstring)."""
     k = s.live_logprobs_BxK.shape[1]
     live_ok_BxK = s.live_logprobs_BxK > NEG_INF / 2
     live_scores_BxK = jnp.where(live_ok_BxK, s.live_logprobs_BxK / brevity_penalty(alpha, s.step), NEG_INF)
-    scores = jnp.concatenate([s.finished_scores_BxK, live_scores_BxK], axis=1)
-    top_BxK, index_BxK = jax.lax.top_k(scores, k)
-    pick = lambda fin, live: _gather(jnp.concatenate([fin, live], axis=1), index_BxK)  # noqa: E731
-    lengths = pick(s.finished_lengths_BxK, jnp.broadcast_to(s.step, live_ok_BxK.shape).astype(jnp.int32))
+    refused_B = s.refusal_logprob_B > NEG_INF / 2
+    refusal_score_B = jnp.where(refused_B, s.refusal_logprob_B / brevity_penalty(alpha, s.refusal_length_B), NEG_INF)
+    scores = jnp.concatenate([s.finished_scores_BxK, live_scores_BxK, refusal_score_B[:, None]], axis=1)
+    # Rank key: an allowed hypothesis keeps its score (> NEG_INF / 4 for any real log-prob); the refusal
+    # sits at NEG_INF / 4, below all of them and above empty slots (NEG_INF).
+    keys = scores.at[:, -1].set(jnp.where(refused_B, NEG_INF / 4, NEG_INF))
+    _, index_BxK = jax.lax.top_k(keys, k)
+    top_BxK = _gather(scores, index_BxK)
+    one = lambda x_B: x_B[:, None]  # noqa: E731
+    pick = lambda fin, live, ref: _gather(jnp.concatenate([fin, live, ref], axis=1), index_BxK)  # noqa: E731
+    lengths = pick(s.finished_lengths_BxK, jnp.broadcast_to(s.step, live_ok_BxK.shape).astype(jnp.int32),
+                   one(s.refusal_length_B))
     return DecodeOutput(
-        tokens_BxKxT=pick(s.finished_tokens_BxKxT, s.live_tokens_BxKxT),
+        tokens_BxKxT=pick(s.finished_tokens_BxKxT, s.live_tokens_BxKxT, s.refusal_tokens_BxT[:, None]),
         lengths_BxK=lengths,
         scores_BxK=top_BxK,
-        logprobs_BxK=pick(s.finished_logprobs_BxK, s.live_logprobs_BxK),
-        valid_BxK=top_BxK > NEG_INF / 2,
-        refused_BxK=pick(s.finished_refused_BxK, jnp.zeros_like(live_ok_BxK)),
-        vetoes_BxK=pick(s.finished_vetoes_BxK, s.live_vetoes_BxK),
+        logprobs_BxK=pick(s.finished_logprobs_BxK, s.live_logprobs_BxK, one(s.refusal_logprob_B)),
+        valid_BxK=_gather(keys, index_BxK) > NEG_INF / 2,
+        refused_BxK=pick(s.finished_refused_BxK, jnp.zeros_like(live_ok_BxK), one(refused_B)),
+        vetoes_BxK=pick(s.finished_vetoes_BxK, s.live_vetoes_BxK, one(s.refusal_vetoes_B)),
         steps=s.step,
     )

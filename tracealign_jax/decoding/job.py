@@ -25,8 +25,9 @@ from tracealign_jax.records import RecordError, iter_records, require
 def load_policy(cfg: Config, checkpoint: str | Path, mesh: Any, rules: sharding.Rules) -> Transformer:
     """The policy from a HF checkpoint dir (has config.json) or an Orbax training checkpoint dir.
 
-    Orbax: the architecture comes from ``cfg.model`` (hf_dir / arch) and the latest step's params are
-    restored straight onto this mesh's shardings.
+    Orbax: the architecture comes from the checkpoint's ``model_config.json`` (``cfg.model`` for
+    checkpoints saved without one) and the latest step's params are restored straight onto this mesh's
+    shardings.
     """
     path = Path(checkpoint)
     if (path / "config.json").is_file():
@@ -39,15 +40,18 @@ def load_policy(cfg: Config, checkpoint: str | Path, mesh: Any, rules: sharding.
     from flax import nnx
 
     from tracealign_jax.training.checkpoint import restore_params
+    from tracealign_jax.training.export import with_recorded_arch
     from tracealign_jax.training.state import abstract_train_state, graphdef_and_abstract_params
 
+    cfg = with_recorded_arch(cfg, path)  # the architecture the checkpoint was trained with, not today's YAML
     graphdef, _ = graphdef_and_abstract_params(cfg, mesh, rules)
     params = restore_params(path, abstract_train_state(cfg, mesh, rules))
     return nnx.merge(graphdef, params)
 
 
-def read_prompts(path: str | Path, tokenizer: Any) -> tuple[list[Any], list[str], list[list[int]]]:
-    """(ids, prompt texts, prompt token ids) from JSONL/Parquet; errors name file, line and field."""
+def read_prompts(path: str | Path, tokenizer: Any, vocab_size: int | None = None) -> tuple[list[Any], list[str], list[list[int]]]:
+    """(ids, prompt texts, prompt token ids) from JSONL/Parquet; errors name file, line and field
+    (also a token id >= ``vocab_size``, the model's embedding rows)."""
     ids, texts, tokens = [], [], []
     for line, rec in iter_records(path):
         if "prompt_ids" in rec:
@@ -64,6 +68,10 @@ def read_prompts(path: str | Path, tokenizer: Any) -> tuple[list[Any], list[str]
                 toks = [tokenizer.bos_token_id] + toks
             if not toks:
                 raise RecordError(path, line, "prompt", "tokenizes to nothing")
+        if vocab_size is not None and max(toks) >= vocab_size:
+            field = "prompt_ids" if "prompt_ids" in rec else "prompt"
+            raise RecordError(path, line, field, f"token id {max(toks)} >= the model's vocab_size {vocab_size} "
+                                                 "(prompt tokenized with another tokenizer?)")
         ids.append(rec.get("id", line))
         texts.append(text)
         tokens.append([int(t) for t in toks])
@@ -85,6 +93,27 @@ def completion_record(rid: Any, prompt: str, comp: Completion, tokenizer: Any, e
     }  # fmt: skip
 
 
+def _check_vocabularies(vocab_size: int, tok_dir: str, tokenizer: Any, table_dir: str, table_meta: dict) -> None:
+    """Model, tokenizer and veto table must share one vocabulary: ids from another tokenizer would veto
+    (or decode to) unrelated tokens without any error."""
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        raise ConfigError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {vocab_size}: "
+                          "use the model's own tokenizer")
+    if not table_dir:
+        return
+    if int(table_meta.get("vocab_size", 0)) > vocab_size:
+        raise ConfigError(f"{table_dir}: veto table built over {table_meta['vocab_size']} tokens, the model has "
+                          f"{vocab_size}: its index was tokenized with another tokenizer")
+    theirs = table_meta.get("tokenizer_hash")
+    if theirs and tok_dir and (Path(tok_dir) / "tokenizer.json").is_file():
+        from tracealign_jax.index.corpus import tokenizer_fingerprint
+
+        ours = tokenizer_fingerprint(tok_dir)[1]
+        if ours != theirs:
+            raise ConfigError(f"{table_dir}: veto table built with tokenizer {theirs}, but {tok_dir} has hash {ours}: "
+                              "rebuild the table from an index of this tokenizer")
+
+
 def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_table: str = "",
                tokenizer_dir: str = "", progress: bool = True) -> dict:  # fmt: skip
     """Runs the whole job; writes ``out`` atomically; returns a summary dict (counts, seconds)."""
@@ -103,15 +132,17 @@ def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_tab
             raise ConfigError(f"decode.veto={cfg.decode.veto!r} needs --veto-table DIR")
         from tracealign_jax.veto.store import load_veto_table
 
-        table, _ = load_veto_table(veto_table)
+        table, table_meta = load_veto_table(veto_table)
     model = load_policy(cfg, checkpoint, mesh, rules)
+    _check_vocabularies(model.arch.vocab_size, tok_dir, tokenizer, veto_table if table is not None else "",
+                        table_meta if table is not None else {})
     refusal: list[int] = []
     if cfg.decode.refusal:
         if tokenizer is None:
             raise ConfigError("decode.refusal text needs a tokenizer (--tokenizer DIR)")
         refusal = tokenizer.encode(cfg.decode.refusal, add_special_tokens=False)
     decoder = Decoder(model, cfg.decode, refusal_ids=refusal, veto_table=table, mesh=mesh, rules=rules)
-    ids, texts, tokens = read_prompts(prompts, tokenizer)
+    ids, texts, tokens = read_prompts(prompts, tokenizer, model.arch.vocab_size)
     start = time.perf_counter()
     comps = decoder.decode(tokens, progress=progress)
     seconds = time.perf_counter() - start

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from tqdm import tqdm
 
 from tracealign_jax import sharding
+from tracealign_jax.atomic_io import MANIFEST, read_manifest, verify_manifest
 from tracealign_jax.hf_io.keymap import IGNORED_SUFFIXES, TensorMap, tensor_maps
 from tracealign_jax.hf_io.safetensors_file import SafetensorsReader
 from tracealign_jax.model import ModelArch, Transformer, abstract_model
@@ -98,6 +99,17 @@ class _Checkpoint:
         return np.stack(parts)
 
 
+def verify_export(path: Path) -> None:
+    """A directory we exported (``manifest.json`` of kind ``hf_export``) is checked file by file against its
+    SHA-256s before loading: a flipped byte in a weight would otherwise load as a silently different model.
+    Checkpoints from elsewhere carry no manifest and load as they are."""
+    if not (path / MANIFEST).is_file():
+        return
+    manifest = read_manifest(path)
+    if manifest.get("kind") == "hf_export":
+        verify_manifest(path, checksums=True)
+
+
 def _flat_paths(state: nnx.State) -> dict[str, nnx.Variable]:
     return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
 
@@ -117,6 +129,7 @@ def load_hf(
     on ``mesh`` (default: all on the first device). dtype / remat / scan_layers as ``Transformer``;
     a run passes ``**model.model_options(cfg.model)``."""
     path = Path(path)
+    verify_export(path)
     arch = ModelArch.from_hf_dir(path)
     checkpoint = _Checkpoint(path, arch)
     graphdef, abstract = abstract_model(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,

@@ -21,7 +21,7 @@ import numpy as np
 from pydivsufsort.dll import libdivsufsort, libdivsufsort64
 from tqdm.auto import tqdm
 
-from tracealign_jax.atomic_io import atomic_directory, write_manifest
+from tracealign_jax.atomic_io import atomic_directory, remember_verified, write_manifest
 from tracealign_jax.index import format as fmt
 from tracealign_jax.index.sa_packing import encode_bytes, pack_suffix_array, shard_counts, write_entries
 
@@ -220,7 +220,9 @@ def write_index(
         },
     }
     meta.update(extra_manifest or {})
-    return write_manifest(directory, meta)
+    manifest = write_manifest(directory, meta)
+    remember_verified(directory, manifest)  # just hashed: the first open need not hash it again
+    return manifest
 
 
 def _write_metadata(path: Path, metadata: Sequence[dict[str, Any]]) -> None:

@@ -5,6 +5,7 @@
     tracealign index query idx locate --tokens 5,17,3 --limit 10
     tracealign index query idx maximal --text "..." --min-len 2 --max-count 3
     tracealign index query idx next --tokens 5,17
+    tracealign index verify idx                                # full SHA-256 check of every file
 """
 
 from __future__ import annotations
@@ -40,8 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--limit", type=int, default=10, help="locate: occurrences to list")
     q.add_argument("--min-len", type=int, default=1, help="maximal: shortest span to report")
     q.add_argument("--max-count", type=int, default=None, help="maximal: drop spans with more occurrences")
-    q.add_argument("--verify", choices=("size", "full"), default="size", help="full: check every file's SHA-256")
+    q.add_argument("--verify", choices=("auto", "size", "full"), default="auto",
+                   help="auto (default): SHA-256 of files changed since last verified; full: every file's SHA-256; "
+                        "size: sizes only")
     q.set_defaults(run=run_query)
+
+    v = sub.add_parser("verify", help="check every file of an index against its manifest's SHA-256 (exit 2 if not)")
+    v.add_argument("index", help="index directory")
+    v.set_defaults(run=run_verify)
     p.set_defaults(run=lambda args: (p.print_help(), 2)[1])
 
 
@@ -71,6 +78,12 @@ def _query_tokens(args: argparse.Namespace, index) -> list[int]:
             raise SystemExit(f"--tokens: expected comma-separated integers, got {args.tokens!r}") from None
     if index.tokenizer_dir is None:
         raise SystemExit(f"{index.path}: no bundled tokenizer; pass --tokens")
+    if (index.tokenizer_dir / "tokenizer.json").is_file():
+        # The Rust tokenizer that the fast HF tokenizer wraps, without importing transformers (and torch):
+        # seconds of a query command's start-up for the same ids.
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(index.tokenizer_dir / "tokenizer.json")).encode(args.text, add_special_tokens=False).ids
     from tracealign_jax.index.corpus import load_tokenizer
 
     return load_tokenizer(index.tokenizer_dir)(args.text, add_special_tokens=False)["input_ids"]
@@ -97,4 +110,18 @@ def run_query(args: argparse.Namespace) -> int:
         ids, counts = index.next_token_counts(tokens)
         out = {"tokens": tokens, "next": dict(zip(map(str, ids.tolist()), counts.tolist()))}
     print(json.dumps(out))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    import time
+
+    from tracealign_jax.atomic_io import remember_verified, verify_manifest
+
+    start = time.perf_counter()
+    manifest = verify_manifest(Path(args.index), checksums=True)
+    remember_verified(Path(args.index), manifest)
+    size = sum(f["bytes"] for f in manifest.get("files", {}).values())
+    print(f"{args.index}: {len(manifest.get('files', {}))} files, {size / 2**20:.1f} MiB match the manifest "
+          f"({time.perf_counter() - start:.2f} s)")
     return 0

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 
-from tracealign_jax.atomic_io import IntegrityError, manifest_hash, verify_manifest
+from tracealign_jax.atomic_io import IntegrityError, manifest_hash, remember_verified, verify_manifest, verify_manifest_cached
 from tracealign_jax.index import format as fmt
 from tracealign_jax.index.interleaved_search import count_batch_sorted, gather_positions, ranges_batch, search_keys
 from tracealign_jax.index.match_spans import longest_batch, longest_slice, maximal_batch, maximal_slice
@@ -175,14 +175,21 @@ class TraceIndex:
 
     @classmethod
     def open(cls, path: str | Path, *, expected_tokenizer_hash: str | None = None,
-             verify: Literal["size", "full"] = "size") -> "TraceIndex":
-        """Opens an index, checking the manifest: every file present with its size ("size"), or also
-        its SHA-256 ("full"); a tokenizer hash other than ``expected_tokenizer_hash`` is refused.
+             verify: Literal["auto", "size", "full"] = "auto") -> "TraceIndex":
+        """Opens an index, checking the manifest: every file present with its size ("size"), also its
+        SHA-256 ("full"), or SHA-256 of the files changed since they were last verified or built
+        ("auto", the default: see ``atomic_io.verify_manifest_cached``; ``tracealign index verify``
+        runs "full"). A tokenizer hash other than ``expected_tokenizer_hash`` is refused.
         Raises IntegrityError naming the file and the reason."""
         path = Path(path)
-        if verify not in ("size", "full"):
-            raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
-        manifest = verify_manifest(path, checksums=verify == "full")
+        if verify not in ("auto", "size", "full"):
+            raise ValueError(f"verify must be 'auto', 'size' or 'full', got {verify!r}")
+        if verify == "auto":
+            manifest = verify_manifest_cached(path)
+        else:
+            manifest = verify_manifest(path, checksums=verify == "full")
+            if verify == "full":
+                remember_verified(path, manifest)
         layout = fmt.layout_from_manifest(manifest, path)
         if expected_tokenizer_hash is not None and manifest.get("tokenizer_hash") != expected_tokenizer_hash:
             raise IntegrityError(

@@ -29,6 +29,31 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+
+
+def _ensure_cache_dir() -> None:
+    """Compiled kernels are cached on disk (``cache=True``: a query command loads them in ~1 s instead of
+    compiling for seconds). Numba writes next to the sources, else to a per-user dir; where neither is
+    writable (a read-only install and home) it would refuse to decorate at all, so point it at a temp dir."""
+    import os
+    import tempfile
+
+    from numba.core import config
+
+    if config.CACHE_DIR:
+        return
+    for d in (os.path.join(os.path.dirname(__file__), "__pycache__"),
+              os.path.join(os.path.expanduser("~"), ".cache", "numba")):  # fmt: skip
+        try:
+            os.makedirs(d, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=d):
+                return
+        except OSError:
+            continue
+    config.CACHE_DIR = tempfile.mkdtemp(prefix="tracealign-numba-")
+
+
+_ensure_cache_dir()
 _JIT = dict(nogil=True, cache=True)
 
 

@@ -36,16 +36,38 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: sharding.Rules) -> nnx.
     as jit ``in_shardings`` / ``out_shardings`` for that state.
     """
 
-    def one(v: nnx.Variable) -> nnx.Variable:
+    def one(path: Any, v: nnx.Variable) -> nnx.Variable:
         names = v.get_metadata().get("logical_axes")
-        ndim = len(getattr(v.get_value(), "shape", ()))
+        shape = tuple(getattr(v.get_value(), "shape", ()))
         if names is None:
-            names = (None,) * ndim
-        if len(names) != ndim:
-            raise ValueError(f"logical_axes {names} do not match a parameter of rank {ndim}")
-        return v.replace(sharding.named_sharding(mesh, rules, names))
+            names = (None,) * len(shape)
+        if len(names) != len(shape):
+            raise ValueError(f"logical_axes {names} do not match a parameter of rank {len(shape)}")
+        named = sharding.named_sharding(mesh, rules, names)
+        _check_divisible(path, shape, names, named.spec, mesh)
+        return v.replace(named)
 
-    return jax.tree.map(one, state, is_leaf=_is_var)
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
+
+
+def _check_divisible(path: Any, shape: tuple[int, ...], names: Any, spec: Any, mesh: Mesh) -> None:
+    """Refuses (naming parameter, dimension and mesh setting) a dimension the mesh axes it maps to do not
+    divide, e.g. mesh.tensor=16 over 8 KV heads, instead of jax's bare IndivisibleError. KV heads are not
+    replicated across extra tensor shards: choose mesh.tensor dividing num_key_value_heads."""
+    from tracealign_jax.config import ConfigError
+
+    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+        if axes is None:
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        ways = 1
+        for a in axes:
+            ways *= mesh.shape[a]
+        if size % ways:
+            where = "/".join(str(getattr(k, "key", k)) for k in path)
+            setting = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+            raise ConfigError(f"{setting}: does not divide the '{names[dim]}' dimension ({size}) of parameter {where} "
+                              f"{shape}; choose a mesh whose {'/'.join(axes)} size divides {size}")
 
 
 def _constructor(arch: ModelArch, dtype: Any, param_dtype: Any, remat: Remat, scan_layers: bool, seed: int):

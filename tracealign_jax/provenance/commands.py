@@ -17,12 +17,16 @@ def _common(p: argparse.ArgumentParser, threshold: bool = False) -> None:
     p.add_argument("--config", default=None, help="YAML config (the provenance section is used)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
     p.add_argument("--index", default="", help="TraceIndex directory (default: provenance.index_path)")
+    p.add_argument("--verify", choices=("auto", "size", "full"), default="auto",
+                   help="index integrity check (auto: SHA-256 of files changed since last verified)")
     if threshold:
         p.add_argument("--threshold", default="", help="calibrated threshold JSON (default: provenance.threshold_path)")
         p.add_argument("--tau", type=float, default=None, help="use this tau (nats) instead of a threshold file")
 
 
-def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def _setup(args: argparse.Namespace, data_tokenizer: bool = False) -> tuple[Any, Any, Any]:
+    """(config, index, scorer). ``data_tokenizer``: the command reads preference data tokenized with
+    ``data.tokenizer_dir``, so the index must have been built with that same tokenizer."""
     from tracealign_jax.config import ConfigError, load_config
     from tracealign_jax.index import TraceIndex
     from tracealign_jax.provenance.bci import BCIScorer
@@ -31,7 +35,12 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     path = args.index or cfg.provenance.index_path
     if not path:
         raise ConfigError("no index: pass --index DIR or set provenance.index_path")
-    index = TraceIndex.open(path)
+    expected = None
+    if data_tokenizer and cfg.data.tokenizer_dir:
+        from tracealign_jax.index.corpus import tokenizer_fingerprint
+
+        expected = tokenizer_fingerprint(cfg.data.tokenizer_dir)[1]
+    index = TraceIndex.open(path, expected_tokenizer_hash=expected, verify=getattr(args, "verify", "auto"))
     return cfg, index, BCIScorer(index, cfg.provenance)
 
 
@@ -58,8 +67,12 @@ def _items(path: str, field: str, index: Any, keep_records: bool = False) -> tup
         records.append((line, rec))
         ids = rec.get("tokens", rec.get(f"{field}_ids"))
         if ids is not None:
-            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise RecordError(path, line, "tokens", "expected a list of token ids")
+            if ids and not 0 <= min(ids) <= max(ids) < index.vocab_size:
+                raise RecordError(path, line, "tokens", f"token id {max(ids) if max(ids) >= index.vocab_size else min(ids)} "
+                                                        f"outside the index vocabulary [0, {index.vocab_size}): "
+                                                        "tokenized with another tokenizer?")
             tokens.append(np.asarray(ids, np.int64))
             texts.append("")
             continue
@@ -192,11 +205,11 @@ def _bound(args: argparse.Namespace) -> int:
 
 
 def _token_bci(args: argparse.Namespace) -> int:
-    from tracealign_jax.pairs import load_pairs
+    from tracealign_jax.pairs import check_token_ids, load_pairs
     from tracealign_jax.provenance.token_bci import token_bci_for_pairs
     from tracealign_jax.response_store import write_response_arrays
 
-    cfg, index, scorer = _setup(args)
+    cfg, index, scorer = _setup(args, data_tokenizer=True)
     tau, _ = _tau(args, cfg, index, scorer)
     out = args.out or cfg.data.bci_path
     if not out:
@@ -204,8 +217,10 @@ def _token_bci(args: argparse.Namespace) -> int:
 
         raise ConfigError("no output: pass --out STORE or set data.bci_path")
     pairs = load_pairs(cfg.data, show_progress=True)
+    check_token_ids(pairs, index.vocab_size, cfg.data.train_path, "the index's")
     arrays = token_bci_for_pairs(scorer, pairs, tau)
     meta = {"tau": tau, "index_hash": str(index.manifest_hash), "dataset": getattr(pairs, "fingerprint", ""),
+            "dataset_identity": pairs.identity, "tokenizer_hash": index.tokenizer_hash, "vocab_size": index.vocab_size,
             "bci_settings": scorer.settings()}
     url = write_response_arrays(out, arrays, meta=meta, overwrite=args.overwrite)
     flagged = sum(int((c > 0).any()) + int((r > 0).any()) for c, r in arrays)
@@ -220,6 +235,7 @@ def _veto(args: argparse.Namespace) -> int:
     cfg, index, scorer = _setup(args)
     tau, _ = _tau(args, cfg, index, scorer)
     table, meta = build_veto_table(index, scorer, cfg.provenance, tau, max_docs=args.max_docs)
+    meta = dict(meta, tokenizer_hash=index.tokenizer_hash, vocab_size=index.vocab_size)  # checked where a model meets it
     save_veto_table(table, args.out, meta=meta, overwrite=args.overwrite)
     print(f"{meta['num_spans']} high-BCI spans -> {table.num_contexts} contexts, {table.num_entries} entries, "
           f"{table.nbytes() / 1e6:.2f} MB -> {args.out}")

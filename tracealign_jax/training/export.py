@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from flax import nnx
 
 from tracealign_jax import sharding
-from tracealign_jax.config import ConfigError, MeshConfig, load_config
+from tracealign_jax.config import Config, ConfigError, MeshConfig, load_config
 from tracealign_jax.model import model_arch
-from tracealign_jax.training.checkpoint import restore_params
+from tracealign_jax.training.checkpoint import recorded_arch, restore_params
 from tracealign_jax.training.state import abstract_train_state, graphdef_and_abstract_params
 
 
@@ -25,6 +26,16 @@ def resolve_run(checkpoint: Path, config_path: str | None) -> tuple[Path, Path]:
     raise ConfigError(f"{checkpoint}: no config.yaml next to the checkpoints; pass --config")
 
 
+def with_recorded_arch(cfg: Config, ckpt_dir: str | Path) -> Config:
+    """``cfg`` with the architecture the checkpoints in ``ckpt_dir`` were trained with (``model_config.json``),
+    in place of what the YAML's ``model.hf_dir`` / ``model.arch`` say today (they may have changed, or
+    differ in a field, e.g. rms_norm_eps, that would change every logit without any error)."""
+    recorded = recorded_arch(ckpt_dir)
+    if recorded is None:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_dir="", arch=recorded))
+
+
 def export_checkpoint(checkpoint: Path, out: Path, *, config_path: str | None = None, step: int | None = None,
                       tokenizer_dir: str | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Restores the policy of ``checkpoint`` onto one device and writes it as a HF checkpoint."""
@@ -33,7 +44,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, config_path: str | None = 
     from tracealign_jax.hf_io import save_hf
 
     ckpt_dir, cfg_path = resolve_run(checkpoint, config_path)
-    cfg = load_config(cfg_path)
+    cfg = with_recorded_arch(load_config(cfg_path), ckpt_dir)
     mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
     rules = sharding.resolve_rules(cfg.mesh.rules)
     graphdef, _ = graphdef_and_abstract_params(cfg, mesh, rules)

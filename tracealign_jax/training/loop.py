@@ -21,10 +21,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tracealign_jax import sharding
-from tracealign_jax.config import Config, to_dict, validate
+from tracealign_jax.config import Config, ConfigError, to_dict, validate
 from tracealign_jax.model import model_arch, model_options
 from tracealign_jax.model.flops import train_step_flops
-from tracealign_jax.pairs import TokenizedPairs, load_pairs
+from tracealign_jax.pairs import TokenizedPairs, check_same_dataset, check_token_ids, load_pairs
 from tracealign_jax.training.checkpoint import Checkpointer
 from tracealign_jax.training.data import BatchStream
 from tracealign_jax.training.metrics import MetricsWriter
@@ -35,7 +35,7 @@ from tracealign_jax.training.state import (
     init_train_state,
     state_shardings,
 )
-from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step
+from tracealign_jax.training.step import batch_fields, batch_rows, batch_shardings, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,7 +78,14 @@ def _resolve_bci_scale(cfg: Config, bci: Any, veto_meta: dict) -> Config:
     loss = cfg.loss
     if loss.cbd_bci_scale > 0 or not (loss.cbd_data_weight or loss.cbd_cont_weight) or cfg.train.objective != "dpo":
         return cfg
-    taus = [float(m["tau"]) for m in (bci.meta if bci is not None else {}, veto_meta) if m.get("tau")]
+    metas = (bci.meta if bci is not None else {}, veto_meta)
+    settings = [m["bci_settings"] for m in metas if m.get("bci_settings")]
+    if len(settings) == 2 and settings[0] != settings[1]:
+        diff = sorted(k for k in set(settings[0]) | set(settings[1]) if settings[0].get(k) != settings[1].get(k))
+        raise ConfigError("data.bci_path and loss.cbd_veto_table were scored under other BCI settings ("
+                          + ", ".join(f"{k}: {settings[0].get(k)!r} vs {settings[1].get(k)!r}" for k in diff)
+                          + "): rebuild one of them with the other's provenance settings")
+    taus = [float(m["tau"]) for m in metas if m.get("tau")]
     if not taus:
         raise ValueError("loss.cbd_bci_scale = 0 takes tau from the BCI arrays or veto table, but neither records "
                          "one: set loss.cbd_bci_scale (nats, e.g. the calibrated tau)")
@@ -86,6 +93,42 @@ def _resolve_bci_scale(cfg: Config, bci: Any, veto_meta: dict) -> Config:
         raise ValueError(f"the BCI arrays and the veto table were built with different tau ({taus[0]} vs {taus[1]}): "
                          "rebuild one of them, or set loss.cbd_bci_scale explicitly")
     return dataclasses.replace(cfg, loss=dataclasses.replace(loss, cbd_bci_scale=taus[0]))
+
+
+def _check_tokenizers(cfg: Config, pairs: TokenizedPairs, vocab_size: int, artifacts: dict[str, dict]) -> None:
+    """Provenance artifacts (per-token BCI store, veto table) hold token ids of the index's tokenizer:
+    refuse them when it is not the data's tokenizer, or when their vocabulary exceeds the model's."""
+    data_hash = ""
+    if cfg.data.tokenizer_dir:
+        from tracealign_jax.index.corpus import tokenizer_fingerprint
+
+        try:
+            data_hash = tokenizer_fingerprint(cfg.data.tokenizer_dir)[1]
+        except FileNotFoundError:  # a slow tokenizer (no tokenizer.json): no index can have been built with it
+            data_hash = ""
+    for key, meta in artifacts.items():
+        theirs = meta.get("tokenizer_hash")
+        if data_hash and theirs and theirs != data_hash:
+            raise ConfigError(f"{key}: built with tokenizer {theirs}, but data.tokenizer_dir {cfg.data.tokenizer_dir} "
+                              f"has hash {data_hash}: rebuild it from an index of the data's tokenizer")
+        if int(meta.get("vocab_size", 0)) > vocab_size:
+            raise ConfigError(f"{key}: built over a vocabulary of {meta['vocab_size']} tokens, the model has "
+                              f"{vocab_size}: the index tokenizer is not the model's")
+
+
+def _check_batch_divides(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> None:
+    """The batch rows are split over the mesh's batch axes: refuse a batch they do not divide, naming
+    the settings, before anything is compiled (jax would raise a bare IndivisibleError at step 1)."""
+    spec = next(iter(batch_shardings(cfg, mesh, rules).values())).spec
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    rows = batch_rows(cfg)
+    if rows % ways:
+        per = "2 rows per pair" if cfg.train.objective == "dpo" else "1 row per example"
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} ({rows} rows, {per}) is not divisible over the "
+                          f"batch axes {' x '.join(f'mesh.{a}={mesh.shape[a]}' for a in axes)}: choose a batch whose "
+                          f"rows are a multiple of {ways}")
 
 
 def _initial_model(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> Any:
@@ -105,6 +148,7 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
     sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.build_mesh(cfg.mesh)
     rules = sharding.resolve_rules(cfg.mesh.rules)
+    _check_batch_divides(cfg, mesh, rules)
     sft = cfg.train.objective == "sft"
     out_dir = Path(cfg.train.output_dir)
     if pairs is None:
@@ -117,13 +161,19 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         from tracealign_jax.response_store import ResponseArrayReader
 
         bci = ResponseArrayReader(cfg.data.bci_path)
+        check_same_dataset(bci.meta, pairs, f"data.bci_path {cfg.data.bci_path}")
         if len(bci) != len(pairs):
             raise ValueError(f"data.bci_path: {len(bci)} examples but the dataset has {len(pairs)}")
     veto, veto_meta = _load_veto(cfg)
     if veto is not None:  # replicated once here, so the step never re-transfers it
         veto = jax.device_put(veto, NamedSharding(mesh, PartitionSpec()))
     cfg = _resolve_bci_scale(cfg, bci, veto_meta)
+    arch = model_arch(cfg.model)
+    check_token_ids(pairs, arch.vocab_size, cfg.data.train_path, "the model's")
+    _check_tokenizers(cfg, pairs, arch.vocab_size, {"data.bci_path": bci.meta if bci is not None else {},
+                                                    "loss.cbd_veto_table": veto_meta})
     ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or out_dir / "checkpoints")
+    ckpt.write_arch(arch.to_hf_dict())
     resumed_from = ckpt.latest_step()
     graphdef, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     if resumed_from is not None:
@@ -146,7 +196,6 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
     step_fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))
     b_sh = batch_shardings(cfg, mesh, rules)
     fields = batch_fields(cfg)
-    arch = model_arch(cfg.model)
     start = resumed_from or 0
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     writer = MetricsWriter(out_dir, cfg.train.steps, start, show_progress=show_progress)

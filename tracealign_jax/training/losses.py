@@ -7,10 +7,12 @@ batch's counts to every micro-batch, so accumulated micro-batches equal the big 
 mean of micro-batch means).
 
 ``logratio = log pi(y|x) - log pi_ref(y|x)`` summed over response tokens, ``margin_B =
-logratio(chosen) - logratio(rejected)``, rewards ``beta * logratio``. Loss types (TRL's formulas,
-ls = label_smoothing): sigmoid -(1-ls) log s(beta m) - ls log s(-beta m) (DPO; cDPO with ls > 0);
+logratio(chosen) - logratio(rejected)``, rewards ``beta * logratio``. Loss types (ls =
+``loss.label_smoothing``, the cDPO epsilon: the assumed probability that a preference label is flipped):
+sigmoid -(1-ls) log s(beta m) - ls log s(-beta m) (DPO; with ls > 0 conservative DPO, cDPO, on purpose:
+TRL 1.16's sigmoid loss ignores label_smoothing, so for ls > 0 ours differs from it by ls beta m);
 robust (-(1-ls) log s(beta m) + ls log s(-beta m)) / (1-2ls); hinge max(0, 1 - beta m) (SLiC);
-ipo (m_avg - 1/(2 beta))^2 with m_avg from per-token-averaged logps.
+ipo (m_avg - 1/(2 beta))^2 with m_avg from per-token-averaged logps (as TRL does).
 
 CBD. The paper publishes no formula (its code adds a constant without gradient). Ours are two bounded
 hinges weighted by w(b) = min(b / s, 1), s = ``cbd_bci_scale`` (the calibrated tau: raw BCIs reach

@@ -13,6 +13,28 @@ import jax
 
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrites ``path`` (atomically) without rows of steps > ``step``: the steps a killed run logged after
+    its last checkpoint, which the resumed run is about to log again. A torn last line is dropped too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+            keep = int(row["step"]) <= step and line.endswith("\n")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        from tracealign_jax.atomic_io import atomic_write_text
+
+        atomic_write_text(path, "".join(kept))
+
+
 class MetricsWriter:
     """Appends one JSON line per logged step to ``<dir>/metrics.jsonl`` and mirrors scalars to
     TensorBoard event files in ``<dir>/tb``; shows a tqdm bar with loss / accuracy / tokens/s."""
@@ -27,10 +49,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        _drop_rows_after(self.out_dir / "metrics.jsonl", initial_step)
         self._jsonl = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(self.out_dir / "tb"))
+        # A resumed run replays the steps after its checkpoint: TensorBoard drops the old events of those
+        # steps (purge_step), metrics.jsonl its old rows (above), so no step is logged twice.
+        self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=initial_step + 1)
         if show_progress:
             from tqdm import tqdm
 

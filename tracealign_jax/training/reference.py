@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tracealign_jax import sharding
 from tracealign_jax.config import Config, to_dict
 from tracealign_jax.model import param_shardings
-from tracealign_jax.pairs import TokenizedPairs
+from tracealign_jax.pairs import TokenizedPairs, check_same_dataset
 from tracealign_jax.response_store import ResponseArrayReader, write_response_arrays
 from tracealign_jax.training.data import assign_buckets, build_batch
 
@@ -48,6 +48,7 @@ def open_reference(cfg: Config, pairs: TokenizedPairs) -> ResponseArrayReader | 
     if not (Path(path) / "meta.json").is_file():
         return None
     reader = ResponseArrayReader(path)
+    check_same_dataset(reader.meta, pairs, f"data.ref_logps_path {path}")
     if reader.meta.get("kind") != "reference_logps" or len(reader) != len(pairs):
         raise ValueError(f"{path}: not a reference log-prob store for this dataset")
     return reader
@@ -89,7 +90,8 @@ def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, p
                 out[int(ex)][j] = logps[row][sel].astype(np.float32)
     path = store_path(cfg, pairs)
     if jax.process_index() == 0:
-        meta = {"kind": "reference_logps", "key": reference_key(cfg, pairs), "dataset": pairs.fingerprint}
+        meta = {"kind": "reference_logps", "key": reference_key(cfg, pairs), "dataset": pairs.fingerprint,
+                "dataset_identity": pairs.identity}
         write_response_arrays(path, [tuple(x) for x in out], meta=meta, overwrite=True)
     from jax.experimental import multihost_utils
 
