@@ -69,7 +69,7 @@ def test_mesh_shapes_and_rules():
     "overrides, message",
     [
         (["train.batch_size=6", "train.micro_batches=4"], "train.micro_batches=4 must divide train.batch_size=6"),
-        (["train.micro_batches=0"], "train.micro_batches=0 must divide"),
+        (["train.micro_batches=0"], "train.micro_batches: must be an integer >= 1, got 0"),
         (["loss.cbd_cont_weight=0.1", "loss.reference=precomputed"], "use loss.reference=in_step"),
     ],
 )

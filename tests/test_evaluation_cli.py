@@ -8,7 +8,7 @@ from tracealign_jax.evaluation.synthetic_data import DEFAULT_DATA_DIR
 
 def test_data_generate_reproduces_the_shipped_data(tmp_path: Path, capsys):
     assert main(["data", "generate", "--out", str(tmp_path)]) == 0
-    assert "wrote 6 files" in capsys.readouterr().out  # 6 splits (the manifest is not counted)
+    assert "wrote 7 files" in capsys.readouterr().out  # 7 splits (the manifest is not counted)
     for p in DEFAULT_DATA_DIR.glob("*.jsonl"):
         assert (tmp_path / p.name).read_bytes() == p.read_bytes(), p.name
 
