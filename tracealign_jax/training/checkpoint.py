@@ -148,13 +148,7 @@ class Checkpointer:
 
     def read_arch(self) -> dict[str, Any] | None:
         """The recorded architecture (HF config.json fields), or None for checkpoints saved without one."""
-        path = self.dir / ARCH_FILE
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise IntegrityError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        return recorded_arch(self.dir)
 
     def restore(self, abstract_state: TrainState, step: int | None = None, *,
                 verify: bool = True) -> tuple[TrainState, dict[str, Any]]:  # fmt: skip
