@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec
 
 from hf_tiny import build_torch_model, random_tokens, save_torch_model, torch_logits
 from tracealign_jax import sharding
+from tracealign_jax.config import ConfigError, load_config
 from tracealign_jax.hf_io import flat_params, load_hf, save_hf
 from tracealign_jax.model import lora as L
 
@@ -52,10 +53,17 @@ def checkpoints(tmp_path_factory):
 def test_config_validation():
     assert L.LoRAConfig(rank=8, alpha=16).scale == 2.0
     assert L.LoRAConfig(rank=16, alpha=8, use_rslora=True).scale == 2.0
-    with pytest.raises(ValueError, match="unknown module"):
+    with pytest.raises(ConfigError, match="unknown module"):
         L.LoRAConfig(rank=4, targets=("qkv",))
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(ConfigError, match="lora.dropout"):
         L.LoRAConfig(rank=4, dropout=1.0)
+    cfg = load_config(None, ["lora.rank=8", "lora.targets=[q_proj, v_proj]", "realign.invert_loss=ipo"])
+    assert cfg.lora == L.LoRAConfig(rank=8, targets=("q_proj", "v_proj")) and cfg.realign.invert_loss == "ipo"
+    assert (cfg.realign.beta, cfg.realign.alpha_kl, cfg.realign.gamma) == (0.3, 0.1, 1.0)  # the paper's defaults
+    with pytest.raises(ConfigError, match="lora.rnk"):
+        load_config(None, ["lora.rnk=8"])
+    with pytest.raises(ConfigError, match="realign.beta"):
+        load_config(None, ["realign.beta=0"])
 
 
 def test_fresh_adapter_is_the_base_model_exactly_and_merge_equals_adapter_forward(checkpoints):

@@ -21,7 +21,6 @@ transformers base model.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tracealign_jax.config import LORA_TARGETS, LoRAConfig
 from tracealign_jax.model.config import ModelArch
 
 # HF/PEFT module name -> (our weight, HF submodule, number of input axes in our layout)
@@ -43,35 +43,8 @@ TARGETS: dict[str, tuple[str, str, int]] = {
     "up_proj": ("w_up", "mlp", 1),
     "down_proj": ("w_down", "mlp", 1),
 }
-ALL_TARGETS = tuple(TARGETS)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    """LoRA adapters. rank: r (0 = no adapters); alpha: scale numerator (scale = alpha / r, or
-    alpha / sqrt(r) with use_rslora); dropout: on the adapter's input, training only;
-    targets: HF module names of the adapted projections (any of q/k/v/o_proj, gate/up/down_proj)."""
-
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ALL_TARGETS
-    use_rslora: bool = False
-
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"lora.rank must be >= 0, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        unknown = sorted(set(self.targets) - set(TARGETS))
-        if unknown:
-            raise ValueError(f"lora.targets: unknown module(s) {unknown} (known: {list(TARGETS)})")
-        if self.rank and not self.targets:
-            raise ValueError("lora.targets: empty; name at least one projection")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+ALL_TARGETS = LORA_TARGETS
+assert set(TARGETS) == set(LORA_TARGETS)
 
 
 class LoRAParam(nnx.Param):
