@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tracealign_jax.training.commands",
     "tracealign_jax.decoding.commands",
     "tracealign_jax.evaluation.commands",
+    "tracealign_jax.realign.commands",
 )
 
 
