@@ -92,7 +92,8 @@ class DataConfig:
 class LossConfig:
     """DPO-family loss and the Contrastive Belief Deconfliction (CBD) terms.
 
-    type: sigmoid | ipo | hinge | robust (label-smoothed cDPO uses sigmoid + label_smoothing).
+    type: sigmoid | ipo | hinge | robust (label-smoothed cDPO uses sigmoid + label_smoothing) | trace
+      (TRACE re-alignment on LoRA adapters: ``realign.train``; its parameters are in ``realign``).
     beta: inverse temperature on log-ratio margins (nats^-1). rpo_alpha: weight of chosen NLL.
     cbd_data_weight / cbd_margin: term (a), hinge on high-BCI response tokens (margin in nats).
     cbd_cont_weight: term (b), the same hinge on the veto-table continuations of every response prefix.
@@ -103,7 +104,7 @@ class LossConfig:
     cbd_min_prefix: veto entries apply once this many trailing tokens match a high-BCI span's prefix.
     """
 
-    type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    type: Literal["sigmoid", "ipo", "hinge", "robust", "trace"] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
