@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     triage.add_argument("--rules", default="", help="policy YAML for the rules judge (default: realign.rules)")
     triage.add_argument("--index", default="", help="TraceIndex dir: adds the provenance judge (with --threshold)")
     triage.add_argument("--threshold", default="", help="calibrated threshold JSON of --index")
-    triage.add_argument("--primary", choices=["rules", "provenance"], default=None,
+    triage.add_argument("--classifier", default="", help="local HF sequence-classification dir: adds the classifier judge")
+    triage.add_argument("--classifier-threshold", type=float, default=0.5, help="P(unsafe) at or above which a response violates")
+    triage.add_argument("--primary", choices=["rules", "provenance", "classifier"], default=None,
                         help="the judge that triages (default: rules if given); the others are compared with it")
     triage.add_argument("--cache", default="", help="label cache directory, one JSONL per judge (default: realign.label_cache)")
     triage.add_argument("--out", required=True, help="output JSONL (input records + category and evidence)")
@@ -56,8 +58,10 @@ def _triage(args: argparse.Namespace) -> int:
         index = TraceIndex.open(args.index)
         thr = Threshold.load(args.threshold, index)
         judges["provenance"] = J.ProvenanceJudge(TraceShield(index, BCIScorer(index, cfg.provenance), thr))
+    if args.classifier:
+        judges["classifier"] = J.ContentPolicyJudge.classifier(args.classifier, threshold=args.classifier_threshold)
     if not judges:
-        raise FileNotFoundError("realign triage needs a judge: --rules and/or --index with --threshold")
+        raise FileNotFoundError("realign triage needs a judge: --rules, --index with --threshold, or --classifier")
     if cache:
         judges = {k: J.CachedJudge(j, Path(cache) / f"{k}.jsonl") for k, j in judges.items()}
     primary = args.primary or next(iter(judges))
