@@ -54,6 +54,23 @@ def test_trace_training_resumes_exactly_and_writes_the_peft_adapter(tmp_path):
     ckpts = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir() if p.name.isdigit())
     assert ckpts == ["2", "4"]
 
+    # export-hf merges the adapters into the base: the export's logits are the adapted model's
+    from flax import nnx
+
+    from tracealign_jax.cli import main
+    from tracealign_jax.hf_io import load_hf
+
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "split"), "--out", str(tmp_path / "hf")]) == 0
+    exported, _ = load_hf(tmp_path / "hf", progress=False)
+    tok = np.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 12)), np.int32)
+    pos = np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))
+    fwd = jax.jit(lambda m: m(tok, pos)[0])
+    adapter, base = jax.device_get(rest.state.adapter), jax.device_get(rest.base)
+    want = np.asarray(fwd(nnx.merge(rest.graphdef, adapter, base)))
+    no_adapter = np.asarray(fwd(nnx.merge(rest.graphdef, jax.tree.map(np.zeros_like, adapter), base)))
+    assert np.abs(want - no_adapter).max() > 1e-3  # the trained adapters matter
+    np.testing.assert_allclose(np.asarray(fwd(exported)), want, rtol=1e-5, atol=1e-5)
+
 
 def test_trace_needs_lora_and_categories(tmp_path):
     from tracealign_jax.config import ConfigError

@@ -162,3 +162,34 @@ def train_trace(cfg: Config, *, stop_after: int | None = None, show_progress: bo
                                           base_model_name_or_path=cfg.model.hf_dir, overwrite=True)  # fmt: skip
     return TraceResult(state, graphdef, base, history, end - start, resumed_from, adapter_dir, pairs.num_skipped)
 
+
+
+def export_trace_checkpoint(ckpt_dir: str | Path, cfg: Config, out: str | Path, *, step: int | None = None,
+                            tokenizer_dir: str | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:  # fmt: skip
+    """The base with a TRACE run's adapters merged in (``W + scale A B``), written as a HF checkpoint.
+
+    The base is rebuilt from ``cfg.model`` (as the run did); the adapter state comes from the Orbax
+    checkpoint ``step`` (default: latest) of ``ckpt_dir``, restored onto one device.
+    """
+    from flax import nnx
+
+    from tracealign_jax.hf_io import flat_params, save_hf
+    from tracealign_jax.model import lora as L
+    from tracealign_jax.realign.step import init_lora_state
+
+    model = L.add_lora(_base_model(cfg), cfg.lora, seed=cfg.train.seed)
+    graphdef, adapter, base = L.split_adapter(model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          jax.eval_shape(lambda a: init_lora_state(a, cfg.train), adapter))  # fmt: skip
+    manager = ocp.CheckpointManager(Path(ckpt_dir).absolute(), item_names=("state", "data"))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to export")
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    finally:
+        manager.close()
+    merged = L.merge_adapter(flat_params(nnx.merge(graphdef, state.adapter, base)), cfg.lora)
+    tok = tokenizer_dir or cfg.data.tokenizer_dir or None
+    return save_hf(merged, model.arch, out, tokenizer_dir=tok, dtype=dtype, overwrite=overwrite, progress=False)
