@@ -163,6 +163,8 @@ def test_peft_directory_loads_with_peft_and_merged_export_with_transformers(vari
     assert np.abs(got - torch_logits(AutoModelForCausalLM.from_pretrained(path).eval(), TOKENS)).max() > 1e-2
     np.testing.assert_allclose(got, ours, rtol=0, atol=TOL)
 
+    with pytest.raises(ValueError, match="LoRA adapters"):  # never a silent base-only export
+        save_hf(model, arch, tmp_path / "unmerged", progress=False)
     merged = save_hf(L.merge_adapter(flat, cfg), arch, tmp_path / "merged", progress=False)
     reloaded = AutoModelForCausalLM.from_pretrained(merged).eval()
     np.testing.assert_allclose(torch_logits(reloaded, TOKENS), ours, rtol=0, atol=TOL)
