@@ -148,7 +148,8 @@ def test_provenance_judge_marks_shield_refusals_non_compliant(tmp_path):
     scorer = BCIScorer(index, ProvenanceConfig(min_span=3, sample_size=256))
     rng = np.random.default_rng(7)
     texts = [benign_text(rng, 30) for _ in range(200)]
-    shield = TraceShield(index, scorer, calibrate(scorer, texts[:100], texts[100:], 0.0), top_sources=1)
+    shield = TraceShield(index, scorer, calibrate(scorer, texts[:100], texts[100:], 0.0, confidence=0.0),
+                         top_sources=1)
     judge = J.ProvenanceJudge(shield)
     responses, planted = [], []
     for i in range(6):

@@ -56,8 +56,9 @@ def _triage(args: argparse.Namespace) -> int:
         from tracealign_jax.provenance.shield import TraceShield
 
         index = TraceIndex.open(args.index)
-        thr = Threshold.load(args.threshold, index)
-        judges["provenance"] = J.ProvenanceJudge(TraceShield(index, BCIScorer(index, cfg.provenance), thr))
+        scorer = BCIScorer(index, cfg.provenance)
+        thr = Threshold.load(args.threshold, index, scorer.settings())
+        judges["provenance"] = J.ProvenanceJudge(TraceShield(index, scorer, thr))
     if args.classifier:
         judges["classifier"] = J.ContentPolicyJudge.classifier(args.classifier, threshold=args.classifier_threshold)
     if not judges:

@@ -178,8 +178,8 @@ class ProvenanceJudge:
 
     def config(self) -> dict[str, Any]:
         thr = self.shield.threshold
-        return {"kind": "provenance", "tau": float(thr.tau), "index": str(thr.index_hash), "bci": thr.bci,
-                "min_span": int(self.shield.scorer.cfg.min_span)}  # fmt: skip
+        return {"kind": "provenance", "tau": float(thr.tau), "index": str(thr.index_hash),
+                "settings": self.shield.scorer.settings()}  # every setting that changes a BCI
 
     def label_batch(self, prompts: Sequence[str], responses: Sequence[Any]) -> list[Label]:
         if len(prompts) != len(responses):
