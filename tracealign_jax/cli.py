@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tracealign_jax.training.commands",
     "tracealign_jax.decoding.commands",
     "tracealign_jax.evaluation.commands",
+    "tracealign_jax.realign.commands",
 )
 # Which module registers each top-level command, so a run imports only its own module: a host-only
 # command (``index query``, ``bci score``) then never imports JAX, Flax or tensorstore (start-up time).

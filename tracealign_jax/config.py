@@ -99,9 +99,10 @@ class DataConfig:
 class LossConfig:
     """DPO-family loss and the Contrastive Belief Deconfliction (CBD) terms.
 
-    type: sigmoid | ipo | hinge | robust. Conservative DPO (cDPO) is ``type: sigmoid`` with
+    type: sigmoid | ipo | hinge | robust | trace. Conservative DPO (cDPO) is ``type: sigmoid`` with
       ``label_smoothing`` = its epsilon (the assumed label-flip probability, in [0, 0.5)); TRL 1.16's
       sigmoid loss ignores label_smoothing, ours applies the cDPO form (see ``training.losses``).
+      trace: TRACE re-alignment on LoRA adapters (``realign.train``; its parameters are in ``realign``).
     beta: inverse temperature on log-ratio margins (nats^-1). rpo_alpha: weight of chosen NLL.
     cbd_data_weight / cbd_margin: term (a), hinge on high-BCI response tokens (margin in nats).
     cbd_cont_weight: term (b), the same hinge on the veto-table continuations of every response prefix.
@@ -112,7 +113,7 @@ class LossConfig:
     cbd_min_prefix: veto entries apply once this many trailing tokens match a high-BCI span's prefix.
     """
 
-    type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    type: Literal["sigmoid", "ipo", "hinge", "robust", "trace"] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
@@ -275,6 +276,72 @@ class EvalConfig:
     max_prompts: int = 0
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (``model.lora``): frozen base, only adapters trained.
+
+    rank: r (0 = no adapters, full fine-tuning); alpha: scale numerator (scale = alpha / r, or
+    alpha / sqrt(r) with use_rslora); dropout: on the adapter's input, training only; targets: the
+    Hugging Face / PEFT names of the adapted projections.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank: must be >= 0, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ConfigError(f"lora.targets: unknown module(s) {unknown} (known: {list(LORA_TARGETS)})")
+        if self.rank and not self.targets:
+            raise ConfigError("lora.targets: empty; name at least one projection")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealignConfig:
+    """TRACE re-alignment (``tracealign realign``): triage, impact weights, the hybrid objective.
+
+    rules: policy YAML of the rules judge (``realign.judge``); label_cache: JSONL label cache ("" = none).
+    beta: inverse temperature of the TRACE terms (nats^-1); alpha_kl: weight of the token KL on
+    retained pairs; invert_loss: logistic (the paper's) | ipo (Azar et al.) on inverted pairs;
+    gamma: impact temperature (cancels after L1 normalisation); impact_batch_size: pairs per
+    impact JVP (memory is that of one such batch).
+    """
+
+    rules: str = ""
+    label_cache: str = ""
+    beta: float = 0.3
+    alpha_kl: float = 0.1
+    invert_loss: Literal["logistic", "ipo"] = "logistic"
+    gamma: float = 1.0
+    impact_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"realign.beta: must be > 0, got {self.beta}")
+        if self.alpha_kl < 0:
+            raise ConfigError(f"realign.alpha_kl: must be >= 0, got {self.alpha_kl}")
+        if not self.gamma > 0:
+            raise ConfigError(f"realign.gamma: must be > 0, got {self.gamma}")
+        if self.impact_batch_size < 1:
+            raise ConfigError(f"realign.impact_batch_size: must be >= 1, got {self.impact_batch_size}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One run: every section has defaults, a YAML file sets what differs."""
@@ -288,6 +355,8 @@ class Config:
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     provenance: ProvenanceConfig = dataclasses.field(default_factory=ProvenanceConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    realign: RealignConfig = dataclasses.field(default_factory=RealignConfig)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -146,6 +146,9 @@ def save_hf(
     generation_config: extra ``generation_config.json`` fields (token ids come from ``arch``).
     """
     params = flat_params(model_or_state)
+    if any(k.startswith("lora.") for k in params):
+        raise ValueError("save_hf: the model carries LoRA adapters, which a HF checkpoint would silently drop; "
+                         "fold them in first (model.lora.merge_adapter) or write a PEFT directory (save_peft_adapter)")
     dtype_name = _dtype_name(dtype or str(np.dtype(params["embed"].dtype)))
     plans = _plan(params, arch, np.dtype(jnp.dtype(dtype_name)))
     if jax.process_index() != 0:

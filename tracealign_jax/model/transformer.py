@@ -15,6 +15,8 @@ Parameter layout (paths used by ``hf_io.keymap``):
   layers.attn_norm / mlp_norm [Ly, D]; layers.wq [Ly, D, H, E]; layers.wk, wv [Ly, D, G, E];
   layers.bq [Ly, H, E], bk, bv [Ly, G, E] (q/k/v bias); layers.wo [Ly, H, E, D]; layers.bo [Ly, D];
   layers.w_gate, w_up [Ly, D, F]; layers.w_down [Ly, F, D].
+  With LoRA adapters attached (``model.lora.add_lora``): lora.<weight>_a [Ly, *in, r] and
+  lora.<weight>_b [Ly, r, *out] for each targeted weight (``LoRAParam`` variables).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tracealign_jax import sharding
 from tracealign_jax.model.attention import attention_mask, grouped_attention
 from tracealign_jax.model.config import ModelArch
 from tracealign_jax.model.kv_cache import KVCache
+from tracealign_jax.model.lora import lora_delta
 from tracealign_jax.model.rope import apply_rope, rope_angles
 
 Remat = Literal["none", "full", "dots"]
@@ -108,15 +111,26 @@ def _decoder_layer(
     cos_sin: tuple[jax.Array, jax.Array],
     mask_BxLxS: jax.Array,
     kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
+    lora: tuple[dict[str, jax.Array], Any, jax.Array | None] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm decoder layer. ``kv`` = (k_all, v_all, layer, index) writes this step's keys and
     values into the full cache ``[B, Ly, S, G, E]`` at ``[:, layer, index:index+L]`` and attends over
-    that layer's slots; without it attention is over the L fresh tokens only."""
+    that layer's slots; without it attention is over the L fresh tokens only. ``lora`` = (this
+    layer's adapter arrays, LoRAConfig, dropout key or None) adds ``model.lora``'s low-rank terms."""
     w = {k: v.astype(dtype) for k, v in p.items()}
+
+    def proj(x: jax.Array, name: str, n_in: int) -> jax.Array:
+        y = _project(x, w[name], n_in)
+        if lora is None or f"{name}_a" not in lora[0]:
+            return y
+        arrays, cfg, key = lora
+        key = None if key is None else jax.random.fold_in(key, _LORA_SALT[name])
+        return y + lora_delta(x, arrays[f"{name}_a"], arrays[f"{name}_b"], n_in, cfg, dtype, key)
+
     x = rms_norm(h_BxLxD, p["attn_norm"], arch.rms_norm_eps)
-    q = _project(x, w["wq"], 1)
-    k = _project(x, w["wk"], 1)
-    v = _project(x, w["wv"], 1)
+    q = proj(x, "wq", 1)
+    k = proj(x, "wk", 1)
+    v = proj(x, "wv", 1)
     if arch.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     q = sharding.constrain(apply_rope(q, *cos_sin), ("batch", "length", "heads", "head_dim"))
@@ -132,17 +146,19 @@ def _decoder_layer(
         k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=1, keepdims=False).astype(dtype)
         v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=1, keepdims=False).astype(dtype)
     attn = grouped_attention(q, k, v, mask_BxLxS)
-    out = _project(attn, w["wo"], 2)
+    out = proj(attn, "wo", 2)
     if arch.attention_out_bias:
         out = out + w["bo"]
     h_BxLxD = sharding.constrain(h_BxLxD + out, ACT)
 
     x = rms_norm(h_BxLxD, p["mlp_norm"], arch.rms_norm_eps)
-    gate = sharding.constrain(_project(x, w["w_gate"], 1), ("batch", "length", "mlp"))
-    up = sharding.constrain(_project(x, w["w_up"], 1), ("batch", "length", "mlp"))
-    down = _project(jax.nn.silu(gate) * up, w["w_down"], 1)
+    gate = sharding.constrain(proj(x, "w_gate", 1), ("batch", "length", "mlp"))
+    up = sharding.constrain(proj(x, "w_up", 1), ("batch", "length", "mlp"))
+    down = proj(jax.nn.silu(gate) * up, "w_down", 1)
     return sharding.constrain(h_BxLxD + down, ACT), new_kv
 
+
+_LORA_SALT = {name: i for i, name in enumerate(("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))}
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing but the layer input; recompute the whole layer in the backward pass
@@ -189,9 +205,11 @@ class Transformer(nnx.Module):
         positions_BxL: jax.Array,
         valid_BxL: jax.Array | None = None,
         cache: KVCache | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """float32 logits [B, L, V] and the updated cache (None when called without one)."""
-        h_BxLxD, cache = self.hidden(tokens_BxL, positions_BxL, valid_BxL, cache)
+        h_BxLxD, cache = self.hidden(tokens_BxL, positions_BxL, valid_BxL, cache, dropout_key=dropout_key)
         return sharding.constrain(self.unembed(h_BxLxD), ("batch", "length", "vocab")), cache
 
     def hidden(
@@ -200,12 +218,16 @@ class Transformer(nnx.Module):
         positions_BxL: jax.Array,
         valid_BxL: jax.Array | None = None,
         cache: KVCache | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, L, D] (compute dtype) and the updated cache.
 
         tokens_BxL int32; positions_BxL int32, per-row position of each token (0 = first real
         token); valid_BxL bool, False for padding (default: all real). With a cache the L tokens go
         to slots ``[cache.index, cache.index + L)`` and attend to every valid earlier slot.
+        With adapters attached (``model.lora.add_lora``) they join every targeted projection;
+        ``dropout_key`` turns on their dropout (training).
         """
         arch = self.arch
         b, l = tokens_BxL.shape
@@ -229,16 +251,21 @@ class Transformer(nnx.Module):
             mask = attention_mask(index + jnp.arange(l), jnp.arange(cache.max_len), valid_BxS, arch.sliding_window)
             carry = (h, cache.k, cache.v)
 
+        adapters = getattr(self, "lora", None)
+        lora_xs = None if adapters is None else adapters.arrays()
+        keys = None if adapters is None or dropout_key is None else jax.random.split(dropout_key, arch.num_hidden_layers)
+
         def body(carry, xs):
             h, k_all, v_all = carry
-            params, layer = xs
+            params, layer, lora_p, key = xs
             kv = None if cache is None else (k_all, v_all, layer, cache.index)
-            h, new_kv = _decoder_layer(arch, self.dtype, h, params, cos_sin, mask, kv)
+            lora = None if lora_p is None else (lora_p, adapters.cfg, key)
+            h, new_kv = _decoder_layer(arch, self.dtype, h, params, cos_sin, mask, kv, lora)
             return (h, *(new_kv if new_kv is not None else (None, None))), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-        xs = (self.layers.arrays(), jnp.arange(arch.num_hidden_layers, dtype=jnp.int32))
+        xs = (self.layers.arrays(), jnp.arange(arch.num_hidden_layers, dtype=jnp.int32), lora_xs, keys)
         (h, k_all, v_all), _ = jax.lax.scan(body, carry, xs, unroll=not self.scan_layers)
 
         if cache is not None:

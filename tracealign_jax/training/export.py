@@ -44,7 +44,13 @@ def export_checkpoint(checkpoint: Path, out: Path, *, config_path: str | None = 
     from tracealign_jax.hf_io import save_hf
 
     ckpt_dir, cfg_path = resolve_run(checkpoint, config_path)
-    cfg = with_recorded_arch(load_config(cfg_path), ckpt_dir)
+    cfg = load_config(cfg_path)
+    if cfg.loss.type == "trace":  # LoRA adapters: merged into the base on export
+        from tracealign_jax.realign.train import export_trace_checkpoint
+
+        return export_trace_checkpoint(ckpt_dir, cfg, out, step=step, tokenizer_dir=tokenizer_dir, dtype=dtype,
+                                       overwrite=overwrite)  # fmt: skip
+    cfg = with_recorded_arch(cfg, ckpt_dir)
     mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
     rules = sharding.resolve_rules(cfg.mesh.rules)
     graphdef, _ = graphdef_and_abstract_params(cfg, mesh, rules)

@@ -144,6 +144,10 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
           show_progress: bool = True) -> TrainResult:  # fmt: skip
     """Runs (or resumes) training to ``cfg.train.steps``; ``stop_after`` ends early after that many
     steps in this call (tests use it to simulate an interrupted run)."""
+    if cfg.loss.type == "trace":
+        from tracealign_jax.realign.train import train_trace
+
+        return train_trace(cfg, stop_after=stop_after, show_progress=show_progress)  # type: ignore[return-value]
     validate(cfg)
     sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.build_mesh(cfg.mesh)

@@ -1,0 +1,177 @@
+"""Alignment impact of conflicting pairs: <g_J, g_i> for every pair without per-example gradients.
+
+TRACE weights a conflicting pair i by ``w_i = max(0, <g_J, g_i>) / gamma``, L1-normalised over the
+conflicts, where g_J is the gradient of the preference loss on the "gold" set (retained pairs as
+stored, inverted pairs flipped) at the reference parameters theta_ref and g_i the gradient of pair
+i's own TRACE term (flipped logistic / IPO if inverted, dual NPO if suppressed). (gamma cancels in the
+normalisation; it scales only the unnormalised ``raw`` weights.)
+
+How: the per-pair loss vector ``l(theta)`` [B] has Jacobian rows g_i, so one forward-mode product
+``jax.jvp(l, (theta,), (g_J,))`` returns ``J g_J = [<g_i, g_J>]_i`` for the whole batch at about the
+cost of two forward passes, with memory of one forward pass: nothing of size B x |theta| exists.
+``explicit_scores`` is the ``vmap(grad)`` reference that materialises every g_i (tests, benchmark).
+
+At theta_ref the reference log-probs equal the policy's, so the log-ratio is written
+``logp(theta) - stop_gradient(logp(theta))``: value 0, derivative that of logp, one forward pass for
+both models. This is exact only AT theta_ref, which is the only point these functions evaluate.
+
+Batches: the training layout (``training.data.build_batch``): tokens / positions / valid /
+loss_mask [2B, L] with rows 2i = y_w, 2i+1 = y_l as stored, plus ``category`` int32 [B] from
+``realign.triage`` and PAD = -1 for filler pairs, which count nowhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tracealign_jax.realign.objective import InvertLoss, dual_npo_losses, invert_losses
+from tracealign_jax.realign.triage import INVERT, RETAIN, SUPPRESS
+from tracealign_jax.training.logprobs import chunked_token_logprobs
+
+PAD = -1
+Batch = dict[str, jax.Array]
+
+
+def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0) -> jax.Array:
+    """Per-row log pi(response | prompt), summed over ``loss_mask`` tokens: float32[2B] (nats)."""
+    model = nnx.merge(graphdef, params)
+    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"])
+    logps, _ = chunked_token_logprobs(h, model.unembedding_matrix(), batch["tokens"], chunk=chunk,
+                                      compute_dtype=model.dtype)  # fmt: skip
+    return jnp.sum(logps * batch["loss_mask"].astype(jnp.float32), axis=-1)
+
+
+def _ratios(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int) -> tuple[jax.Array, jax.Array]:
+    seq = sequence_logps(graphdef, params, batch, chunk)
+    ratio = (seq - jax.lax.stop_gradient(seq)).reshape(-1, 2)  # 0 at theta_ref, d logp elsewhere
+    return ratio[:, 0], ratio[:, 1]
+
+
+def gold_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, beta: float, chunk: int = 0) -> jax.Array:
+    """Per-pair logistic preference loss of the gold set at theta_ref: float32[B], 0 for non-gold pairs.
+
+    Retained pairs count as stored (y_w over y_l), inverted pairs flipped (y_l over y_w).
+    """
+    rw, rl = _ratios(graphdef, params, batch, chunk)
+    cat = batch["category"]
+    margin = jnp.where(cat == INVERT, rl - rw, rw - rl)
+    gold = (cat == RETAIN) | (cat == INVERT)
+    return jnp.where(gold, -jax.nn.log_sigmoid(beta * margin), 0.0)
+
+
+def conflict_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, beta: float, invert_loss: InvertLoss = "logistic",
+                    chunk: int = 0) -> jax.Array:  # fmt: skip
+    """Per-pair TRACE term of each conflicting pair at theta_ref: float32[B], 0 for retained / PAD pairs."""
+    rw, rl = _ratios(graphdef, params, batch, chunk)
+    cat = batch["category"]
+    inv = invert_losses(rw, rl, beta=beta, kind=invert_loss)
+    sup = dual_npo_losses(rw, rl, beta=beta)
+    return jnp.where(cat == INVERT, inv, jnp.where(cat == SUPPRESS, sup, 0.0))
+
+
+def jvp_scores(loss_vec: Callable[[Any, Batch], jax.Array], params: Any, batch: Batch, direction: Any) -> jax.Array:
+    """[<g_i, direction>]_i for every pair of ``batch``: ONE forward-mode JVP of the loss vector. float32[B]."""
+    _, tangent = jax.jvp(lambda p: loss_vec(p, batch), (params,), (direction,))
+    return tangent
+
+
+def explicit_scores(loss_vec: Callable[[Any, Batch], jax.Array], params: Any, batch: Batch, direction: Any) -> jax.Array:
+    """The reference: every per-pair gradient g_i materialised by ``vmap(grad)``, then dotted. float32[B]."""
+    b = batch["category"].shape[0]
+    grads = per_pair_gradients(loss_vec, params, batch)
+    dots = jax.tree.map(lambda g, d: jnp.sum(g.reshape(b, -1) * d.reshape(1, -1), axis=1), grads, direction)
+    return sum(jax.tree.leaves(dots))
+
+
+def per_pair_gradients(loss_vec: Callable[[Any, Batch], jax.Array], params: Any, batch: Batch) -> Any:
+    """Every pair's gradient, stacked on a leading [B] axis of each parameter (``vmap(grad)``)."""
+    b = batch["category"].shape[0]
+    per_pair = {k: (v.reshape((b, 2) + v.shape[1:]) if k != "category" else v.reshape(b, 1)) for k, v in batch.items()}
+    return jax.vmap(jax.grad(lambda p, pair: loss_vec(p, pair)[0]), in_axes=(None, 0))(params, per_pair)
+
+
+_STATIC = ("graphdef", "beta", "invert_loss", "chunk")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def gold_grad_sum(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, beta: float, invert_loss: InvertLoss = "logistic",
+                  chunk: int = 0) -> Any:  # fmt: skip
+    """Gradient of the SUM of the batch's gold losses (jitted once per shape)."""
+    del invert_loss  # the gold loss is always logistic; the argument keeps one static signature
+    return jax.grad(lambda p: jnp.sum(gold_losses(graphdef, p, batch, beta=beta, chunk=chunk)))(params)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def conflict_scores(params: Any, batch: Batch, direction: Any, *, graphdef: nnx.GraphDef, beta: float,
+                    invert_loss: InvertLoss = "logistic", chunk: int = 0) -> jax.Array:  # fmt: skip
+    """[<g_i, direction>]_i of the conflict terms by one JVP (jitted): float32[B], 0 for retained / PAD."""
+    fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk)  # noqa: E731
+    return jvp_scores(fn, params, batch, direction)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def explicit_conflict_scores(params: Any, batch: Batch, direction: Any, *, graphdef: nnx.GraphDef, beta: float,
+                             invert_loss: InvertLoss = "logistic", chunk: int = 0) -> jax.Array:  # fmt: skip
+    """``conflict_scores`` through materialised per-pair gradients (``vmap(grad)``): the reference."""
+    fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk)  # noqa: E731
+    return explicit_scores(fn, params, batch, direction)
+
+
+def gold_gradient(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], *, beta: float, chunk: int = 0) -> Any:
+    """g_J = d/dtheta of (sum of gold losses over every batch) / (number of gold pairs), at ``params``.
+
+    One jitted ``grad`` per batch, accumulated (float32), so the gold set can be any size.
+    """
+    total, n_gold = None, 0
+    for b in batches:
+        cat = np.asarray(b["category"])
+        n_gold += int(np.sum((cat == RETAIN) | (cat == INVERT)))
+        g = gold_grad_sum(params, b, graphdef=graphdef, beta=beta, chunk=chunk)
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    if total is None or n_gold == 0:
+        raise ValueError("impact: the gold set (retained + inverted pairs) is empty")
+    return jax.tree.map(lambda x: x / n_gold, total)
+
+
+def impact_weights(scores_N: np.ndarray, category_N: np.ndarray, gamma: float = 1.0) -> dict[str, np.ndarray]:
+    """From raw scores <g_J, g_i> to TRACE weights over the conflicting pairs.
+
+    Returns float64[N] arrays: ``raw`` = max(0, s_i) / gamma on conflicts (0 elsewhere); ``weight`` =
+    raw L1-normalised over conflicts (sums to 1; uniform if every raw weight is 0); ``weight_mean1`` =
+    weight x N_conflicts, the per-pair weight ``objective.trace_objective`` takes.
+    """
+    if not gamma > 0:
+        raise ValueError(f"impact gamma must be > 0, got {gamma}")
+    s = np.asarray(scores_N, np.float64)
+    conf = np.isin(np.asarray(category_N), (INVERT, SUPPRESS))
+    raw = np.where(conf, np.maximum(s, 0.0) / gamma, 0.0)
+    n_conf = int(conf.sum())
+    total = raw.sum()
+    if n_conf == 0:
+        weight = np.zeros_like(raw)
+    elif total > 0:
+        weight = raw / total
+    else:
+        weight = conf / n_conf
+    return {"raw": raw, "weight": weight, "weight_mean1": weight * n_conf}
+
+
+def impact_scores(graphdef: nnx.GraphDef, params: Any, batches: list[Batch], *, beta: float = 0.3,
+                  invert_loss: InvertLoss = "logistic", chunk: int = 0) -> np.ndarray:  # fmt: skip
+    """<g_J, g_i> for every pair of ``batches`` (in order, PAD pairs dropped): float32[N].
+
+    Two passes over the batches with one compile each (fixed batch shape): accumulate g_J, then one
+    jitted JVP per batch. Peak memory: one batch's forward + tangent, plus g_J (one parameter copy).
+    """
+    g_j = gold_gradient(graphdef, params, batches, beta=beta, chunk=chunk)
+    out = []
+    for b in batches:
+        s = np.asarray(conflict_scores(params, b, g_j, graphdef=graphdef, beta=beta, invert_loss=invert_loss, chunk=chunk))
+        out.append(s[np.asarray(b["category"]) != PAD])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
