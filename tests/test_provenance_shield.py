@@ -79,6 +79,12 @@ def test_threshold_refused_under_other_bci_settings(setup):
     thr = calibrate(scorer, texts[:300], texts[300:400], 0.05)
     thr.save(tmp / "tau_settings.json")
     assert Threshold.load(tmp / "tau_settings.json", index, scorer.settings()) == thr
+    text = (tmp / "tau_settings.json").read_text()  # one changed digit of tau is refused, not used
+    flipped = text.replace(f'"tau": {thr.tau!r}', f'"tau": {thr.tau + 1.0!r}')
+    assert flipped != text
+    (tmp / "tau_flipped.json").write_text(flipped)
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        Threshold.load(tmp / "tau_flipped.json", index, scorer.settings())
     for change, named in (({"bci": "rarity"}, "bci"), ({"conflict_prior": 0.5}, "conflict_prior"),
                           ({"sample_size": 32}, "sample_size"), ({"min_posterior": 0.9}, "min_posterior")):
         other = BCIScorer(index, dataclasses.replace(CFG, **change))

@@ -62,7 +62,8 @@ def test_impact_command_scores_and_weights(tmp_path, capsys):
     from tracealign_jax.config import load_config
     from tracealign_jax.realign import impact
     from tracealign_jax.realign.pipeline import _reference_model
-    from tracealign_jax.training.data import build_batch, load_pairs
+    from tracealign_jax.pairs import load_pairs
+    from tracealign_jax.training.data import build_batch
 
     raw = write_toy_preferences(tmp_path / "raw.jsonl", n=10)
     cats = ["retain", "invert", "suppress", "invert", "retain"] * 2

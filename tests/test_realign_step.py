@@ -10,7 +10,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from hf_tiny import numpy_model
 from tracealign_jax import sharding

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     **dict.fromkeys(("train", "export-hf"), "tracealign_jax.training.commands"),
     "decode": "tracealign_jax.decoding.commands",
     **dict.fromkeys(("demo", "eval", "data"), "tracealign_jax.evaluation.commands"),
+    "realign": "tracealign_jax.realign.commands",
 }
 
 

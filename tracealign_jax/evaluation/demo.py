@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tracealign_jax.atomic_io import atomic_write_text, verify_manifest
+from tracealign_jax.atomic_io import atomic_write_jsonl, verify_manifest
 from tracealign_jax.config import Config, EvalConfig, LossConfig, to_dict
 from tracealign_jax.evaluation import synthetic_data as sd
 from tracealign_jax.evaluation.stages import StageRunner
@@ -40,10 +40,6 @@ DATA_FIELDS = ("data_dir", "data_seed", "per_category", "benign_per_template", "
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def _data_stage(ev: EvalConfig) -> Callable[[Path], dict]:
@@ -62,14 +58,14 @@ def _data_stage(ev: EvalConfig) -> Callable[[Path], dict]:
         else:
             splits = sd.generate(**{k: getattr(ev, k) for k in sizes}, seed=ev.data_seed)
             for name, records in splits.items():
-                _write_jsonl(out / f"{name}.jsonl", records)
+                atomic_write_jsonl(out / f"{name}.jsonl", records)
         # SFT view of the corpus: the request is the prompt, the rest is the response to learn
         sft = []
         unindexed = out / "unindexed.jsonl"
         for doc in _read_jsonl(out / "corpus.jsonl") + (_read_jsonl(unindexed) if unindexed.is_file() else []):
             head, sep, tail = doc["text"].partition(sd.PROMPT_TEMPLATE.split("{request}")[1])
             sft.append({"prompt": head + sep, "response": tail} if sep else {"prompt": "", "response": doc["text"]})
-        _write_jsonl(out / "sft.jsonl", sft)
+        atomic_write_jsonl(out / "sft.jsonl", sft)
         counts = {p.stem: len(_read_jsonl(p)) for p in sorted(out.glob("*.jsonl"))}
         return {"dir": str(out), "counts": counts}
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tracealign_jax.atomic_io import atomic_write_json, atomic_write_text
+from tracealign_jax.atomic_io import atomic_write_json, atomic_write_jsonl
 from tracealign_jax.config import Config
 
 Stage = Callable[[Path], dict]
@@ -142,7 +142,7 @@ def run_adb_eval(cfg: Config, *, prompts: str | Path, policies: dict[str, str], 
     judged, rows = adb.evaluate_defenses(models, tokenizer, adb_prompts + qa_prompts, cfg.decode, judge,
                                          defenses=defenses, refusal_text=REFUSAL, veto_table=table, shield=shield,
                                          progress=True, log=log)
-    atomic_write_text(out_dir / "completions.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    atomic_write_jsonl(out_dir / "completions.jsonl", rows)
     texts = [h["text"] for h in _read_jsonl(Path(heldout)) if h.get("split", "utility") == "utility"] if heldout else []
     report = build_report(cfg, judged, rows, qa_recs, models, tokenizer, texts, table, index, scorer, thr.tau,
                           adb_prompts, log)

@@ -143,6 +143,14 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _plot_drift(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -160,9 +168,7 @@ def _plot_drift(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("drift rate (%)")
     ax.set_title("Alignment drift by defense and attack")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_bci(report: dict[str, Any], path: Path) -> None:
@@ -182,9 +188,7 @@ def _plot_bci(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("completions")
     ax.set_title("BCI of unsafe vs safe completions")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_bound(report: dict[str, Any], path: Path) -> None:
@@ -199,9 +203,7 @@ def _plot_bound(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("drift (%)")
     ax.set_title("Drift bound vs measured drift (undefended)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:

@@ -22,12 +22,11 @@ generation would be.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from pathlib import Path
 from typing import Any
 
-from tracealign_jax.atomic_io import atomic_write_text
+from tracealign_jax.atomic_io import atomic_write_jsonl
 
 KINDS = {"unsafe_verbatim": "refuse", "unsafe_also_benign": "refuse", "unsafe_paraphrase": "pass",
          "rare_benign": "pass", "generic_rare_words": "pass", "boilerplate": "pass", "benign_common": "pass"}
@@ -154,7 +153,7 @@ def write_span_world(seed: int, out_dir: str | Path, sizes: SpanCorpusSizes = Sp
     data = generate_span_corpus(seed, sizes)
     paths = {name: out / f"{name}.jsonl" for name in data}
     for name, records in data.items():
-        atomic_write_text(paths[name], "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        atomic_write_jsonl(paths[name], records)
     tok_dir = train_bpe_tokenizer((d["text"] for d in data["corpus"]), out / "tokenizer", vocab_size)
     paths["tokenizer"] = tok_dir
     paths["index"] = build_index([paths["corpus"]], tok_dir, out / "index", overwrite=True, progress=progress)

@@ -23,6 +23,7 @@ other index or settings, naming the difference.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import warnings
@@ -69,7 +70,9 @@ class Threshold:
                                  "BCI scales differ between indexes; recalibrate (`tracealign bci calibrate`)")
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(path, dict(dataclasses.asdict(self), format=FORMAT))
+        """Writes the threshold with a SHA-256 of its content (``load`` refuses an edited or damaged file)."""
+        payload = dict(dataclasses.asdict(self), format=FORMAT)
+        atomic_write_json(path, dict(payload, sha256=_digest(payload)))
 
     @classmethod
     def load(cls, path: str | Path, index: Any | None = None, settings: dict | None = None) -> "Threshold":
@@ -80,6 +83,10 @@ class Threshold:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise IntegrityError(f"{path}: not valid JSON ({err})") from err
+        digest = raw.pop("sha256", None)
+        if digest is not None and digest != _digest(raw):
+            raise IntegrityError(f"{path}: content does not match its SHA-256 (edited or corrupted): recalibrate "
+                                 "(`tracealign bci calibrate`)")
         if raw.pop("format", None) != FORMAT:
             raise IntegrityError(f"{path}: not a tracealign threshold file (format != {FORMAT})")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -89,6 +96,10 @@ class Threshold:
         if settings is not None:
             thr.check_settings(settings, path)
         return thr
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def allowed_above(n: int, target_fpr: float, confidence: float) -> tuple[int, float]:

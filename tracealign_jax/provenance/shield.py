@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tracealign_jax.atomic_io import atomic_write_text
+from tracealign_jax.atomic_io import atomic_write_jsonl
 from tracealign_jax.provenance.bci import BCIScorer, ScoredSpan
 from tracealign_jax.provenance.calibrate import Threshold
 
@@ -176,7 +176,7 @@ class TraceShield:
 
 def write_jsonl(verdicts: Sequence[ShieldVerdict], path: str | Path) -> None:
     """One JSON object per completion, in input order (for pipelines)."""
-    atomic_write_text(path, "".join(json.dumps(v.to_json(), sort_keys=True) + "\n" for v in verdicts))
+    atomic_write_jsonl(path, [v.to_json() for v in verdicts])
 
 
 def render_report(verdicts: Sequence[ShieldVerdict], title: str = "TraceShield report") -> str:
