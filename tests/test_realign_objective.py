@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from test_training_losses import fd_grad
 from tracealign_jax.realign import objective
 from tracealign_jax.realign.triage import INVERT, RETAIN, SUPPRESS
 
@@ -38,16 +39,6 @@ def np_trace(pol, ref, kl, mask, cat, w, beta, alpha, kind):
                 kl_sum += np.sum(kl[r] * mask[r])
                 kl_n += np.sum(mask[r])
     return inv + sup + alpha * kl_sum / max(kl_n, 1.0)
-
-
-def fd_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += eps
-        xm[i] -= eps
-        g[i] = (f(xp) - f(xm)) / (2 * eps)
-    return g
 
 
 def _inputs(seed=0, b=6, l=5):

@@ -175,8 +175,8 @@ def remember_verified(directory: str | Path, manifest: dict[str, Any]) -> None:
         while len(cache) > _MAX_CACHED:
             cache.pop(next(iter(cache)))
         atomic_write_json(_verified_cache_path(), cache)
-    except OSError:
-        pass  # read-only home, full disk: the next open verifies in full again
+    except OSError:  # read-only home, full disk: the next open verifies in full again
+        return
 
 
 def verify_manifest_cached(directory: str | Path) -> dict[str, Any]:
