@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _pair_rows import random_pair_rows
 from flax import nnx
 
 from hf_tiny import numpy_model
@@ -25,22 +26,8 @@ L = 16
 
 def make_batch(categories, seed=0):
     """Training-layout rows 2i / 2i+1 = y_w / y_l of pair i: random prompts and responses, right-padded."""
-    rng = np.random.default_rng(seed)
-    b = len(categories)
-    tok = np.zeros((2 * b, L), np.int32)
-    valid = np.zeros((2 * b, L), bool)
-    mask = np.zeros((2 * b, L), np.float32)
-    for i in range(b):
-        prompt = rng.integers(2, 64, size=int(rng.integers(2, 6)))
-        for j in range(2):
-            resp = rng.integers(2, 64, size=int(rng.integers(3, 8)))
-            p, n = len(prompt), len(resp)
-            tok[2 * i + j, :p], tok[2 * i + j, p:p + n] = prompt, resp
-            valid[2 * i + j, :p + n] = True
-            mask[2 * i + j, p:p + n] = 1.0
-    pos = np.broadcast_to(np.arange(L, dtype=np.int32), (2 * b, L)).copy()
-    return {"tokens": jnp.asarray(tok), "positions": jnp.asarray(pos), "valid": jnp.asarray(valid),
-            "loss_mask": jnp.asarray(mask), "category": jnp.asarray(categories, jnp.int32)}  # fmt: skip
+    rows = random_pair_rows(len(categories), L, seed, vocab=64, prompt_len=(2, 6), response_len=(3, 8))
+    return {**{k: jnp.asarray(v) for k, v in rows.items()}, "category": jnp.asarray(categories, jnp.int32)}
 
 
 @pytest.fixture(scope="module")

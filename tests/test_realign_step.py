@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _pair_rows import random_pair_rows
 from hf_tiny import numpy_model
 from tracealign_jax import sharding
 from tracealign_jax.config import LoRAConfig, MeshConfig, RealignConfig, TrainConfig
@@ -30,21 +31,8 @@ TC = TrainConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant", max_gr
 
 
 def host_batch(seed=0, length=24):
-    rng = np.random.default_rng(seed)
-    b = len(CATS)
-    tok = np.zeros((2 * b, length), np.int32)
-    valid = np.zeros((2 * b, length), bool)
-    mask = np.zeros((2 * b, length), np.float32)
-    for i in range(b):
-        prompt = rng.integers(2, 128, size=int(rng.integers(3, 8)))
-        for j in range(2):
-            resp = rng.integers(2, 128, size=int(rng.integers(4, 12)))
-            p, n = len(prompt), len(resp)
-            tok[2 * i + j, :p], tok[2 * i + j, p:p + n] = prompt, resp
-            valid[2 * i + j, :p + n] = True
-            mask[2 * i + j, p:p + n] = 1.0
-    return {"tokens": tok, "positions": np.broadcast_to(np.arange(length, dtype=np.int32), tok.shape).copy(),
-            "valid": valid, "loss_mask": mask, "category": CATS, "weight": WEIGHTS}  # fmt: skip
+    rows = random_pair_rows(len(CATS), length, seed, vocab=128, prompt_len=(3, 8), response_len=(4, 12))
+    return {**rows, "category": CATS, "weight": WEIGHTS}
 
 
 def setup(mesh, dropout=0.0, tc=TC):
