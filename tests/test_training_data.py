@@ -13,6 +13,8 @@ from tracealign_jax.records import RecordError
 from tracealign_jax.pairs import load_pairs
 from tracealign_jax.training.data import BatchStream, build_batch, epoch_batches
 
+from tests.hf_tiny import save_word_tokenizer
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
     "{% if add_generation_prompt %}<assistant> {% endif %}"
@@ -21,22 +23,8 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<eos>", "<unk>", "<bos>", "<user>", "<assistant>", "<system>", "<end>"]
-    words += "how do i bake bread mix flour and water no thanks sure here is a recipe".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    from tokenizers import processors
-
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                   bos_token="<bos>")  # fmt: skip
-    fast.chat_template = CHAT_TEMPLATE
-    d = tmp_path_factory.mktemp("tok")
-    fast.save_pretrained(d)
-    return d
+    words = ["<user>", "<assistant>", "<system>", "<end>"] + "how do i bake bread mix flour and water no thanks sure here is a recipe".split()
+    return save_word_tokenizer(tmp_path_factory.mktemp("tok"), words, CHAT_TEMPLATE)
 
 
 def _write(path, records):

@@ -71,7 +71,7 @@ def open_source(cfg: DataConfig, cache_dir: str | None) -> Source:
             ds, unreadable = _load_jsonl(path, cfg.columns, cache_dir)
         digest = sha256_file(path)
     elif path.is_dir():
-        ds, digest = _load_saved(path, cfg.split)
+        ds, path, digest = _load_saved(path, cfg.split)
         ds = ds.add_column(LINE, list(range(1, len(ds) + 1)))
     elif _HUB_ID.match(cfg.train_path) and not cfg.train_path.endswith((".jsonl", ".json", ".parquet")):
         ds = _load_hub(cfg.train_path, cfg.split)
@@ -124,8 +124,9 @@ def _load_jsonl(path: Path, columns: dict, cache_dir: str | None) -> tuple[Any, 
                                                                   RECORD: datasets.Value("string")})), errors  # fmt: skip
 
 
-def _load_saved(path: Path, split: str) -> tuple[Any, str]:
-    """A ``save_to_disk`` directory (Dataset, or DatasetDict + ``split``) and the SHA-256 of its data files."""
+def _load_saved(path: Path, split: str) -> tuple[Any, Path, str]:
+    """A ``save_to_disk`` directory (Dataset, or DatasetDict + ``split``), its split's folder and the
+    SHA-256 of its data files."""
     import datasets
 
     if not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
@@ -139,7 +140,7 @@ def _load_saved(path: Path, split: str) -> tuple[Any, str]:
     h = hashlib.sha256()
     for p in sorted(path.glob("*.arrow")):
         h.update(p.name.encode() + sha256_file(p).encode())
-    return ds, h.hexdigest()
+    return ds, path, h.hexdigest()
 
 
 def _load_hub(name: str, split: str) -> Any:
