@@ -226,8 +226,19 @@ def test_column_map_and_format_are_validated():
     assert cfg.data.columns == {"prompt": "question", "chosen": "good"}
 
 
-def test_parallel_tokenization_equals_serial(tmp_path, tok_dir):
-    recs = [{"chosen": f"the sky is {c}", "rejected": "the sky is green."} for c in ["blue."] * 5 + ["it is blue."] * 5]
+def test_parallel_map_equals_serial_and_is_cached(tmp_path):
+    # Token-id records: the spawned workers need no tokenizer (importing transformers there takes seconds).
+    rng = np.random.default_rng(0)
+    recs = [{f"{f}_ids": rng.integers(0, 50, int(rng.integers(1, 9))).tolist() for f in ("prompt", "chosen", "rejected")}
+            for _ in range(10)]  # fmt: skip
     p = _jsonl(tmp_path / "p.jsonl", recs)
-    one, two = _load(p, tok_dir, num_proc=1), _load(p, tok_dir, num_proc=2)
+    cfg = DataConfig(train_path=p, max_prompt_len=4, max_response_len=8)
+    one = load_pairs(cfg)
+    two = load_pairs(DataConfig(**{**cfg.__dict__, "num_proc": 2, "cache_dir": str(tmp_path / "cache")}))
     assert all(np.array_equal(one.arrays[k], two.arrays[k]) for k in one.arrays) and len(one) == 10
+    assert [two.get("prompt", i).tolist() for i in range(10)] == [r["prompt_ids"][-4:] for r in recs]
+    shards = sorted((tmp_path / "cache").glob("tokens-*/tokens_*.arrow"))
+    assert [s.name for s in shards] == ["tokens_00000_of_00002.arrow", "tokens_00001_of_00002.arrow"]
+    stamps = [s.stat().st_mtime_ns for s in shards]
+    again = load_pairs(DataConfig(**{**cfg.__dict__, "num_proc": 2, "cache_dir": str(tmp_path / "cache")}))
+    assert [s.stat().st_mtime_ns for s in shards] == stamps and np.array_equal(again.arrays["chosen_tokens"], one.arrays["chosen_tokens"])

@@ -18,13 +18,14 @@ keeps its end (``truncation: keep_end``, the tokens next to the response) or its
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -241,16 +242,37 @@ def load_pairs(cfg: DataConfig, *, sft: bool = False, tokenizer: Any = None, sho
                   num_proc=num_proc if num_proc > 1 and n > 1 else None,
                   fn_kwargs=dict(tokenizer=tokenizer, fmt=src.format, cfg=cfg, path=src.path, sft=sft, fields=fields))  # fmt: skip
     vocab = len(tokenizer) if tokenizer is not None else 0
+    with _spawned_workers():
+        return _map_cached(src, cache, map_kw, cfg, fields, fp, identity, vocab)
+
+
+@contextlib.contextmanager
+def _spawned_workers() -> Iterator[None]:
+    """``datasets.map(num_proc=...)`` forks its workers by default; a fork of a process that runs JAX's
+    threads can deadlock, so they are spawned (fresh interpreters) instead."""
+    import multiprocess
+
+    before = multiprocess.get_start_method(allow_none=True)
+    multiprocess.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocess.set_start_method(before, force=True)
+
+
+def _map_cached(src: "sources.Source", cache: Path | None, map_kw: dict, cfg: DataConfig, fields: Sequence[str], fp: str,
+                identity: dict, vocab: int) -> TokenizedPairs:  # fmt: skip
+    """Runs the tokenizing map into ``cache`` (verified, reused when there) or in memory."""
     if cache is None:
         return _to_pairs(src.dataset.map(_tokenize_batch, keep_in_memory=True, **map_kw), cfg, src, fields, fp, identity, vocab)
-    if cache.is_dir():
-        verify_manifest(cache)
+    if cache.is_dir() and verify_manifest(cache).get("num_proc") == map_kw["num_proc"]:  # shard files per worker
         table = src.dataset.map(_tokenize_batch, cache_file_name=str(cache / "tokens.arrow"), load_from_cache_file=True, **map_kw)
         return _to_pairs(table, cfg, src, fields, fp, identity, vocab)
     with atomic_directory(cache, overwrite=True) as tmp:
         pairs = _to_pairs(src.dataset.map(_tokenize_batch, cache_file_name=str(tmp / "tokens.arrow"), **map_kw), cfg, src,
                           fields, fp, identity, vocab)  # fmt: skip
-        write_manifest(tmp, {"format": CACHE_FORMAT, "fingerprint": fp, "source": src.path, "records": n})
+        write_manifest(tmp, {"format": CACHE_FORMAT, "fingerprint": fp, "source": src.path, "records": len(src.dataset),
+                             "num_proc": map_kw["num_proc"]})  # fmt: skip
     return pairs
 
 

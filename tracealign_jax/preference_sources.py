@@ -268,13 +268,13 @@ def text_pairs(cfg: DataConfig) -> tuple[list[int], list[dict]]:
     """(record numbers, records) of a preference source as plain string pairs plus the format's extras and
     the record's other fields (what ``realign triage`` judges); malformed records raise ``RecordError``."""
     src = open_source(cfg, None)
-    consumed = set(CANONICAL_COLUMNS) - {"prompt", "chosen", "rejected"} if src.format == "pku_saferlhf" else set()
+    consumed = {"prompt", "chosen", "rejected"} | (set(CANONICAL_COLUMNS) if src.format == "pku_saferlhf" else set())
     lines, recs = [], []
     for line, row in records(src.dataset.to_dict()):
         pair, extras = to_pair(row, src.format, cfg, src.path, line, sft=False)
         for f in ("prompt", "chosen", "rejected"):
             require(pair, f, str, src.path, line)
-        rest = {k: v for k, v in row.items() if k not in consumed and k not in pair and v is not None}
+        rest = {k: v for k, v in row.items() if k not in consumed and v is not None}
         lines.append(line)
         recs.append({**rest, **{f: pair[f] for f in ("prompt", "chosen", "rejected")}, **extras})
     if not recs:
