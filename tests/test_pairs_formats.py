@@ -5,6 +5,7 @@ column map; Parquet; malformed records named by file and line / record; a Hub id
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,6 +190,9 @@ def test_malformed_records_name_file_and_line_or_record(tmp_path, tok_dir):
     pq.write_table(pa.Table.from_pylist([good, dict(good, chosen=None)]), tmp_path / "p.parquet")
     with pytest.raises(RecordError, match=r"p\.parquet:2: chosen: missing$"):
         _load(tmp_path / "p.parquet", tok_dir)
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(RecordError, match=r"junk\.parquet:0: not a readable parquet file \(Parquet magic bytes"):
+        _load(tmp_path / "junk.parquet", tok_dir)
 
 
 def test_conversations_without_a_chat_template_get_a_one_line_fix(tmp_path, plain_tok_dir):
@@ -199,6 +203,33 @@ def test_conversations_without_a_chat_template_get_a_one_line_fix(tmp_path, plai
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"{p}:1: prompt: a conversation needs a chat template")
     assert "chat_template" in msg and "give the prompt and responses as strings" in msg
+
+
+def test_hub_id_is_read_from_the_local_cache_offline(tmp_path, tok_dir, monkeypatch):
+    """A Hub dataset cached by an earlier ``load_dataset("someorg/prefs")`` (its cache layout rebuilt here
+    from a local Parquet file) loads with no network: offline mode is forced for the call."""
+    import glob
+    import shutil
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = [{"chosen": "the sky is blue.", "rejected": "the sky is green."}] * 2
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "h.parquet")
+    datasets.load_dataset("parquet", data_files=str(tmp_path / "h.parquet"), split="train", cache_dir=str(tmp_path / "build"))
+    (info_file,) = glob.glob(str(tmp_path / "build/parquet/default-*/0.0.0/*/dataset_info.json"))
+    cached = tmp_path / "hf_cache/someorg___prefs/default/0.0.0" / Path(info_file).parent.name
+    shutil.copytree(Path(info_file).parent, cached)
+    (cached / "parquet-train.arrow").rename(cached / "prefs-train.arrow")
+    info = json.loads((cached / "dataset_info.json").read_text())
+    (cached / "dataset_info.json").write_text(json.dumps(dict(info, dataset_name="prefs", config_name="default")))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    offline_before = datasets.config.HF_HUB_OFFLINE
+    pairs = load_pairs(DataConfig(train_path="someorg/prefs", tokenizer_dir=str(tok_dir)))
+    assert _rows(pairs) == [(ids("<bos> the sky is"), ids("blue. <eos>"), ids("green. <eos>"))] * 2
+    assert pairs.identity["source"] == "prefs" and pairs.identity["split"] == "train"
+    assert datasets.config.HF_HUB_OFFLINE == offline_before  # restored after the call
 
 
 def test_hub_id_not_in_the_cache_is_one_line(tmp_path):

@@ -35,7 +35,7 @@ from tracealign_jax.config import ConfigError, DataConfig, check_columns
 from tracealign_jax.records import RecordError, require
 
 FIELDS = ("prompt", "chosen", "rejected")
-CACHE_FORMAT = "tracealign-pref-tokens-v2"
+CACHE_FORMAT = "tracealign-pref-tokens-v1"  # the token ids; unchanged since v1, so older artifacts stay valid
 NO_TEMPLATE = "a conversation needs a chat template"
 
 
@@ -164,7 +164,7 @@ def _fingerprint(cfg: DataConfig, fields: Sequence[str], src: "sources.Source") 
         key.update(layout=src.format, columns=dict(sorted(cfg.columns.items())))
         if src.format == "pku_saferlhf":
             key["pku"] = cfg.pku_preference
-    if src.path != cfg.train_path or Path(src.path).is_dir():
+    if not Path(cfg.train_path).is_file():  # a saved DatasetDict or a Hub id: which split
         key["split"] = cfg.split
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], key
 
@@ -235,11 +235,12 @@ def load_pairs(cfg: DataConfig, *, sft: bool = False, tokenizer: Any = None, sho
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
     n = len(src.dataset)
     num_proc = cfg.num_proc or (min(8, os.cpu_count() or 1) if n >= 20_000 else 1)
-    extras = {k: datasets.Value(v) for k, v in sources.EXTRAS.get(src.format, {}).items()}
-    features = datasets.Features({**{f"{f}_ids": datasets.List(datasets.Value("int32")) for f in fields}, "line": datasets.Value("int64"),
-                                  "error_field": datasets.Value("string"), "error": datasets.Value("string"), **extras})  # fmt: skip
-    map_kw = dict(batched=True, features=features, remove_columns=src.dataset.column_names, new_fingerprint=fp, desc=f"tokenize {Path(src.path).name}",
-                  num_proc=num_proc if num_proc > 1 and n > 1 else None,
+    value = datasets.Value
+    features = datasets.Features({**{f"{f}_ids": datasets.List(value("int32")) for f in fields}, "line": value("int64"),
+                                  "error_field": value("string"), "error": value("string"),
+                                  **{k: value(v) for k, v in sources.EXTRAS.get(src.format, {}).items()}})  # fmt: skip
+    map_kw = dict(batched=True, features=features, remove_columns=src.dataset.column_names, new_fingerprint=fp,
+                  desc=f"tokenize {Path(src.path).name}", num_proc=num_proc if num_proc > 1 and n > 1 else None,
                   fn_kwargs=dict(tokenizer=tokenizer, fmt=src.format, cfg=cfg, path=src.path, sft=sft, fields=fields))  # fmt: skip
     vocab = len(tokenizer) if tokenizer is not None else 0
     with _spawned_workers():

@@ -57,19 +57,18 @@ class Source:
 
 
 def open_source(cfg: DataConfig, cache_dir: str | None) -> Source:
-    """Opens ``cfg.train_path`` as a ``datasets.Dataset`` (Arrow-cached under ``cache_dir``; None: in memory)."""
-    import datasets
-
-    datasets.disable_progress_bars()
+    """Opens ``cfg.train_path`` as a ``datasets.Dataset``. A file's Arrow conversion is cached under
+    ``cache_dir/<content hash>`` (a changed file never meets a stale conversion); None: built in memory."""
     path = Path(cfg.train_path)
     unreadable: list[RecordError] = []
     if path.is_file():
+        digest = sha256_file(path)
+        cache_dir = str(Path(cache_dir) / digest[:16]) if cache_dir else None
         if path.suffix == ".parquet":
             ds = _load("parquet", path, cache_dir)
             ds = ds.add_column(LINE, list(range(1, len(ds) + 1)))
         else:
             ds, unreadable = _load_jsonl(path, cfg.columns, cache_dir)
-        digest = sha256_file(path)
     elif path.is_dir():
         ds, path, digest = _load_saved(path, cfg.split)
         ds = ds.add_column(LINE, list(range(1, len(ds) + 1)))
@@ -90,11 +89,19 @@ def open_source(cfg: DataConfig, cache_dir: str | None) -> Source:
 
 
 def _load(builder: str, path: Path, cache_dir: str | None) -> Any:
+    """``datasets``' packaged ``json`` / ``parquet`` builder on one file; a Parquet file it cannot read is
+    a one-line error (JSONL failures are diagnosed line by line in ``_load_jsonl``)."""
     import datasets
+    import pyarrow as pa
 
     with tempfile.TemporaryDirectory() as tmp:  # no cache_dir: build in a temporary cache, keep in memory
-        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir or tmp,
-                                     keep_in_memory=cache_dir is None)  # fmt: skip
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir or tmp,
+                                         keep_in_memory=cache_dir is None)  # fmt: skip
+        except (datasets.exceptions.DatasetGenerationError, pa.ArrowException) as err:
+            if builder == "json":
+                raise
+            raise RecordError(path, 0, None, f"not a readable {builder} file ({err.__cause__ or err})") from None
 
 
 def _load_jsonl(path: Path, columns: dict, cache_dir: str | None) -> tuple[Any, list[RecordError]]:
@@ -267,6 +274,9 @@ def _messages(value: Any, path: str, line: int, field: str) -> list[dict]:
 def text_pairs(cfg: DataConfig) -> tuple[list[int], list[dict]]:
     """(record numbers, records) of a preference source as plain string pairs plus the format's extras and
     the record's other fields (what ``realign triage`` judges); malformed records raise ``RecordError``."""
+    import datasets
+
+    datasets.disable_progress_bars()
     src = open_source(cfg, None)
     consumed = {"prompt", "chosen", "rejected"} | (set(CANONICAL_COLUMNS) if src.format == "pku_saferlhf" else set())
     lines, recs = [], []
