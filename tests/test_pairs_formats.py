@@ -98,6 +98,16 @@ def test_trl_standard_and_conversational_explicit_and_implicit_give_the_same_tok
     assert _rows(both) == standard + conversational and both.arrays["line"].tolist() == [1, 2]
 
 
+def test_sft_reads_prompt_completion_and_implicit_prompt_pairs(tmp_path, tok_dir):
+    recs = [{"prompt": "the sky is", "completion": " blue."}, {"chosen": "the sky is blue.", "rejected": "the sky is green."},
+            {"prompt": [_msg("user", "sky?")], "completion": [_msg("assistant", "blue.")]}]  # fmt: skip
+    pairs = load_pairs(DataConfig(train_path=_jsonl(tmp_path / "s.jsonl", recs), tokenizer_dir=str(tok_dir)), sft=True)
+    assert [(pairs.get("prompt", i).tolist(), pairs.get("chosen", i).tolist()) for i in range(3)] == [
+        (ids("<bos> the sky is"), ids("blue. <eos>")), (ids("<bos> the sky is"), ids("blue. <eos>")),
+        (ids("<user> sky? <end> <assistant>"), ids("blue. <end>"))]  # fmt: skip
+    assert "rejected_tokens" not in pairs.arrays
+
+
 def test_mixed_field_types_keep_strings_that_look_like_json(tmp_path, tok_dir):
     # A prompt that is a string here and a message list there: datasets' Json column type would decode
     # the strings "true" / "7" into a boolean / an int. The records are kept whole: strings stay strings.

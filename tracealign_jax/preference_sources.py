@@ -235,7 +235,7 @@ def to_pair(rec: dict, fmt: str, cfg: DataConfig, path: str, line: int, sft: boo
         for alias in ("response", "completion"):
             if alias in rec:
                 return dict(rec, chosen=rec[alias]), {}
-    if sft or "prompt" in rec or "prompt_ids" in rec or "chosen" not in rec:
+    if "prompt" in rec or "prompt_ids" in rec or "chosen" not in rec or sft and "rejected" not in rec:
         return rec, {}
     chosen, rejected = require(rec, "chosen", (str, list), path, line), require(rec, "rejected", (str, list), path, line)
     if isinstance(chosen, list) and isinstance(rejected, list):
