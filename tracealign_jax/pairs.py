@@ -92,7 +92,7 @@ def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Seq
     prompt = require(rec, "prompt", (str, list), path, line)
     out = {}
     if isinstance(prompt, list):
-        msgs = sources._messages(prompt, path, line, "prompt")
+        msgs = sources.check_messages(prompt, path, line, "prompt")
         if getattr(tokenizer, "chat_template", None) is None:
             raise RecordError(path, line, "prompt", f"{NO_TEMPLATE} and data.tokenizer_dir has none: use the "
                                                     "model's chat (instruct) tokenizer, or add a chat_template to its "
@@ -102,7 +102,7 @@ def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Seq
         out["prompt"] = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         for f in fields[1:]:
             resp = _nonempty(require(rec, f, (str, list), path, line), path, line, f)
-            turn = [{"role": "assistant", "content": resp}] if isinstance(resp, str) else sources._messages(resp, path, line, f)
+            turn = [{"role": "assistant", "content": resp}] if isinstance(resp, str) else sources.check_messages(resp, path, line, f)
             full = _render(tokenizer, msgs + turn, path, line, f)
             if not full.startswith(prompt_text):
                 raise RecordError(path, line, f, "chat template does not extend the prompt rendering")

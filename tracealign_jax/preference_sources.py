@@ -224,7 +224,7 @@ def to_pair(rec: dict, fmt: str, cfg: DataConfig, path: str, line: int, sft: boo
                 "rejected": require(rec, f"response_{1 - pick}", str, path, line)}  # fmt: skip
         return pair, {"chosen_safe": int(safe[pick]), "rejected_safe": int(safe[1 - pick])}
     if fmt == "ultrafeedback_binarized":
-        chosen, rejected = (_messages(require(rec, f, list, path, line), path, line, f) for f in ("chosen", "rejected"))
+        chosen, rejected = (check_messages(require(rec, f, list, path, line), path, line, f) for f in ("chosen", "rejected"))
         pair = implicit_prompt(chosen, rejected, path, line)
         user = [m for m in pair["prompt"] if m["role"] == "user"]
         if "prompt" in rec and (not user or user[-1]["content"] != rec["prompt"]):
@@ -239,7 +239,7 @@ def to_pair(rec: dict, fmt: str, cfg: DataConfig, path: str, line: int, sft: boo
         return rec, {}
     chosen, rejected = require(rec, "chosen", (str, list), path, line), require(rec, "rejected", (str, list), path, line)
     if isinstance(chosen, list) and isinstance(rejected, list):
-        chosen, rejected = _messages(chosen, path, line, "chosen"), _messages(rejected, path, line, "rejected")
+        chosen, rejected = check_messages(chosen, path, line, "chosen"), check_messages(rejected, path, line, "rejected")
     elif not (isinstance(chosen, str) and isinstance(rejected, str)):
         raise RecordError(path, line, "rejected", "chosen and rejected must both be strings or both message lists")
     return implicit_prompt(chosen, rejected, path, line), {}
@@ -261,7 +261,7 @@ def implicit_prompt(chosen: Any, rejected: Any, path: str, line: int) -> dict:
     return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
 
 
-def _messages(value: Any, path: str, line: int, field: str) -> list[dict]:
+def check_messages(value: Any, path: str, line: int, field: str) -> list[dict]:
     """A message list with ``role``/``content`` strings (other keys kept; Arrow's None fillers dropped)."""
     out = []
     for j, m in enumerate(value):
