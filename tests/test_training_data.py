@@ -78,8 +78,8 @@ def test_tokenization_cache_is_reused_and_invalidated(tmp_path, tokenizer_dir, m
     from tracealign_jax import pairs as pairs_mod
 
     calls = []
-    encode = pairs_mod._encode_record
-    monkeypatch.setattr(pairs_mod, "_encode_record", lambda *a: calls.append(a[2]) or encode(*a))
+    segments = pairs_mod._segments
+    monkeypatch.setattr(pairs_mod, "_segments", lambda *a: calls.append(a[2]) or segments(*a))
     rec = {"prompt": "how do i bake bread", "chosen": "mix flour and water", "rejected": "no thanks"}
     p = _write(tmp_path / "p.jsonl", [rec] * 3)
     tok_dir = tmp_path / "tok"

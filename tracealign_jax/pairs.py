@@ -77,8 +77,18 @@ def _render(tokenizer: Any, msgs: list[dict], path: Path, line: int, field: str,
         raise RecordError(path, line, field, f"the chat template refuses this conversation: {err}") from None
 
 
-def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Sequence[str]) -> dict[str, list[int]]:
-    """Token ids of prompt and responses of one canonical pair (before truncation)."""
+@dataclass(frozen=True)
+class Text:
+    """A text to tokenize: with the tokenizer's special tokens (a string prompt's BOS) or not; EOS appended
+    (string responses; a chat template writes its own end-of-turn)."""
+
+    text: str
+    special: bool
+    eos: bool
+
+
+def _segments(rec: dict, path: Path, line: int, tokenizer: Any, fields: Sequence[str]) -> dict[str, Any]:
+    """What to tokenize for one canonical pair: per field its token ids (id records) or a ``Text``."""
     if "prompt_ids" in rec:
         out = {}
         for f in fields:
@@ -90,7 +100,6 @@ def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Seq
     if tokenizer is None:
         raise RecordError(path, line, "prompt", "text records need data.tokenizer_dir (or give prompt_ids/chosen_ids/rejected_ids)")
     prompt = require(rec, "prompt", (str, list), path, line)
-    out = {}
     if isinstance(prompt, list):
         msgs = sources.check_messages(prompt, path, line, "prompt")
         if getattr(tokenizer, "chat_template", None) is None:
@@ -99,42 +108,52 @@ def _encode_record(rec: dict, path: Path, line: int, tokenizer: Any, fields: Seq
                                                     "tokenizer_config.json (or chat_template.jinja), or give the "
                                                     "prompt and responses as strings")  # fmt: skip
         prompt_text = _render(tokenizer, msgs, path, line, "prompt", add_generation_prompt=True)
-        out["prompt"] = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        out = {"prompt": Text(prompt_text, special=False, eos=False)}
         for f in fields[1:]:
             resp = _nonempty(require(rec, f, (str, list), path, line), path, line, f)
             turn = [{"role": "assistant", "content": resp}] if isinstance(resp, str) else sources.check_messages(resp, path, line, f)
             full = _render(tokenizer, msgs + turn, path, line, f)
             if not full.startswith(prompt_text):
                 raise RecordError(path, line, f, "chat template does not extend the prompt rendering")
-            out[f] = tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+            out[f] = Text(full[len(prompt_text) :], special=False, eos=False)
         return out
-    out["prompt"] = tokenizer(prompt)["input_ids"]  # special tokens (BOS) belong to the prompt
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = {"prompt": Text(prompt, special=True, eos=False)}  # special tokens (BOS) belong to the prompt
     for f in fields[1:]:
-        text = _nonempty(require(rec, f, str, path, line), path, line, f)
-        out[f] = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        out[f] = Text(_nonempty(require(rec, f, str, path, line), path, line, f), special=False, eos=True)
     return out
 
 
 def _tokenize_batch(batch: dict[str, list], *, tokenizer: Any, fmt: str, cfg: DataConfig, path: str, sft: bool,
                     fields: Sequence[str]) -> dict[str, list]:  # fmt: skip
-    """``datasets.map`` function (batched): converts and tokenizes each record, truncated. A malformed
-    record yields empty id lists and its error (``error_field``, ``error``) instead of stopping the map."""
+    """``datasets.map`` function (batched): converts each record, tokenizes the batch's texts in two
+    tokenizer calls (with / without special tokens), truncates. A malformed record yields empty id lists
+    and its error (``error_field``, ``error``) instead of stopping the map."""
     extras = sources.EXTRAS.get(fmt, {})
     out: dict[str, list] = {k: [] for k in [f"{f}_ids" for f in fields] + ["line", "error_field", "error", *extras]}
-    keep_end = cfg.truncation == "keep_end"
+    rows = []  # (line, segments | RecordError, extras)
     for line, rec in sources.records(batch):
         try:
             pair, values = sources.to_pair(rec, fmt, cfg, path, line, sft)
-            ids = _encode_record(pair, path, line, tokenizer, fields)
-            for f in fields[1:]:
-                if not ids[f]:
-                    raise RecordError(path, line, f, "empty response")
-            ids = {f: _truncate(v, cfg.max_prompt_len, keep_end) if f == "prompt" else v[: cfg.max_response_len]
-                   for f, v in ids.items()}  # fmt: skip
-            err = ("", "")
+            rows.append((line, _segments(pair, path, line, tokenizer, fields), values))
         except RecordError as e:
-            ids, values, err = {f: [] for f in fields}, {}, (e.field or "", e.problem)
+            rows.append((line, e, {}))
+    texts = [seg for _, segs, _ in rows if isinstance(segs, dict) for seg in segs.values() if isinstance(seg, Text)]
+    encoded = {flag: iter(tokenizer([t.text for t in texts if t.special == flag], add_special_tokens=flag)["input_ids"])
+               for flag in (True, False) if any(t.special == flag for t in texts)}  # fmt: skip
+    eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
+    keep_end = cfg.truncation == "keep_end"
+    for line, segs, values in rows:
+        if isinstance(segs, dict):  # consume this record's encodings in order, even if it turns out malformed
+            segs = {f: next(encoded[s.special]) + (eos if s.eos else []) if isinstance(s, Text) else s for f, s in segs.items()}
+            empty = [f for f in fields[1:] if not segs[f]]
+            if empty:
+                segs = RecordError(path, line, empty[0], "empty response")
+        if isinstance(segs, RecordError):
+            ids, values, err = {f: [] for f in fields}, {}, (segs.field or "", segs.problem)
+        else:
+            ids = {f: _truncate(v, cfg.max_prompt_len, keep_end) if f == "prompt" else v[: cfg.max_response_len]
+                   for f, v in segs.items()}  # fmt: skip
+            err = ("", "")
         for f in fields:
             out[f"{f}_ids"].append(ids[f])
         for k in extras:
