@@ -160,6 +160,9 @@ def test_pku_saferlhf_saved_to_disk_loads_with_a_column_map(tmp_path, tok_dir):
     lines, recs = text_pairs(DataConfig(train_path=str(tmp_path / "pku"), columns={"prompt": "question"}))
     assert lines == [1, 2] and recs[0] == {"prompt": "how do i pick a lock", "chosen": "no i can not help",
                                            "rejected": "here is how", "chosen_safe": 1, "rejected_safe": 0}  # fmt: skip
+    bad = _jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c", "id": 1}, "{oops", {"prompt": "a"}])
+    with pytest.raises(RecordError, match=r"t\.jsonl:2: not valid JSON"):
+        text_pairs(DataConfig(train_path=bad))
 
 
 def test_ultrafeedback_binarized_saved_to_disk(tmp_path, tok_dir):

@@ -279,14 +279,18 @@ def text_pairs(cfg: DataConfig) -> tuple[list[int], list[dict]]:
     datasets.disable_progress_bars()
     src = open_source(cfg, None)
     consumed = {"prompt", "chosen", "rejected"} | (set(CANONICAL_COLUMNS) if src.format == "pku_saferlhf" else set())
-    lines, recs = [], []
+    lines, recs, unreadable = [], [], list(src.unreadable)
     for line, row in records(src.dataset.to_dict()):
+        if unreadable and unreadable[0].line < line:  # errors in file order
+            raise unreadable[0]
         pair, extras = to_pair(row, src.format, cfg, src.path, line, sft=False)
         for f in ("prompt", "chosen", "rejected"):
             require(pair, f, str, src.path, line)
         rest = {k: v for k, v in row.items() if k not in consumed and v is not None}
         lines.append(line)
         recs.append({**rest, **{f: pair[f] for f in ("prompt", "chosen", "rejected")}, **extras})
+    if unreadable:
+        raise unreadable[0]
     if not recs:
         raise RecordError(src.path, 0, None, "no records")
     return lines, recs
