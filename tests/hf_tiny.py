@@ -90,3 +90,21 @@ def numpy_model(arch, seed: int = 0):
             value = arch.initializer_range * noise
         var.set_value(jnp.asarray(value, spec.dtype))
     return nnx.merge(graphdef, state)
+
+
+def save_word_tokenizer(out_dir: Path, words: list[str], chat_template: str | None = None) -> Path:
+    """A word-level fast tokenizer (whitespace split, ``<bos>`` prepended, ids = positions in
+    ``["<pad>", "<eos>", "<unk>", "<bos>"] + words`` without repeats), saved to ``out_dir``: token ids a test can read off."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = list(dict.fromkeys(["<pad>", "<eos>", "<unk>", "<bos>"] + list(words)))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   bos_token="<bos>")  # fmt: skip
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out_dir)
+    return out_dir

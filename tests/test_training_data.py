@@ -13,6 +13,8 @@ from tracealign_jax.records import RecordError
 from tracealign_jax.pairs import load_pairs
 from tracealign_jax.training.data import BatchStream, build_batch, epoch_batches
 
+from tests.hf_tiny import save_word_tokenizer
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
     "{% if add_generation_prompt %}<assistant> {% endif %}"
@@ -21,22 +23,8 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<eos>", "<unk>", "<bos>", "<user>", "<assistant>", "<system>", "<end>"]
-    words += "how do i bake bread mix flour and water no thanks sure here is a recipe".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    from tokenizers import processors
-
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                   bos_token="<bos>")  # fmt: skip
-    fast.chat_template = CHAT_TEMPLATE
-    d = tmp_path_factory.mktemp("tok")
-    fast.save_pretrained(d)
-    return d
+    words = ["<user>", "<assistant>", "<system>", "<end>"] + "how do i bake bread mix flour and water no thanks sure here is a recipe".split()
+    return save_word_tokenizer(tmp_path_factory.mktemp("tok"), words, CHAT_TEMPLATE)
 
 
 def _write(path, records):
@@ -83,17 +71,38 @@ def test_strings_chat_template_and_truncation(tmp_path, tokenizer_dir):
     assert start.get("prompt", 0).tolist() == ids("<bos> how do i")
 
 
-def test_tokenization_cache_is_reused_and_invalidated(tmp_path):
-    rec = {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]}
+def test_tokenization_cache_is_reused_and_invalidated(tmp_path, tokenizer_dir, monkeypatch):
+    """The datasets.map Arrow cache: a second load tokenizes nothing; new data or a new tokenizer re-tokenize."""
+    import shutil
+
+    from tracealign_jax import pairs as pairs_mod
+
+    calls = []
+    segments = pairs_mod._segments
+    monkeypatch.setattr(pairs_mod, "_segments", lambda *a: calls.append(a[2]) or segments(*a))
+    rec = {"prompt": "how do i bake bread", "chosen": "mix flour and water", "rejected": "no thanks"}
     p = _write(tmp_path / "p.jsonl", [rec] * 3)
-    cfg = DataConfig(train_path=str(p), cache_dir=str(tmp_path / "cache"))
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, tok_dir)
+    cfg = DataConfig(train_path=str(p), tokenizer_dir=str(tok_dir), cache_dir=str(tmp_path / "cache"))
     a = load_pairs(cfg)
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert calls == [1, 2, 3]
+    (cached,) = (tmp_path / "cache").glob("tokens-*")
+    assert cached.name == f"tokens-{a.fingerprint}" and (cached / "tokens.arrow").is_file()
+    mtime = (cached / "tokens.arrow").stat().st_mtime_ns
     b = load_pairs(cfg)
+    assert calls == [1, 2, 3] and (cached / "tokens.arrow").stat().st_mtime_ns == mtime  # read back, not re-tokenized
     assert a.fingerprint == b.fingerprint and all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
     _write(p, [rec] * 4)
     c = load_pairs(cfg)
-    assert c.fingerprint != a.fingerprint and len(c) == 4
+    assert c.fingerprint != a.fingerprint and len(c) == 4 and len(calls) == 7
+    # Another tokenizer (same directory, "bread" now has another id): new fingerprint, new token ids.
+    vocab_file = tok_dir / "tokenizer.json"
+    vocab_file.write_text(vocab_file.read_text().replace('"bread": 12', '"bread": 99'))
+    d = load_pairs(cfg)
+    assert d.fingerprint != c.fingerprint and len(calls) == 11
+    assert c.get("prompt", 0)[-1] == 12 and d.get("prompt", 0)[-1] == 99
+    assert len(list((tmp_path / "cache").glob("tokens-*"))) == 3
 
 
 def test_epoch_batches_are_deterministic_bucketed_and_resumable(tmp_path):

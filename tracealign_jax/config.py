@@ -75,14 +75,25 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Preference data: JSONL/Parquet with prompt/chosen/rejected (strings or chat conversations).
+    """Preference data, read through ``datasets`` (see ``preference_sources``).
 
+    train_path: a JSONL or Parquet file, a ``save_to_disk`` directory, or a Hub id (from the local HF cache).
+    split: the split of a Hub id or of a saved ``DatasetDict``.
+    format: auto | trl | pku_saferlhf | ultrafeedback_binarized (auto: from the columns).
+    columns: {canonical name: column in the data}, e.g. ``{prompt: question, chosen: good, rejected: bad}``.
+    pku_preference: which PKU-SafeRLHF label orders a pair: safer (safer_response_id) | better.
+    num_proc: tokenizer processes (``datasets.map``); 0 = one per CPU (at most 8) above 20k records, else 1.
     truncation: keep_end keeps the end of an over-long prompt; keep_start keeps a response's start.
     buckets: allowed padded total lengths (prompt + response); a batch pads to the smallest that fits.
     bci_path / ref_logps_path: tensorstore stores streamed next to the tokens ("" = none).
     """
 
     train_path: str = ""
+    split: str = "train"
+    format: Literal["auto", "trl", "pku_saferlhf", "ultrafeedback_binarized"] = "auto"
+    columns: dict = dataclasses.field(default_factory=dict)
+    pku_preference: Literal["safer", "better"] = "safer"
+    num_proc: int = 0
     tokenizer_dir: str = ""
     max_prompt_len: int = 64
     max_response_len: int = 64
@@ -455,7 +466,7 @@ _RANGES: dict[str, dict[str, tuple[Any, str]]] = {
     "TrainConfig": {"steps": _POS, "batch_size": _POS, "micro_batches": _POS, "log_every": _POS,
                     "max_nonfinite_in_row": _POS, "warmup_steps": _NONNEG, "learning_rate": _NONNEG,
                     "logprob_chunk": _NONNEG, "max_grad_norm": _NONNEG, "weight_decay": _NONNEG},
-    "DataConfig": {"max_prompt_len": _POS, "max_response_len": _POS,
+    "DataConfig": {"max_prompt_len": _POS, "max_response_len": _POS, "num_proc": _NONNEG,
                    "buckets": (lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of lengths >= 1")},
     "CheckpointConfig": {"every_steps": _NONNEG, "keep_last": _NONNEG},
     "DecodeConfig": {"num_beams": _POS, "max_new_tokens": _POS, "batch_size": _POS, "top_k": _NONNEG,
@@ -526,12 +537,30 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
     return out
 
 
+def check_columns(columns: dict) -> None:
+    """``data.columns``: canonical field names (``preference_sources.CANONICAL_COLUMNS``) to column names."""
+    from tracealign_jax.preference_sources import CANONICAL_COLUMNS
+
+    for key, col in columns.items():
+        if key not in CANONICAL_COLUMNS:
+            close = difflib.get_close_matches(str(key), CANONICAL_COLUMNS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"data.columns: {key!r} is not a field a format reads (known: {list(CANONICAL_COLUMNS)})"
+                              f"{hint}", "data.columns")  # fmt: skip
+        if not isinstance(col, str) or not col:
+            raise ConfigError(f"data.columns.{key}: expected a column name, got {col!r}", "data.columns")
+    targets = list(columns.values())
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"data.columns: one column mapped to two fields ({columns})", "data.columns")
+
+
 def validate(cfg: Config) -> Config:
     """Checks across fields that the types alone do not state; raises ``ConfigError`` naming the keys."""
     tc, loss = cfg.train, cfg.loss
     if tc.micro_batches < 1 or tc.batch_size % tc.micro_batches:
         raise ConfigError(f"train.micro_batches={tc.micro_batches} must divide train.batch_size={tc.batch_size} "
                           "(every micro-batch holds whole pairs)")  # fmt: skip
+    check_columns(cfg.data.columns)
     if tc.objective == "dpo" and loss.cbd_cont_weight and loss.reference == "precomputed":
         raise ConfigError("loss.cbd_cont_weight > 0 needs the reference's log-probs of the veto entries, which "
                           "precomputed reference log-probs do not hold: use loss.reference=in_step")  # fmt: skip

@@ -10,7 +10,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = realign.add_subparsers(dest="realign_command", metavar="STAGE")
 
     triage = sub.add_parser("triage", help="label y_w / y_l with a judge of the new policy: retain / invert / suppress")
-    triage.add_argument("--pairs", required=True, help="JSONL/Parquet with prompt, chosen, rejected strings")
+    triage.add_argument("--pairs", required=True, help="string prompt/chosen/rejected pairs in any source and layout "
+                                                       "data.train_path takes (README: Preference data formats)")
     triage.add_argument("--config", default=None, help="YAML config (provenance.* for the provenance judge, realign.*)")
     triage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     triage.add_argument("--rules", default="", help="policy YAML for the rules judge (default: realign.rules)")

@@ -24,16 +24,12 @@ from tracealign_jax.records import RecordError, iter_records, require
 
 
 def read_pairs(path: str | Path) -> tuple[list[int], list[dict[str, Any]]]:
-    """(line numbers, records) of a JSONL/Parquet file of text pairs; errors name file:line:field."""
-    lines, recs = [], []
-    for line, rec in iter_records(path):
-        for field in ("prompt", "chosen", "rejected"):
-            require(rec, field, str, path, line)
-        lines.append(line)
-        recs.append(rec)
-    if not recs:
-        raise RecordError(path, 0, None, "no records")
-    return lines, recs
+    """(record numbers, records) of text pairs in any preference source and format ``preference_sources``
+    reads (PKU-SafeRLHF records carry ``chosen_safe`` / ``rejected_safe``); errors name file:line:field."""
+    from tracealign_jax.config import DataConfig
+    from tracealign_jax.preference_sources import text_pairs
+
+    return text_pairs(DataConfig(train_path=str(path)))
 
 
 def run_triage(pairs_path: str | Path, judges: Sequence[Any], out_path: str | Path, report_path: str | Path | None = None,
