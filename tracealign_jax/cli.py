@@ -48,7 +48,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (library messages often span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command. A user error (bad config, file, record, checkpoint) prints one line naming what
+    is wrong and exits 2; ``TRACEALIGN_DEBUG=1`` re-raises it with its traceback instead."""
+    import os
+
+    from tracealign_jax.platform_env import quiet_libtpu_env, tpu_chips_present
+
+    if not tpu_chips_present():
+        quiet_libtpu_env()  # before any JAX import: libtpu's probes print INVALID_ARGUMENT lines on CPU/GPU hosts
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
@@ -56,13 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from tracealign_jax.atomic_io import IntegrityError
-    from tracealign_jax.config import ConfigError
-    from tracealign_jax.records import RecordError
 
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, RecordError, IntegrityError, OSError) as err:  # OSError: missing file, disk full, ...
-        print(f"tracealign {args.command}: error: {err}", file=sys.stderr)
+    # ValueError covers ConfigError, RecordError, JSON / UTF-8 decoding and the model's refusals; OSError a
+    # missing file or disk full; IntegrityError a corrupted artifact.
+    except (ValueError, OSError, IntegrityError) as err:
+        if os.environ.get("TRACEALIGN_DEBUG"):
+            raise
+        print(f"tracealign {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 
