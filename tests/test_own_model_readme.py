@@ -26,7 +26,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}### {{ m['role'] }}: {{ 
 # Sizes for a 2-core CPU: what the test changes in configs/own_model.yaml (every other key is used as shipped).
 SMALL = {"train": {"steps": 2, "warmup_steps": 0, "log_every": 1},
          "data": {"max_prompt_len": 32, "max_response_len": 48, "buckets": [80]},
-         "decode": {"num_beams": 2, "max_new_tokens": 6, "prompt_buckets": [48]},
+         "decode": {"method": "greedy", "max_new_tokens": 6, "prompt_buckets": [48]},
          "eval": {"max_prompts": 4, "defenses": ["none", "prov_decode", "cbd"]}}  # fmt: skip
 
 

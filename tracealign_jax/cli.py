@@ -48,8 +48,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """``index query``, ``eval adb``, ``train``: the command and its action (each group's ``*_command`` dest)."""
+    action = next((v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)), None)
+    return f"{args.command} {action}" if action else args.command
+
+
 def _one_line(err: BaseException) -> str:
-    """The error's message on one line (library messages often span several)."""
+    """The error's message on one line (library messages often span several); an OS error as ``path: reason``."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror}"
     return " ".join(str(err).split()) or type(err).__name__
 
 
@@ -77,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, IntegrityError) as err:
         if os.environ.get("TRACEALIGN_DEBUG"):
             raise
-        print(f"tracealign {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"tracealign {_command_name(args)}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 from tracealign_jax import sharding
@@ -37,11 +37,23 @@ def _run_config_path(path: Path) -> Path | None:
     return run_yaml if path.is_dir() and run_yaml.is_file() else None
 
 
-def _is_checkpoints_dir(path: Path) -> bool:
-    """An Orbax checkpoints directory of ``tracealign train``: step folders or the recorded architecture."""
+def model_dir_kind(path: str | Path) -> Literal["hf", "run"]:
+    """What a model argument names: ``hf`` (a Hugging Face checkpoint dir: config.json) or ``run`` (a
+    ``tracealign train`` run dir, or its checkpoints/: step folders or the recorded architecture).
+    Anything else is refused with one line saying what is expected."""
     from tracealign_jax.training.checkpoint import ARCH_FILE
 
-    return (path / ARCH_FILE).is_file() or any(p.name.isdigit() and p.is_dir() for p in path.iterdir())
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return "hf"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory (give a Hugging Face checkpoint dir or a "
+                                "`tracealign train` run dir)")
+    ckpt_dir = _checkpoints_dir(path)
+    if (ckpt_dir / ARCH_FILE).is_file() or any(p.name.isdigit() and p.is_dir() for p in ckpt_dir.iterdir()):
+        return "run"
+    raise ConfigError(f"{path}: not a model: no config.json (Hugging Face checkpoint) and no checkpoints/ "
+                      "(a `tracealign train` run dir); give one of those")
 
 
 def load_policy(cfg: Config, checkpoint: str | Path, mesh: Any, rules: sharding.Rules) -> Transformer:
@@ -53,20 +65,14 @@ def load_policy(cfg: Config, checkpoint: str | Path, mesh: Any, rules: sharding.
     ``model_config.json`` the architecture; the latest step's params are restored onto this mesh.
     """
     path = Path(checkpoint)
-    if (path / "config.json").is_file():
+    if model_dir_kind(path) == "hf":
         from tracealign_jax.hf_io import load_hf
         from tracealign_jax.model import model_arch
 
         model_arch(dataclasses.replace(cfg.model, hf_dir=str(path)))  # refuses a YAML arch that disagrees
         model, _ = load_hf(path, mesh=mesh, rules=rules, **model_options(cfg.model))
         return model
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such model directory (give a Hugging Face checkpoint dir or a "
-                                "`tracealign train` run dir)")
     ckpt_dir = _checkpoints_dir(path)
-    if not _is_checkpoints_dir(ckpt_dir):
-        raise ConfigError(f"{path}: not a model: no config.json (Hugging Face checkpoint) and no checkpoints/ "
-                          "(a `tracealign train` run dir); give one of those")
     from flax import nnx
 
     from tracealign_jax.config import load_config

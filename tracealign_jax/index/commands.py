@@ -57,6 +57,10 @@ def run_build(args: argparse.Namespace) -> int:
     from tracealign_jax.index.corpus import build_index
     from tracealign_jax.index.query import TraceIndex
 
+    tok = Path(args.tokenizer)
+    if not any((tok / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ValueError(f"--tokenizer {tok}: not a tokenizer directory (no tokenizer.json / tokenizer_config.json): "
+                         "give the model's Hugging Face directory")
     out = build_index(args.corpus, args.tokenizer, args.out, text_field=args.text_field,
                       shard_tokens=args.shard_tokens, overwrite=args.overwrite, batch_size=args.batch_size,
                       threads=args.threads, progress=not args.quiet)

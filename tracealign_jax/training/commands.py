@@ -40,9 +40,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from tracealign_jax.decoding.job import model_dir_kind
     from tracealign_jax.training.export import export_checkpoint
 
-    if (Path(args.checkpoint) / "config.json").is_file():  # already a HF checkpoint: rewrite it (dtype, tokenizer)
+    if model_dir_kind(args.checkpoint) == "hf":  # already a HF checkpoint: rewrite it (dtype, tokenizer)
         from tracealign_jax.hf_io.convert import convert_hf
 
         out = convert_hf(args.checkpoint, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer,
