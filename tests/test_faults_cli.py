@@ -17,6 +17,7 @@ import pytest
 
 from tracealign_jax import cli
 from tracealign_jax.index import TraceIndex
+from tracealign_jax.platform_env import tpu_chips_present
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "how do i bake bread mix flour and water no thanks sure here is a recipe the cat sat on mat".split()
@@ -222,3 +223,21 @@ def test_each_command_refuses_bad_input_in_one_line(setup, inputs, command, case
     lines = [ln for ln in err.splitlines() if ln.strip() and "/s]" not in ln]  # progress bars are not errors
     assert "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith(f"tracealign {command}: error: "), err
+
+
+def test_no_libtpu_noise_without_tpu_chips(inputs, tmp_path):
+    """libtpu (the tpu-aot extra) probes for a TPU VM whenever JAX starts; the CLI answers its probes on a
+    machine without chips, so a command that starts JAX prints its one-line error and nothing else."""
+    pytest.importorskip("libtpu")
+    if tpu_chips_present():
+        pytest.skip("a TPU VM: libtpu finds its chips")
+    env = {k: v for k, v in _env().items() if not k.startswith(("JAX_PLATFORMS", "TPU_", "XLA_FLAGS"))}
+    argv = [sys.executable, "-m", "tracealign_jax.cli", "decode", "--checkpoint", str(inputs / "model"),
+            "--prompts", str(inputs / "bad.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--no-progress"]  # fmt: skip
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "/s]" not in ln]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("tracealign decode: error: "), out.stderr
+    # The same environment without the CLI: JAX alone shows the noise the CLI keeps away.
+    bare = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert "INVALID_ARGUMENT" in bare.stderr, bare.stderr
