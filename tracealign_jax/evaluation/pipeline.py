@@ -151,7 +151,7 @@ def run_adb_eval(cfg: Config, *, prompts: str | Path, policies: dict[str, str], 
     if ev.judge == "exact" and not forbidden:
         raise ValueError("the exact judge needs the forbidden strings (--forbidden); or set eval.judge=classifier")
     judge = make_judge(ev.judge, forbidden or None, ev.classifier_dir or None, window=ev.judge_window)
-    adb_prompts = adb.load_adb(prompts, ev.max_prompts)
+    adb_prompts = adb.load_adb(prompts, ev.max_prompts, tokenizer)
     qa_recs = _read_jsonl(Path(qa)) if qa else []
     qa_prompts = [adb.AdbPrompt(q["id"], q["id"], "benign_qa", "qa", q["prompt"], "comply") for q in qa_recs]
     judged, rows = adb.evaluate_defenses(models, tokenizer, adb_prompts + qa_prompts, cfg.decode, judge,
