@@ -120,3 +120,12 @@ def test_commands_refuse_a_yaml_arch_that_disagrees_with_the_checkpoint(hf_dir, 
         assert len(err.splitlines()) == 1 and err.startswith(f"tracealign {argv[0]}: error: "), err
         assert "model.arch disagrees with" in err and "rms_norm_eps" in err and "max_position_embeddings" in err, err
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_config_new_sizes_lengths_to_the_data_and_caps_them_at_the_model_positions():
+    from tracealign_jax.config_new import sized_lengths
+
+    assert sized_lengths([10, 30], [50, 90], 512) == (30, 90, 128, 0)  # the longest of each; one bucket, x64
+    # 300 + 900 > 512 positions: the response keeps half, the prompt the rest; the one long pair is cut.
+    assert sized_lengths([10, 300], [50, 900], 512) == (256, 256, 512, 1)
+    assert sized_lengths([100, 100], [50, 900], 512) == (100, 412, 512, 1)  # a short prompt leaves the rest

@@ -25,7 +25,6 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}### {{ m['role'] }}: {{ 
                  "{% if add_generation_prompt %}### assistant:{% endif %}")
 # Sizes for a 2-core CPU: what the test changes in configs/own_model.yaml (every other key is used as shipped).
 SMALL = {"train": {"steps": 2, "warmup_steps": 0, "log_every": 1},
-         "data": {"max_prompt_len": 32, "max_response_len": 48, "buckets": [80]},
          "decode": {"method": "greedy", "max_new_tokens": 6, "prompt_buckets": [48]},
          "eval": {"max_prompts": 5, "defenses": ["none", "prov_decode", "cbd"]}}  # fmt: skip
 
@@ -98,7 +97,7 @@ def test_readme_own_model_commands_run_verbatim(workspace, monkeypatch, capsys):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     commands = readme_commands()
-    assert [c.split()[1] for c in commands] == ["index", "index", "bci", "provenance", "provenance", "train",
+    assert [c.split()[1] for c in commands] == ["config", "index", "index", "bci", "provenance", "provenance", "train",
                                                  "export-hf", "decode", "shield", "eval"]  # fmt: skip
     for command in commands:
         argv = shlex.split(os.path.expandvars(command))
@@ -108,6 +107,15 @@ def test_readme_own_model_commands_run_verbatim(workspace, monkeypatch, capsys):
         if argv[1:3] == ["index", "query"]:
             assert json.loads(out)["count"] > 0  # " Step 1" (leading space) is in the corpus
     run = root / "run"
+    # `config new` sized the data to the longest prompt and response (in this tokenizer's tokens): nothing is cut.
+    prefs = [json.loads(r) for r in (root / "data" / "preferences.jsonl").read_text().splitlines()]
+    data = yaml.safe_load((run / "run.yaml").read_text())["data"]
+    assert data["max_prompt_len"] == max(len(tok(p["prompt"])["input_ids"]) for p in prefs)
+    assert data["max_response_len"] == max(len(tok(p[f], add_special_tokens=False)["input_ids"]) + 1
+                                           for p in prefs for f in ("chosen", "rejected"))  # fmt: skip
+    assert data["buckets"] == [-(-(data["max_prompt_len"] + data["max_response_len"]) // 64) * 64]
+    assert data["train_path"] == str(root / "data" / "preferences.jsonl") and "arch" not in yaml.safe_load(
+        (run / "run.yaml").read_text())["model"]
     # Without its leading space a BPE word inside sentences counts 0: the CLI says so and gives the spaced count.
     assert cli.main(["index", "query", str(run / "index"), "count", "--text", "Step 1"]) == 0
     got = capsys.readouterr()
@@ -129,7 +137,7 @@ def test_readme_own_model_commands_run_verbatim(workspace, monkeypatch, capsys):
     from tracealign_jax.config import load_config
     from tracealign_jax.decoding.job import load_policy
 
-    cfg = load_config(env["CONFIG"])
+    cfg = load_config(root / "run" / "run.yaml")
     trained = load_policy(cfg, run / "train", sharding.build_mesh(cfg.mesh), sharding.resolve_rules(cfg.mesh.rules))
     ids = np.asarray([tok(rows["text"]["prompt"])["input_ids"]], np.int32)
     ours, _ = trained(jnp.asarray(ids), jnp.arange(ids.shape[1])[None], jnp.ones_like(ids, bool))

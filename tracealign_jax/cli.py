@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tracealign_jax.decoding.commands",
     "tracealign_jax.evaluation.commands",
     "tracealign_jax.realign.commands",
+    "tracealign_jax.config_new",
 )
 # Which module registers each top-level command, so a run imports only its own module: a host-only
 # command (``index query``, ``bci score``) then never imports JAX, Flax or tensorstore (start-up time).
@@ -33,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "decode": "tracealign_jax.decoding.commands",
     **dict.fromkeys(("demo", "eval", "data"), "tracealign_jax.evaluation.commands"),
     "realign": "tracealign_jax.realign.commands",
+    "config": "tracealign_jax.config_new",
 }
 
 
