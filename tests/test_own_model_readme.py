@@ -90,6 +90,7 @@ def workspace(tmp_path_factory):
     return root, tok
 
 
+@pytest.mark.slow  # every stage once: ~2-3 min on 2 loaded CPU cores
 def test_readme_own_model_commands_run_verbatim(workspace, monkeypatch, capsys):
     root, tok = workspace
     env = {"MODEL_DIR": str(root / "model"), "DATA": str(root / "data"), "RUN": str(root / "run"),

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from tracealign_jax import sharding
 from tracealign_jax.atomic_io import atomic_write_jsonl
 from tracealign_jax.chat import render_conversation
-from tracealign_jax.config import Config, ConfigError
+from tracealign_jax.config import Config, ConfigError, load_config
 from tracealign_jax.decoding.runner import Completion, Decoder
 from tracealign_jax.model import Transformer, model_options
 from tracealign_jax.records import RecordError, iter_records, require
@@ -75,7 +75,6 @@ def load_policy(cfg: Config, checkpoint: str | Path, mesh: Any, rules: sharding.
     ckpt_dir = _checkpoints_dir(path)
     from flax import nnx
 
-    from tracealign_jax.config import load_config
     from tracealign_jax.training.checkpoint import restore_params
     from tracealign_jax.training.export import with_recorded_arch
     from tracealign_jax.training.state import abstract_train_state, graphdef_and_abstract_params
@@ -105,14 +104,11 @@ def read_prompts(path: str | Path, tokenizer: Any, vocab_size: int | None = None
             prompt = require(rec, "prompt", (str, list), path, line)
             if tokenizer is None:
                 raise RecordError(path, line, "prompt", "text prompts need a tokenizer (--tokenizer DIR)")
-            if isinstance(prompt, list):  # the chat template writes its own special tokens
-                text = render_conversation(tokenizer, prompt, path, line)
-                toks = tokenizer.encode(text, add_special_tokens=False)
-            else:
-                text = prompt
-                toks = tokenizer.encode(text, add_special_tokens=False)
-                if tokenizer.bos_token_id is not None:
-                    toks = [tokenizer.bos_token_id] + toks
+            chat = isinstance(prompt, list)
+            text = render_conversation(tokenizer, prompt, path, line) if chat else prompt
+            toks = tokenizer.encode(text, add_special_tokens=False)
+            if not chat and tokenizer.bos_token_id is not None:  # a chat template writes its own special tokens
+                toks = [tokenizer.bos_token_id] + toks
             if not toks:
                 raise RecordError(path, line, "prompt", "tokenizes to nothing")
         if vocab_size is not None and max(toks) >= vocab_size:
@@ -166,11 +162,7 @@ def _default_tokenizer_dir(checkpoint: Path) -> str:
     if (checkpoint / "tokenizer_config.json").is_file():
         return str(checkpoint)
     run_yaml = _run_config_path(checkpoint)
-    if run_yaml is None:
-        return ""
-    from tracealign_jax.config import load_config
-
-    return load_config(run_yaml).data.tokenizer_dir
+    return "" if run_yaml is None else load_config(run_yaml).data.tokenizer_dir
 
 
 def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_table: str = "",
