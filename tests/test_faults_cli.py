@@ -244,3 +244,23 @@ def test_no_libtpu_noise_without_tpu_chips(inputs, tmp_path):
     bare = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert "INVALID_ARGUMENT" in bare.stderr, bare.stderr
+
+
+def test_export_hf_of_a_hf_checkpoint_rewrites_it(inputs, tmp_path, capsys):
+    """export-hf takes the same model forms as decode: a HF dir is rewritten (here to bfloat16), like `hf convert`."""
+    from safetensors.numpy import load_file
+
+    assert cli.main(["export-hf", "--checkpoint", str(inputs / "model"), "--out", str(tmp_path / "bf16"),
+                     "--dtype", "bfloat16"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["model_type"] == "llama"
+    src = load_file(str(next((inputs / "model").glob("*.safetensors"))))
+    out = {}
+    for f in (tmp_path / "bf16").glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    assert sorted(out) == sorted(src)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert out[name].dtype.itemsize == 2 and src[name].dtype.itemsize == 4
+    import ml_dtypes
+    import numpy as np
+
+    np.testing.assert_array_equal(out[name].astype(np.float32), src[name].astype(ml_dtypes.bfloat16).astype(np.float32))
