@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Sequence
 
@@ -82,6 +83,7 @@ def tpu_topology(name: str) -> Sequence[jax.Device]:
     if not libtpu_available():
         raise AotUnavailable(INSTALL_HINT)
     quiet_libtpu_env()  # no local chip is used: keep libtpu from probing for a TPU VM
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # and from logging its compiler's progress
     from jax.experimental import topologies
 
     chip, dims = parse_topology(name)
