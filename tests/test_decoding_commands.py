@@ -73,3 +73,15 @@ def test_decode_cli_bad_record_names_line(setup, capsys):
                    str(root / "o.jsonl"), "--no-progress", "--set", "decode.max_new_tokens=2"])  # fmt: skip
     assert rc == 2
     assert f"{bad}:2: prompt_ids" in capsys.readouterr().err
+
+
+def test_decode_cli_chat_prompt_without_a_chat_template_is_one_line(setup, capsys):
+    root, tok, _ = setup
+    assert tok.chat_template is None
+    chat = root / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": "the cat"}) + "\n" + json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n")
+    rc = cli.main(["decode", "--checkpoint", str(root / "policy"), "--prompts", str(chat), "--out", str(root / "c.jsonl"),
+                   "--no-progress", "--set", "decode.max_new_tokens=2"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"tracealign decode: error: {chat}:2: prompt: a conversation needs a tokenizer with a chat template")

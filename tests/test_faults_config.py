@@ -69,3 +69,63 @@ def test_veto_off_in_a_yaml_file(tmp_path):
     assert load_config(path).decode.veto == "off"
     with pytest.raises(ConfigError, match="decode.method: True is not one of"):
         load_config(None, ["decode.method=yes"])  # a boolean where no on/off choice exists is still refused
+
+
+# ------------------------------------------------------------ the checkpoint's architecture wins (issue 20)
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from tests.hf_tiny import build_torch_model
+
+    out = tmp_path_factory.mktemp("arch") / "llama"
+    build_torch_model("llama").save_pretrained(out)
+    return out
+
+
+def test_a_model_arch_that_disagrees_with_the_checkpoint_is_refused_naming_each_field(hf_dir):
+    from tracealign_jax.config import ModelConfig
+    from tracealign_jax.model import ModelArch, model_arch
+
+    theirs = ModelArch.from_hf_dir(hf_dir)
+    with pytest.raises(ConfigError) as err:
+        model_arch(ModelConfig(hf_dir=str(hf_dir), arch={"hidden_size": 128, "rms_norm_eps": 1e-5, "vocab_size": 512}))
+    msg = str(err.value)
+    assert f"hidden_size: model.arch has 128, the checkpoint {theirs.hidden_size}" in msg
+    assert f"rms_norm_eps: model.arch has 1e-05, the checkpoint {theirs.rms_norm_eps!r}" in msg
+    assert "vocab_size" not in msg and err.value.key == "model.arch"  # 512 agrees
+    # Agreeing entries, and fields that do not change the computation, are accepted; the checkpoint's arch is used.
+    same = {"hidden_size": theirs.hidden_size, "initializer_range": 0.5, "model_type": "llama"}
+    assert model_arch(ModelConfig(hf_dir=str(hf_dir), arch=same)) == theirs
+    assert model_arch(ModelConfig(hf_dir=str(hf_dir))) == theirs
+
+
+def test_commands_refuse_a_yaml_arch_that_disagrees_with_the_checkpoint(hf_dir, tmp_path, capsys):
+    """configs/tiny_cpu.yaml's arch differs from the tiny checkpoint in rms_norm_eps and
+    max_position_embeddings: train, decode and compile-check each say so, exit 2, before any compile."""
+    import json
+
+    from tracealign_jax import cli
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4]}) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt_ids": [1, 2]}) + "\n")
+    common = ["--config", "configs/tiny_cpu.yaml", "--set", f"model.hf_dir={hf_dir}"]
+    runs = [["train", *common, "--set", f"data.train_path={prefs}", "--set", f"train.output_dir={tmp_path / 'run'}",
+             "--no-progress"],
+            ["decode", "--config", "configs/tiny_cpu.yaml", "--checkpoint", str(hf_dir), "--prompts",
+             str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--no-progress"],
+            ["compile-check", *common, "--topology", "v5p:2x2x1", "--step", "train"]]  # fmt: skip
+    for argv in runs:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"tracealign {argv[0]}: error: "), err
+        assert "model.arch disagrees with" in err and "rms_norm_eps" in err and "max_position_embeddings" in err, err
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_config_new_sizes_lengths_to_the_data_and_caps_them_at_the_model_positions():
+    from tracealign_jax.config_new import sized_lengths
+
+    assert sized_lengths([10, 30], [50, 90], 512) == (30, 90, 128, 0)  # the longest of each; one bucket, x64
+    # 300 + 900 > 512 positions: the response keeps half, the prompt the rest; the one long pair is cut.
+    assert sized_lengths([10, 300], [50, 900], 512) == (256, 256, 512, 1)
+    assert sized_lengths([100, 100], [50, 900], 512) == (100, 412, 512, 1)  # a short prompt leaves the rest

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import jax
 
+from tracealign_jax.platform_env import quiet_libtpu_env
+
 INSTALL_HINT = (
     "ahead-of-time TPU compilation needs libtpu: install the optional extra with "
     "`pip install '.[tpu-aot]'` (it pins jax[tpu] to the runtime's jax version)"
@@ -68,17 +70,6 @@ def num_chips(name: str) -> int:
     return math.prod(parse_topology(name)[1])
 
 
-def _quiet_libtpu_env() -> None:
-    """libtpu probes for a local TPU VM at import; these keep it from searching metadata servers."""
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_WORKER_ID", "0")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # libtpu takes a machine-wide lockfile meant for real chips; compile-only processes may coexist.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
 def libtpu_available() -> bool:
     """True when the libtpu package (the tpu-aot extra) is importable."""
     import importlib.util
@@ -91,7 +82,8 @@ def tpu_topology(name: str) -> Sequence[jax.Device]:
     parse_topology(name)
     if not libtpu_available():
         raise AotUnavailable(INSTALL_HINT)
-    _quiet_libtpu_env()
+    quiet_libtpu_env()  # no local chip is used: keep libtpu from probing for a TPU VM
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # and from logging its compiler's progress
     from jax.experimental import topologies
 
     chip, dims = parse_topology(name)

@@ -11,8 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("decode", help="beam search / greedy / sampling with an optional provenance veto")
     p.add_argument("--config", default=None, help="YAML config (model, mesh and decode sections are used)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
-    p.add_argument("--checkpoint", required=True, help="policy: a HF checkpoint dir or an Orbax training checkpoint dir")
-    p.add_argument("--prompts", required=True, help="JSONL/Parquet with 'prompt' (text) or 'prompt_ids' per record")
+    p.add_argument("--checkpoint", required=True,
+                   help="policy: a Hugging Face checkpoint dir or a `tracealign train` run dir (or its checkpoints/)")
+    p.add_argument("--prompts", required=True, help="JSONL/Parquet with prompt (text or chat messages) or prompt_ids per record")
     p.add_argument("--out", required=True, help="completions JSONL to write")
     p.add_argument("--veto-table", default="", help="veto table dir (from `tracealign provenance veto-table`)")
     p.add_argument("--veto", choices=("off", "soft", "hard"), default=None, help="overrides decode.veto")

@@ -1,7 +1,9 @@
-"""A decode job: policy (HF dir or Orbax checkpoint) + tokenizer + prompts JSONL -> completions JSONL.
+"""A decode job: policy (HF dir or training run) + tokenizer + prompts JSONL -> completions JSONL.
 
 Prompt records: ``{"prompt": str}`` (tokenized without special tokens; a BOS is prepended when the
-tokenizer defines one) or ``{"prompt_ids": [int, ...]}``; an optional ``id`` is carried through
+tokenizer defines one), ``{"prompt": [{"role": ..., "content": ...}, ...]}`` (a conversation, rendered
+with the tokenizer's chat template and the assistant's generation prompt; the output's ``prompt`` is
+that rendering) or ``{"prompt_ids": [int, ...]}``; an optional ``id`` is carried through
 (default: the line number). Each output line: ``id, prompt, completion (text), token_ids, score,
 logprob, veto_count, refused, truncated_prompt, vetoed_spans`` (each span: position, context_ids,
 vetoed_token_ids, penalties and, with a tokenizer, the span text ``context + vetoed token``).
@@ -9,43 +11,82 @@ vetoed_token_ids, penalties and, with a tokenizer, the span text ``context + vet
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 from tracealign_jax import sharding
 from tracealign_jax.atomic_io import atomic_write_jsonl
-from tracealign_jax.config import Config, ConfigError
+from tracealign_jax.chat import render_conversation
+from tracealign_jax.config import Config, ConfigError, load_config
 from tracealign_jax.decoding.runner import Completion, Decoder
 from tracealign_jax.model import Transformer, model_options
 from tracealign_jax.records import RecordError, iter_records, require
 
 
-def load_policy(cfg: Config, checkpoint: str | Path, mesh: Any, rules: sharding.Rules) -> Transformer:
-    """The policy from a HF checkpoint dir (has config.json) or an Orbax training checkpoint dir.
+def _checkpoints_dir(path: Path) -> Path:
+    """A run dir's ``checkpoints/``, or ``path`` itself (given the checkpoints dir)."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
-    Orbax: the architecture comes from the checkpoint's ``model_config.json`` (``cfg.model`` for
-    checkpoints saved without one) and the latest step's params are restored straight onto this mesh's
-    shardings.
+
+def _run_config_path(path: Path) -> Path | None:
+    """The config.yaml ``tracealign train`` wrote beside the checkpoints of run (or checkpoints) dir ``path``."""
+    run_yaml = _checkpoints_dir(path).parent / "config.yaml"
+    return run_yaml if path.is_dir() and run_yaml.is_file() else None
+
+
+def model_dir_kind(path: str | Path) -> Literal["hf", "run"]:
+    """What a model argument names: ``hf`` (a Hugging Face checkpoint dir: config.json) or ``run`` (a
+    ``tracealign train`` run dir, or its checkpoints/: step folders or the recorded architecture).
+    Anything else is refused with one line saying what is expected."""
+    from tracealign_jax.training.checkpoint import ARCH_FILE
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return "hf"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory (give a Hugging Face checkpoint dir or a "
+                                "`tracealign train` run dir)")
+    ckpt_dir = _checkpoints_dir(path)
+    if (ckpt_dir / ARCH_FILE).is_file() or any(p.name.isdigit() and p.is_dir() for p in ckpt_dir.iterdir()):
+        return "run"
+    raise ConfigError(f"{path}: not a model: no config.json (Hugging Face checkpoint) and no checkpoints/ "
+                      "(a `tracealign train` run dir); give one of those")
+
+
+def load_policy(cfg: Config, checkpoint: str | Path, mesh: Any, rules: sharding.Rules) -> Transformer:
+    """The policy from a HF checkpoint dir (config.json), a training run dir (config.yaml +
+    checkpoints/) or that run's ``checkpoints/`` dir.
+
+    HF: the architecture is the checkpoint's (a ``cfg.model.arch`` that disagrees is refused). Run: the
+    run's own config.yaml describes the saved train state (``cfg`` when the run has none) and its
+    ``model_config.json`` the architecture; the latest step's params are restored onto this mesh.
     """
     path = Path(checkpoint)
-    if (path / "config.json").is_file():
+    if model_dir_kind(path) == "hf":
         from tracealign_jax.hf_io import load_hf
+        from tracealign_jax.model import model_arch
 
+        model_arch(dataclasses.replace(cfg.model, hf_dir=str(path)))  # refuses a YAML arch that disagrees
         model, _ = load_hf(path, mesh=mesh, rules=rules, **model_options(cfg.model))
         return model
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    ckpt_dir = _checkpoints_dir(path)
     from flax import nnx
 
     from tracealign_jax.training.checkpoint import restore_params
     from tracealign_jax.training.export import with_recorded_arch
     from tracealign_jax.training.state import abstract_train_state, graphdef_and_abstract_params
 
-    cfg = with_recorded_arch(cfg, path)  # the architecture the checkpoint was trained with, not today's YAML
-    graphdef, _ = graphdef_and_abstract_params(cfg, mesh, rules)
-    params = restore_params(path, abstract_train_state(cfg, mesh, rules))
+    run_yaml = _run_config_path(path)
+    run_cfg = cfg if run_yaml is None else dataclasses.replace(load_config(run_yaml), mesh=cfg.mesh)
+    if run_cfg.loss.type == "trace":
+        raise ConfigError(f"{path}: a TRACE (LoRA) run: write the merged policy with `tracealign export-hf "
+                          f"--checkpoint {path} --out DIR` and decode DIR")
+    run_cfg = with_recorded_arch(run_cfg, ckpt_dir)  # the architecture the checkpoint was trained with
+    graphdef, _ = graphdef_and_abstract_params(run_cfg, mesh, rules)
+    params = restore_params(ckpt_dir, abstract_train_state(run_cfg, mesh, rules))
     return nnx.merge(graphdef, params)
 
 
@@ -60,11 +101,13 @@ def read_prompts(path: str | Path, tokenizer: Any, vocab_size: int | None = None
                 raise RecordError(path, line, "prompt_ids", "expected a non-empty list of token ids")
             text = tokenizer.decode(toks) if tokenizer is not None else ""
         else:
-            text = require(rec, "prompt", str, path, line)
+            prompt = require(rec, "prompt", (str, list), path, line)
             if tokenizer is None:
                 raise RecordError(path, line, "prompt", "text prompts need a tokenizer (--tokenizer DIR)")
+            chat = isinstance(prompt, list)
+            text = render_conversation(tokenizer, prompt, path, line) if chat else prompt
             toks = tokenizer.encode(text, add_special_tokens=False)
-            if tokenizer.bos_token_id is not None:
+            if not chat and tokenizer.bos_token_id is not None:  # a chat template writes its own special tokens
                 toks = [tokenizer.bos_token_id] + toks
             if not toks:
                 raise RecordError(path, line, "prompt", "tokenizes to nothing")
@@ -114,13 +157,21 @@ def _check_vocabularies(vocab_size: int, tok_dir: str, tokenizer: Any, table_dir
                               "rebuild the table from an index of this tokenizer")
 
 
+def _default_tokenizer_dir(checkpoint: Path) -> str:
+    """The HF checkpoint's own tokenizer, or the ``data.tokenizer_dir`` of a training run ("" = none)."""
+    if (checkpoint / "tokenizer_config.json").is_file():
+        return str(checkpoint)
+    run_yaml = _run_config_path(checkpoint)
+    return "" if run_yaml is None else load_config(run_yaml).data.tokenizer_dir
+
+
 def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_table: str = "",
                tokenizer_dir: str = "", progress: bool = True) -> dict:  # fmt: skip
     """Runs the whole job; writes ``out`` atomically; returns a summary dict (counts, seconds)."""
     sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.build_mesh(cfg.mesh)
     rules = sharding.resolve_rules(cfg.mesh.rules)
-    tok_dir = tokenizer_dir or cfg.data.tokenizer_dir or (checkpoint if (Path(checkpoint) / "tokenizer_config.json").is_file() else "")
+    tok_dir = tokenizer_dir or cfg.data.tokenizer_dir or _default_tokenizer_dir(Path(checkpoint))
     tokenizer = None
     if tok_dir:
         from transformers import AutoTokenizer

@@ -12,7 +12,8 @@ temperature, beam width, greedy).
 
 ADB prompt records (JSONL): {"id", "source_id", "category", "attack", "prompt", "expected":
 "refuse" | "comply", "decoding": {DecodeConfig field: value}, "coverage": what the defenses can know of
-the source (synthetic_data.COVERAGE)} (source_id, category, decoding, coverage optional).
+the source (synthetic_data.COVERAGE)} (source_id, category, decoding, coverage optional); "prompt" is a
+string or a chat conversation (rendered with the tokenizer's chat template, ``tracealign_jax.chat``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
+from tracealign_jax.chat import render_conversation
 from tracealign_jax.config import ConfigError, DecodeConfig
 from tracealign_jax.evaluation.judges import CompletionJudge
 from tracealign_jax.evaluation.metrics import Judged
@@ -58,24 +60,29 @@ class AdbPrompt:
     expected: str
     decoding: tuple[tuple[str, Any], ...] = ()
     coverage: str = ""
+    chat: bool = False  # ``prompt`` is a chat-template rendering (it carries its own special tokens)
 
 
-def load_adb(path: str | Path, max_prompts: int = 0) -> list[AdbPrompt]:
-    """Reads and validates ADB records; errors name file, line and field."""
+def load_adb(path: str | Path, max_prompts: int = 0, tokenizer: Any = None) -> list[AdbPrompt]:
+    """Reads and validates ADB records; errors name file, line and field. A ``prompt`` that is a chat
+    conversation is rendered with ``tokenizer``'s chat template."""
     known = {f.name for f in dataclasses.fields(DecodeConfig)}
     out = []
     for line, rec in iter_records(path):
         expected = require(rec, "expected", str, path, line)
         if expected not in ("refuse", "comply"):
             raise RecordError(path, line, "expected", f"{expected!r} is not refuse | comply")
+        prompt = require(rec, "prompt", (str, list), path, line)
+        if isinstance(prompt, list):
+            prompt = render_conversation(tokenizer, prompt, path, line)
         decoding = rec.get("decoding") or {}
         if not isinstance(decoding, dict) or not set(decoding) <= known:
             raise RecordError(path, line, "decoding", f"expected a mapping of DecodeConfig fields, got {decoding!r}")
         out.append(AdbPrompt(
             id=require(rec, "id", str, path, line), source_id=str(rec.get("source_id") or rec["id"]),
             category=str(rec.get("category") or "uncategorized"), attack=require(rec, "attack", str, path, line),
-            prompt=require(rec, "prompt", str, path, line), expected=expected,
-            decoding=tuple(sorted(decoding.items())), coverage=str(rec.get("coverage") or ""),
+            prompt=prompt, expected=expected, decoding=tuple(sorted(decoding.items())),
+            coverage=str(rec.get("coverage") or ""), chat=isinstance(rec["prompt"], list),
         ))
         if max_prompts and len(out) >= max_prompts:
             break
@@ -122,7 +129,7 @@ def decode_prompts(model: Any, tokenizer: Any, prompts: Sequence[AdbPrompt], cfg
                                           refusal_ids=refusal_ids, veto_table=veto_table)
         decoder = decoders[overrides]
         decoder.params = nnx.split(model)[1]  # same architecture -> the jitted function is reused
-        ids = [tokenizer(prompts[i].prompt)["input_ids"] for i in idx]
+        ids = [tokenizer(prompts[i].prompt, add_special_tokens=not prompts[i].chat)["input_ids"] for i in idx]
         for i, c in zip(idx, decoder.decode(ids, veto=mode, progress=progress)):
             toks = [t for t in c.token_ids if t != eos]
             out[i] = Decoded(tokenizer.decode(toks, skip_special_tokens=True), toks, c.vetoes, c.refused)

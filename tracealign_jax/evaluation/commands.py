@@ -26,6 +26,9 @@ def _eval_adb(args: argparse.Namespace) -> int:
     from tracealign_jax.evaluation.pipeline import run_adb_eval
     from tracealign_jax.evaluation.report import main_table
 
+    bad = [p for p in args.policy if "=" not in p]
+    if bad:
+        raise ValueError(f"--policy {bad[0]}: expected NAME=DIR (dpo=DIR, cbd=DIR)")
     policies = dict(p.split("=", 1) for p in args.policy)
     report = run_adb_eval(_load(args), prompts=args.prompts, policies=policies, index_dir=args.index,
                           threshold=args.threshold, veto_table=args.veto_table, forbidden=args.forbidden,
@@ -57,8 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser("eval", help="evaluation harnesses").add_subparsers(dest="eval_command", metavar="WHAT")
     p = ev.add_parser("adb", help="Alignment Drift Benchmark: drift per defense, utility, bound vs measured")
     p.add_argument("--prompts", required=True, help="ADB prompts JSONL (id, category, attack, prompt, expected)")
-    p.add_argument("--policy", action="append", required=True, metavar="NAME=HF_DIR",
-                   help="dpo=DIR (the aligned policy; required) and optionally cbd=DIR (the CBD-trained one)")
+    p.add_argument("--policy", action="append", required=True, metavar="NAME=DIR",
+                   help="dpo=DIR (the aligned policy; required) and optionally cbd=DIR (the CBD-trained one); "
+                        "DIR: a Hugging Face checkpoint or a `tracealign train` run dir")
     p.add_argument("--index", required=True, help="TraceIndex directory (its tokenizer is used)")
     p.add_argument("--threshold", required=True, help="calibrated threshold JSON (tracealign bci calibrate)")
     p.add_argument("--veto-table", default="", help="provenance veto table directory (Prov-Decode)")

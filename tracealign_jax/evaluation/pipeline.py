@@ -96,6 +96,22 @@ def arrays_stage(dpo_cfg: Config, index_dir: str, tau: float) -> Stage:
     return run
 
 
+def _load_policy(cfg: Config, path: str) -> Any:
+    """A policy from a HF checkpoint dir or a `tracealign train` run dir, on the first device (its own
+    architecture; the config's model section is not used)."""
+    import jax
+
+    from tracealign_jax import sharding
+    from tracealign_jax.config import MeshConfig
+    from tracealign_jax.decoding.job import load_policy, model_dir_kind
+    from tracealign_jax.hf_io import load_hf
+
+    if model_dir_kind(path) == "hf":
+        return load_hf(path, progress=False)[0]
+    mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
+    return load_policy(cfg, path, mesh, sharding.resolve_rules(cfg.mesh.rules))
+
+
 def run_adb_eval(cfg: Config, *, prompts: str | Path, policies: dict[str, str], index_dir: str, threshold: str,
                  veto_table: str = "", forbidden: str | Path = "", qa: str | Path = "", heldout: str | Path = "",
                  out_dir: str | Path, tokenizer: Any = None, log: Callable[[str], None] = print) -> dict:
@@ -111,7 +127,6 @@ def run_adb_eval(cfg: Config, *, prompts: str | Path, policies: dict[str, str], 
     from tracealign_jax.evaluation.report import write_report
     from tracealign_jax.evaluation.scoring import build_report
     from tracealign_jax.evaluation.synthetic_data import REFUSAL
-    from tracealign_jax.hf_io import load_hf
     from tracealign_jax.index import TraceIndex
     from tracealign_jax.provenance import BCIScorer, Threshold, TraceShield
     from tracealign_jax.veto.store import load_veto_table
@@ -132,11 +147,11 @@ def run_adb_eval(cfg: Config, *, prompts: str | Path, policies: dict[str, str], 
     defenses = [d for d in wanted if adb.DEFENSES[d].policy in policies and (table is not None or not adb.DEFENSES[d].veto)]
     if len(defenses) < len(wanted):
         log(f"  skipping defenses {sorted(set(wanted) - set(defenses))}: no cbd policy / veto table given")
-    models = {name: load_hf(d, progress=False)[0] for name, d in policies.items()}
+    models = {name: _load_policy(cfg, d) for name, d in policies.items()}
     if ev.judge == "exact" and not forbidden:
         raise ValueError("the exact judge needs the forbidden strings (--forbidden); or set eval.judge=classifier")
     judge = make_judge(ev.judge, forbidden or None, ev.classifier_dir or None, window=ev.judge_window)
-    adb_prompts = adb.load_adb(prompts, ev.max_prompts)
+    adb_prompts = adb.load_adb(prompts, ev.max_prompts, tokenizer)
     qa_recs = _read_jsonl(Path(qa)) if qa else []
     qa_prompts = [adb.AdbPrompt(q["id"], q["id"], "benign_qa", "qa", q["prompt"], "comply") for q in qa_recs]
     judged, rows = adb.evaluate_defenses(models, tokenizer, adb_prompts + qa_prompts, cfg.decode, judge,

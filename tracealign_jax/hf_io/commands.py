@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from tracealign_jax.hf_io.save import DEFAULT_MAX_SHARD_BYTES
 
@@ -32,12 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     from tracealign_jax.hf_io.convert import convert_hf
 
-    try:
-        out, arch, dtype = convert_hf(args.in_dir, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-                                      max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
-    except ValueError as err:
-        print(f"tracealign hf convert: error: {err}", file=sys.stderr)
-        return 2
+    out, arch, dtype = convert_hf(args.in_dir, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
+                                  max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
     print(f"wrote {out} ({arch.architecture}, {arch.num_params():,} parameters, {dtype})")
     return 0
 
@@ -45,11 +40,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from tracealign_jax.model import ModelArch
 
-    try:
-        arch = ModelArch.from_hf_dir(args.in_dir)
-    except ValueError as err:
-        print(f"tracealign hf info: error: {err}", file=sys.stderr)
-        return 2
+    arch = ModelArch.from_hf_dir(args.in_dir)
     print(json.dumps({"architecture": arch.architecture, "parameters": arch.num_params(), **arch.__dict__},
                      indent=2, default=str))
     return 0

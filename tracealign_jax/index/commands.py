@@ -1,7 +1,7 @@
 """``tracealign index build`` and ``tracealign index query``: parse, call, print (one JSON line per result).
 
     tracealign index build --corpus data/*.jsonl --tokenizer tok_dir --out idx [--shard-tokens N]
-    tracealign index query idx count --text "some words"      # tokenized with the bundled tokenizer
+    tracealign index query idx count --text " some words"     # bundled tokenizer; BPE words carry their leading space
     tracealign index query idx locate --tokens 5,17,3 --limit 10
     tracealign index query idx maximal --text "..." --min-len 2 --max-count 3
     tracealign index query idx next --tokens 5,17
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -56,6 +57,10 @@ def run_build(args: argparse.Namespace) -> int:
     from tracealign_jax.index.corpus import build_index
     from tracealign_jax.index.query import TraceIndex
 
+    tok = Path(args.tokenizer)
+    if not any((tok / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ValueError(f"--tokenizer {tok}: not a tokenizer directory (no tokenizer.json / tokenizer_config.json): "
+                         "give the model's Hugging Face directory")
     out = build_index(args.corpus, args.tokenizer, args.out, text_field=args.text_field,
                       shard_tokens=args.shard_tokens, overwrite=args.overwrite, batch_size=args.batch_size,
                       threads=args.threads, progress=not args.quiet)
@@ -70,23 +75,36 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _query_tokens(args: argparse.Namespace, index) -> list[int]:
+def _query_tokens(args: argparse.Namespace, index, text: str | None = None) -> list[int]:
+    """The query's token ids: ``--tokens``, or ``text`` (default ``--text``) tokenized like the corpus."""
     if args.tokens is not None:
         try:
             return [int(t) for t in args.tokens.split(",") if t.strip()]
         except ValueError:
-            raise SystemExit(f"--tokens: expected comma-separated integers, got {args.tokens!r}") from None
+            raise ValueError(f"--tokens: expected comma-separated integers, got {args.tokens!r}") from None
+    text = args.text if text is None else text
     if index.tokenizer_dir is None:
-        raise SystemExit(f"{index.path}: no bundled tokenizer; pass --tokens")
+        raise ValueError(f"{index.path}: no bundled tokenizer; pass --tokens")
     if (index.tokenizer_dir / "tokenizer.json").is_file():
         # The Rust tokenizer that the fast HF tokenizer wraps, without importing transformers (and torch):
         # seconds of a query command's start-up for the same ids.
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(index.tokenizer_dir / "tokenizer.json")).encode(args.text, add_special_tokens=False).ids
+        return Tokenizer.from_file(str(index.tokenizer_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     from tracealign_jax.index.corpus import load_tokenizer
 
-    return load_tokenizer(index.tokenizer_dir)(args.text, add_special_tokens=False)["input_ids"]
+    return load_tokenizer(index.tokenizer_dir)(text, add_special_tokens=False)["input_ids"]
+
+
+def _leading_space_hint(args: argparse.Namespace, index) -> None:
+    """A BPE tokenizer spells a word inside a sentence with its leading space (" word" is one token,
+    "word" another): a text query that counts 0 is retried with the space, and the user told."""
+    if args.text is None or args.text.startswith(" "):
+        return
+    spaced = index.count(_query_tokens(args, index, " " + args.text))
+    if spaced:
+        print(f"note: {args.text!r} occurs 0 times, {' ' + args.text!r} (with its leading space, as BPE tokenizers "
+              f"spell a word inside a sentence) {spaced} times: query --text {' ' + args.text!r}", file=sys.stderr)
 
 
 def run_query(args: argparse.Namespace) -> int:
@@ -96,6 +114,8 @@ def run_query(args: argparse.Namespace) -> int:
     tokens = _query_tokens(args, index)
     if args.op == "count":
         out = {"tokens": tokens, "count": index.count(tokens)}
+        if out["count"] == 0:
+            _leading_space_hint(args, index)
     elif args.op == "locate":
         hits = index.locate(tokens, args.limit)
         metas = index.doc_metadata([d for d, _ in hits])

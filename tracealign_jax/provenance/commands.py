@@ -58,7 +58,8 @@ def _tau(args: argparse.Namespace, cfg: Any, index: Any, scorer: Any) -> tuple[f
 
 
 def _items(path: str, field: str, index: Any, keep_records: bool = False) -> tuple:
-    """Token lists from JSONL/Parquet: ``tokens`` / ``<field>_ids`` (int lists) or ``<field>`` text.
+    """Token lists from JSONL/Parquet: ``tokens`` / ``<field>_ids`` (int lists) or ``<field>`` text (a
+    string, or chat messages rendered with the index tokenizer's chat template).
 
     Returns (tokens, texts), and with ``keep_records`` also the ``(line, record)`` pairs."""
     tok = None
@@ -77,14 +78,18 @@ def _items(path: str, field: str, index: Any, keep_records: bool = False) -> tup
             texts.append("")
             continue
         text = rec.get(field)
-        if not isinstance(text, str):
-            raise RecordError(path, line, field, "missing (or give token ids in 'tokens')")
+        if not isinstance(text, (str, list)):
+            raise RecordError(path, line, field, "missing (a string or chat messages; or give token ids in 'tokens')")
         if tok is None:
             if index.tokenizer_dir is None:
                 raise RecordError(path, line, field, "text input needs an index built with a tokenizer")
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(index.tokenizer_dir))
+        if isinstance(text, list):  # a conversation: the text the model sees
+            from tracealign_jax.chat import render_conversation
+
+            text = render_conversation(tok, text, path, line, field)
         tokens.append(np.asarray(tok.encode(text, add_special_tokens=False), np.int64))
         texts.append(text)
     return (tokens, texts, records) if keep_records else (tokens, texts)

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(run=_train)
 
     export = subparsers.add_parser("export-hf", help="write a training checkpoint's policy as a Hugging Face checkpoint")
-    export.add_argument("--checkpoint", required=True, help="run dir (with config.yaml + checkpoints/) or its checkpoints/ dir")
+    export.add_argument("--checkpoint", required=True, help="run dir (with config.yaml + checkpoints/), its checkpoints/ dir, or a HF checkpoint dir")
     export.add_argument("--out", required=True, help="output directory (safetensors + config.json)")
     export.add_argument("--config", default=None, help="the run's config (default: <run dir>/config.yaml)")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -40,8 +40,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from tracealign_jax.decoding.job import model_dir_kind
     from tracealign_jax.training.export import export_checkpoint
 
+    if model_dir_kind(args.checkpoint) == "hf":  # already a HF checkpoint: rewrite it (dtype, tokenizer)
+        from tracealign_jax.hf_io.convert import convert_hf
+
+        out = convert_hf(args.checkpoint, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer,
+                         overwrite=args.overwrite)[0]
+        print(f"wrote {out}")
+        return 0
     out = export_checkpoint(Path(args.checkpoint), Path(args.out), config_path=args.config, step=args.step,
                             tokenizer_dir=args.tokenizer, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
