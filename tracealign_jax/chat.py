@@ -13,14 +13,17 @@ from typing import Any
 from tracealign_jax.records import RecordError
 
 
-def check_messages(value: list, path: str | Path, line: int, field: str) -> list[dict]:
-    """``value`` when it is a non-empty list of ``{"role": str, "content": str}``; else RecordError."""
+def check_messages(value: Any, path: str | Path, line: int, field: str) -> list[dict]:
+    """``value`` as a non-empty list of ``{"role": str, "content": str}`` messages (other keys kept, Arrow's
+    None fillers dropped); else RecordError."""
     if not value:
         raise RecordError(path, line, field, "empty conversation")
+    out = []
     for j, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise RecordError(path, line, f"{field}[{j}]", "expected {'role': str, 'content': str}")
-    return list(value)
+        out.append({k: v for k, v in m.items() if v is not None})
+    return out
 
 
 def render_conversation(tokenizer: Any, messages: list, path: str | Path, line: int, field: str = "prompt") -> str:

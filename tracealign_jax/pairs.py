@@ -31,6 +31,7 @@ import numpy as np
 
 from tracealign_jax import preference_sources as sources
 from tracealign_jax.atomic_io import atomic_directory, sha256_file, verify_manifest, write_manifest
+from tracealign_jax.chat import check_messages
 from tracealign_jax.config import ConfigError, DataConfig, check_columns
 from tracealign_jax.records import RecordError, require
 
@@ -101,7 +102,7 @@ def _segments(rec: dict, path: Path, line: int, tokenizer: Any, fields: Sequence
         raise RecordError(path, line, "prompt", "text records need data.tokenizer_dir (or give prompt_ids/chosen_ids/rejected_ids)")
     prompt = require(rec, "prompt", (str, list), path, line)
     if isinstance(prompt, list):
-        msgs = sources.check_messages(prompt, path, line, "prompt")
+        msgs = check_messages(prompt, path, line, "prompt")
         if getattr(tokenizer, "chat_template", None) is None:
             raise RecordError(path, line, "prompt", f"{NO_TEMPLATE} and data.tokenizer_dir has none: use the "
                                                     "model's chat (instruct) tokenizer, or add a chat_template to its "
@@ -111,7 +112,7 @@ def _segments(rec: dict, path: Path, line: int, tokenizer: Any, fields: Sequence
         out = {"prompt": Text(prompt_text, special=False, eos=False)}
         for f in fields[1:]:
             resp = _nonempty(require(rec, f, (str, list), path, line), path, line, f)
-            turn = [{"role": "assistant", "content": resp}] if isinstance(resp, str) else sources.check_messages(resp, path, line, f)
+            turn = [{"role": "assistant", "content": resp}] if isinstance(resp, str) else check_messages(resp, path, line, f)
             full = _render(tokenizer, msgs + turn, path, line, f)
             if not full.startswith(prompt_text):
                 raise RecordError(path, line, f, "chat template does not extend the prompt rendering")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tracealign_jax.atomic_io import sha256_file
+from tracealign_jax.chat import check_messages
 from tracealign_jax.config import ConfigError, DataConfig
 from tracealign_jax.records import RecordError, iter_records, require
 
@@ -259,16 +260,6 @@ def implicit_prompt(chosen: Any, rejected: Any, path: str, line: int) -> dict:
     if idx == 0:
         raise RecordError(path, line, "prompt", "missing, and chosen and rejected share no prefix to take it from")
     return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
-
-
-def check_messages(value: Any, path: str, line: int, field: str) -> list[dict]:
-    """A message list with ``role``/``content`` strings (other keys kept; Arrow's None fillers dropped)."""
-    out = []
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise RecordError(path, line, f"{field}[{j}]", "expected {'role': str, 'content': str}")
-        out.append({k: v for k, v in m.items() if v is not None})
-    return out
 
 
 def text_pairs(cfg: DataConfig) -> tuple[list[int], list[dict]]:
