@@ -47,7 +47,7 @@ def test_malformed_record_names_file_line_field(tmp_path):
     assert len(pairs) == 2 and pairs.num_skipped == 3
 
 
-def test_strings_chat_template_and_truncation(tmp_path, tokenizer_dir):
+def test_strings_chat_template_and_truncation(tmp_path, tokenizer_dir, capsys):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -67,6 +67,10 @@ def test_strings_chat_template_and_truncation(tmp_path, tokenizer_dir):
     assert pairs.get("prompt", 1).tolist() == ids("bake bread <end> <assistant>")
     assert pairs.get("chosen", 1).tolist() == ids("sure here is")
     assert pairs.get("rejected", 1).tolist() == ids("no thanks <end>")
+    # Cuts are counted per field and said on stderr, naming the limit to raise.
+    assert pairs.num_truncated == {"prompt": 2, "chosen": 2, "rejected": 0}
+    err = capsys.readouterr().err
+    assert "2 of 2 chosen texts are cut to data.max_response_len=3" in err and "rejected" not in err
     start = load_pairs(DataConfig(**{**cfg.__dict__, "truncation": "keep_start"}))
     assert start.get("prompt", 0).tolist() == ids("<bos> how do i")
 

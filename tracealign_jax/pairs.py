@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -49,6 +50,7 @@ class TokenizedPairs:
     fingerprint: str = ""
     identity: dict = dataclasses.field(default_factory=dict)  # what the fingerprint hashes (data file, tokenizer, lengths)
     tokenizer_vocab: int = 0  # len(tokenizer) of data.tokenizer_dir (0: token-id records, no tokenizer)
+    num_truncated: dict[str, int] = dataclasses.field(default_factory=dict)  # field -> records cut to the length limit
 
     def __len__(self) -> int:
         return len(self.arrays["prompt_offsets"]) - 1
@@ -130,7 +132,7 @@ def _tokenize_batch(batch: dict[str, list], *, tokenizer: Any, fmt: str, cfg: Da
     tokenizer calls (with / without special tokens), truncates. A malformed record yields empty id lists
     and its error (``error_field``, ``error``) instead of stopping the map."""
     extras = sources.EXTRAS.get(fmt, {})
-    out: dict[str, list] = {k: [] for k in [f"{f}_ids" for f in fields] + ["line", "error_field", "error", *extras]}
+    out: dict[str, list] = {k: [] for k in [f"{f}_ids" for f in fields] + ["line", "cut", "error_field", "error", *extras]}
     rows = []  # (line, segments | RecordError, extras)
     for line, rec in sources.records(batch):
         try:
@@ -150,16 +152,17 @@ def _tokenize_batch(batch: dict[str, list], *, tokenizer: Any, fmt: str, cfg: Da
             if empty:
                 segs = RecordError(path, line, empty[0], "empty response")
         if isinstance(segs, RecordError):
-            ids, values, err = {f: [] for f in fields}, {}, (segs.field or "", segs.problem)
+            ids, values, err, cut = {f: [] for f in fields}, {}, (segs.field or "", segs.problem), 0
         else:
             ids = {f: _truncate(v, cfg.max_prompt_len, keep_end) if f == "prompt" else v[: cfg.max_response_len]
                    for f, v in segs.items()}  # fmt: skip
-            err = ("", "")
+            err, cut = ("", ""), sum(1 << i for i, f in enumerate(fields) if len(ids[f]) < len(segs[f]))
         for f in fields:
             out[f"{f}_ids"].append(ids[f])
         for k in extras:
             out[k].append(values.get(k, -1))
         out["line"].append(line)
+        out["cut"].append(cut)
         out["error_field"].append(err[0])
         out["error"].append(err[1])
     return out
@@ -256,7 +259,7 @@ def load_pairs(cfg: DataConfig, *, sft: bool = False, tokenizer: Any = None, sho
     n = len(src.dataset)
     num_proc = cfg.num_proc or (min(8, os.cpu_count() or 1) if n >= 20_000 else 1)
     value = datasets.Value
-    features = datasets.Features({**{f"{f}_ids": datasets.List(value("int32")) for f in fields}, "line": value("int64"),
+    features = datasets.Features({**{f"{f}_ids": datasets.List(value("int32")) for f in fields}, "line": value("int64"), "cut": value("int8"),
                                   "error_field": value("string"), "error": value("string"),
                                   **{k: value(v) for k, v in sources.EXTRAS.get(src.format, {}).items()}})  # fmt: skip
     map_kw = dict(batched=True, features=features, remove_columns=src.dataset.column_names, new_fingerprint=fp,
@@ -322,4 +325,12 @@ def _to_pairs(table: Any, cfg: DataConfig, src: "sources.Source", fields: Sequen
         arrays[f"{f}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     for name, dtype in sources.EXTRAS.get(src.format, {}).items():
         arrays[name] = np.asarray(data.column(name).to_numpy(zero_copy_only=False), dtype)[ok]
-    return TokenizedPairs(arrays, skipped, fp, identity, tokenizer_vocab)
+    cut = np.asarray(data.column("cut").to_numpy(zero_copy_only=False))[ok]
+    truncated = {f: int(np.count_nonzero(cut & (1 << i))) for i, f in enumerate(fields)}
+    limits = {f: f"data.max_prompt_len={cfg.max_prompt_len}" if f == "prompt" else f"data.max_response_len={cfg.max_response_len}"
+              for f in fields}  # fmt: skip
+    for f, n in truncated.items():
+        if n:
+            print(f"warning: {src.path}: {n} of {int(ok.sum())} {f} texts are cut to {limits[f]} tokens; raise it "
+                  "(`tracealign config new` sizes the lengths to the data)", file=sys.stderr)  # fmt: skip
+    return TokenizedPairs(arrays, skipped, fp, identity, tokenizer_vocab, truncated)
