@@ -8,14 +8,29 @@ row's real tokens in consecutive slots, so slot distance equals position distanc
 Masked scores are set to the most negative float32 instead of -inf: a padding query whose every key
 is masked then gets a uniform (finite, ignored) distribution instead of NaNs that could leak into
 gradients through ``0 * NaN``.
+
+Implementations of the cache-free (training / scoring) path, ``model.attention``:
+  einsum  the reference: scores [B, G, R*L, S] materialised in float32 (``grouped_attention``);
+  xla     ``jax.nn.dot_product_attention(implementation='xla')`` with the same boolean mask;
+  cudnn   ``jax.nn.dot_product_attention(implementation='cudnn')``: cuDNN flash attention (GPU), causal
+          with per-row key counts, so padding must be at the end of each row (training batches are);
+  splash  the Splash attention Pallas kernel (TPU), causal or local mask, padding as segment ids,
+          under ``shard_map`` over the batch and head axes of the current mesh;
+  auto    cudnn on GPU, splash on TPU, einsum elsewhere (the platform of the current mesh's devices).
+With a KV cache (decoding) attention is always the reference einsum over the cache slots.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tracealign_jax import sharding
+
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash")
 
 
 def attention_mask(
@@ -60,3 +75,133 @@ def grouped_attention(
     out_BxGxQxE = jnp.einsum("bgqs,bgse->bgqe", probs_BxGxQxS, v_BxGxSxE)
     out_BxLxHxE = out_BxGxQxE.reshape(b, g, r, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
     return sharding.constrain(out_BxLxHxE, ("batch", "length", "heads", "head_dim"))
+
+
+def resolve(implementation: str) -> str:
+    """``auto`` -> cudnn / splash / einsum by the platform of the current mesh (else the default backend)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention must be one of {' | '.join(IMPLEMENTATIONS)}, got {implementation!r}")
+    if implementation != "auto":
+        return implementation
+    ctx = sharding.current()
+    platform = ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+    return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "einsum")
+
+
+def causal_attention(
+    q_BxLxHxE: jax.Array,
+    k_BxLxGxE: jax.Array,
+    v_BxLxGxE: jax.Array,
+    valid_BxL: jax.Array,
+    sliding_window: int | None,
+    implementation: str,
+) -> jax.Array:
+    """Causal self-attention of L queries over the same L slots (padding keys hidden) -> [B, L, H, E].
+
+    ``implementation`` is resolved (``resolve``); every one computes the same function as the einsum
+    reference for rows whose padding is at the end (cudnn requires that; the others do not).
+    """
+    impl = resolve(implementation)
+    l, e = q_BxLxHxE.shape[1], q_BxLxHxE.shape[-1]
+    if impl == "einsum":
+        slots_L = jnp.arange(l)
+        return grouped_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, attention_mask(slots_L, slots_L, valid_BxL, sliding_window))
+    if impl == "splash":
+        return _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, valid_BxL, sliding_window)
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    if impl == "xla":
+        slots_L = jnp.arange(l)
+        mask = attention_mask(slots_L, slots_L, valid_BxL, sliding_window)[:, None]
+        out = jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, mask=mask, scale=e**-0.5, implementation="xla")
+    else:
+        lengths_B = jnp.sum(valid_BxL, axis=-1, dtype=jnp.int32)
+        out = jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, scale=e**-0.5, is_causal=True,
+                                           query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
+                                           local_window_size=window, implementation="cudnn")  # fmt: skip
+    return sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
+
+
+def shared_prompt_attention(
+    q_BxLxHxE: jax.Array,
+    k_BxLxGxE: jax.Array,
+    v_BxLxGxE: jax.Array,
+    valid_BxL: jax.Array,
+    branch_BxL: jax.Array,
+    positions_BxL: jax.Array,
+    sliding_window: int | None,
+    implementation: str,
+) -> jax.Array:
+    """Attention for rows ``[prompt | chosen | rejected | padding]`` (``branch`` 0 / 1 / 2; padding any).
+
+    Prompt and chosen queries see the row causally (the rejected tokens come after them). Rejected
+    queries must see the prompt and the rejected tokens only: they attend in a second, gathered view
+    ``[prompt | rejected | padding]`` where slot equals position, so both passes are plain causal
+    attention (any ``implementation``, sliding windows included) and the rejected outputs are read
+    back at view slot = position. q/k/v carry RoPE already. Returns [B, L, H, E].
+    """
+    l = q_BxLxHxE.shape[1]
+    real = valid_BxL.astype(jnp.int32)
+    prompt_B = jnp.sum(real * (branch_BxL == 0), axis=-1)
+    chosen_B = jnp.sum(real * (branch_BxL == 1), axis=-1)
+    rejected_B = jnp.sum(real * (branch_BxL == 2), axis=-1)
+    view_L = jnp.arange(l, dtype=jnp.int32)
+    # view slot j holds row slot j (prompt) or j + |chosen| (rejected); beyond the pair: padding.
+    src_BxL = jnp.minimum(view_L[None] + chosen_B[:, None] * (view_L[None] >= prompt_B[:, None]), l - 1)
+    view_valid_BxL = view_L[None] < (prompt_B + rejected_B)[:, None]
+    take = lambda x: jnp.take_along_axis(x, src_BxL.reshape(src_BxL.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    full = causal_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, valid_BxL, sliding_window, implementation)
+    view = causal_attention(take(q_BxLxHxE), take(k_BxLxGxE), take(v_BxLxGxE), view_valid_BxL, sliding_window,
+                            implementation)  # fmt: skip
+    back_BxL = jnp.clip(positions_BxL, 0, l - 1)
+    rejected = jnp.take_along_axis(view, back_BxL[:, :, None, None], axis=1)
+    return jnp.where((branch_BxL == 2)[:, :, None, None], rejected, full)
+
+
+def _splash(q_BxLxHxE: jax.Array, k_BxLxGxE: jax.Array, v_BxLxGxE: jax.Array, valid_BxL: jax.Array,
+            sliding_window: int | None) -> jax.Array:  # fmt: skip
+    """Splash attention (TPU Pallas): causal / local mask, padding as segment ids (real 1, pad 0).
+
+    The kernel is per device, so it runs under ``shard_map``: rows split like the ``batch`` axis and
+    heads like ``heads`` / ``kv_heads`` in the current rule table; L must be a multiple of 128.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    l, h, e = q_BxLxHxE.shape[1:]
+    if l % 128:
+        raise ValueError(f"splash attention needs a sequence length that is a multiple of 128, got {l}")
+    seg_BxL = valid_BxL.astype(jnp.int32)
+    q = jnp.swapaxes(q_BxLxHxE, 1, 2) * jnp.asarray(e**-0.5, q_BxLxHxE.dtype)  # [B, H, L, E]; the kernel does not scale
+    k, v = jnp.swapaxes(k_BxLxGxE, 1, 2), jnp.swapaxes(v_BxLxGxE, 1, 2)  # [B, G, L, E]
+    ctx = sharding.current()
+    head_shards = 1
+    if ctx is not None:
+        mesh, rules = ctx
+        spec_h = sharding.logical_to_spec(("batch", "heads", "length", "head_dim"), rules)
+        head_axes = spec_h[1] if isinstance(spec_h[1], tuple) else (spec_h[1],) if spec_h[1] else ()
+        head_shards = int(np.prod([mesh.shape[a] for a in head_axes])) if head_axes else 1
+    kernel = _splash_kernel(h // head_shards, l, sliding_window)
+
+    def local(q, k, v, seg):
+        # GQA: the mha kernel maps query head i to kv head i // (H / G) when given G kv heads.
+        return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sa.SegmentIds(q=s1, kv=s1)))(q, k, v, seg)
+
+    if ctx is None:
+        out = local(q, k, v, seg_BxL)
+    else:
+        spec_kv = sharding.logical_to_spec(("batch", "kv_heads", "length", "head_dim"), rules)
+        spec_seg = sharding.logical_to_spec(("batch", "length"), rules)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(spec_h, spec_kv, spec_kv, spec_seg), out_specs=spec_h,
+                            check_vma=False)(q, k, v, seg_BxL)  # fmt: skip
+    return sharding.constrain(jnp.swapaxes(out, 1, 2), ("batch", "length", "heads", "head_dim"))
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(heads: int, length: int, sliding_window: int | None):
+    """One Splash kernel per (local heads, length, window): the mask's block structure is static."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    if sliding_window is None:
+        mask = sa.CausalMask(shape=(length, length))
+    else:
+        mask = sa.LocalMask(shape=(length, length), window_size=(sliding_window - 1, 0), offset=0)
+    return sa.make_splash_mha(mask=sa.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1)

@@ -10,6 +10,11 @@ Memory: the loop over sequence chunks is a ``lax.scan`` whose body is rematerial
 is sharded, so each device holds ``[B, chunk, V / tensor]``: vocabulary chunking comes from the mesh.
 CBD term (b) needs the policy's log-prob of a few sparse veto tokens per position; they are gathered
 from the same logits block, which costs M extra gathers per position and no extra matmul.
+
+Shared-prompt pair rows ``[prompt | chosen | rejected]`` (``training.data``): the first rejected token
+is scored by the prompt's last hidden state, not by the chosen response's last one. Such callers pass
+``prev_BxL`` (``predecessor_slots``), the slot of the hidden state that scores each token; the hidden
+states are gathered into the token frame and nothing is shifted.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def chunked_token_logprobs(
     chunk: int = 0,
     entry_ids_BxLxM: jax.Array | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
+    prev_BxL: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of each token and (optionally) of veto-entry tokens, from final hidden states.
 
@@ -40,15 +46,26 @@ def chunked_token_logprobs(
     tokens_BxL int32. chunk: sequence positions per logits block (0 = all L at once; L is padded up
     to a multiple). entry_ids_BxLxM int32: token ids whose log-prob is wanted at each position, in
     the token frame (entry e at position t is a candidate for token t). The matmul runs in
-    ``compute_dtype`` with float32 accumulation; log-softmax is float32.
+    ``compute_dtype`` with float32 accumulation; log-softmax is float32. prev_BxL int32: slot of the
+    hidden state scoring each token (-1: none, log-prob 0); None = the previous slot.
     Returns ``(token_logps_BxL float32, entry_logps_BxLxM float32 | None)``.
     """
     b, l, d = h_BxLxD.shape
-    next_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))  # target of hidden s is token s+1
-    entries = None
-    if entry_ids_BxLxM is not None:
-        # Entries for token t are scored by hidden t-1: move them to the hidden frame.
-        entries = jnp.pad(entry_ids_BxLxM[:, 1:], ((0, 0), (0, 1), (0, 0)))
+    if prev_BxL is None:
+        next_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))  # target of hidden s is token s+1
+        entries = None
+        if entry_ids_BxLxM is not None:
+            # Entries for token t are scored by hidden t-1: move them to the hidden frame.
+            entries = jnp.pad(entry_ids_BxLxM[:, 1:], ((0, 0), (0, 1), (0, 0)))
+        to_token_frame = _shift_to_token_frame
+    else:
+        # Hidden states gathered into the token frame: position t holds the state that scores token t.
+        h_BxLxD = jnp.take_along_axis(h_BxLxD, jnp.maximum(prev_BxL, 0)[:, :, None], axis=1)
+        next_BxL, entries = tokens_BxL, entry_ids_BxLxM
+        has_prev = prev_BxL >= 0
+
+        def to_token_frame(x: jax.Array) -> jax.Array:
+            return jnp.where(has_prev.reshape(has_prev.shape + (1,) * (x.ndim - 2)), x, 0.0)
     c = l if chunk <= 0 or chunk >= l else chunk
     n_chunks = -(-l // c)
     pad = n_chunks * c - l
@@ -80,18 +97,29 @@ def chunked_token_logprobs(
         x = jnp.moveaxis(x, 0, 1)
         return x.reshape((b, n_chunks * c) + x.shape[3:])[:, :l]
 
-    token_logps = _shift_to_token_frame(from_chunks(tgt))
-    entry_logps = None if ent is None else _shift_to_token_frame(from_chunks(ent))
+    token_logps = to_token_frame(from_chunks(tgt))
+    entry_logps = None if ent is None else to_token_frame(from_chunks(ent))
     return token_logps, entry_logps
 
 
-def veto_contexts(tokens_BxL: jax.Array, context_len: int) -> tuple[jax.Array, jax.Array]:
+def veto_contexts(tokens_BxL: jax.Array, context_len: int, prev_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """For every position t, the ``context_len`` tokens before it, right-aligned: ``[B, L, C]`` int32.
 
     ``context_BxLxC[b, t, C-1]`` is token t-1 (the most recent), ``[..., C-k]`` token t-k; slots before
     the row start hold 0 and ``length_BxL = min(t, C)`` says how many are real. This is the prefix
-    whose veto entries are the candidates for token t.
+    whose veto entries are the candidates for token t. With ``prev_BxL`` (``predecessor_slots``) the
+    prefix follows the predecessor chain instead of the slots (shared-prompt rows: a rejected token's
+    prefix is its rejected prefix and then the prompt, never the chosen response).
     """
+    if prev_BxL is not None:
+        cols, lengths, cur = [], jnp.zeros_like(prev_BxL), prev_BxL
+        for _ in range(context_len):  # C small gathers walking back along the chain
+            real = cur >= 0
+            at = jnp.maximum(cur, 0)
+            cols.append(jnp.where(real, jnp.take_along_axis(tokens_BxL, at, axis=1), 0))
+            lengths = lengths + real.astype(jnp.int32)
+            cur = jnp.where(real, jnp.take_along_axis(prev_BxL, at, axis=1), -1)
+        return jnp.stack(cols[::-1], axis=-1).astype(jnp.int32), lengths
     b, l = tokens_BxL.shape
     offsets_C = jnp.arange(context_len, dtype=jnp.int32) - context_len  # -C .. -1
     pos_LxC = jnp.arange(l, dtype=jnp.int32)[:, None] + offsets_C[None, :]
@@ -100,3 +128,18 @@ def veto_contexts(tokens_BxL: jax.Array, context_len: int) -> tuple[jax.Array, j
     ctx = jnp.where(ok_LxC[None], ctx, 0).astype(jnp.int32)
     length_L = jnp.minimum(jnp.arange(l, dtype=jnp.int32), context_len)
     return ctx, jnp.broadcast_to(length_L[None], (b, l))
+
+
+def predecessor_slots(branch_BxL: jax.Array) -> jax.Array:
+    """int32[B, L]: slot of the hidden state that scores each token of shared-prompt pair rows.
+
+    branch_BxL int32: 0 prompt, 1 chosen, 2 rejected, -1 padding (``training.data``). Every token is
+    scored by the slot before it, except the first rejected token, scored by the prompt's last token
+    (slot = prompt length - 1); slot 0 has none (-1).
+    """
+    l = branch_BxL.shape[1]
+    slots_L = jnp.arange(l, dtype=jnp.int32)
+    prompt_B = jnp.sum(branch_BxL == 0, axis=-1, dtype=jnp.int32)
+    before_BxL = jnp.pad(branch_BxL[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    first_rejected = (branch_BxL == 2) & (before_BxL != 2)
+    return jnp.where(first_rejected, prompt_B[:, None] - 1, slots_L[None] - 1)
