@@ -163,6 +163,7 @@ def _splash(q_BxLxHxE: jax.Array, k_BxLxGxE: jax.Array, v_BxLxGxE: jax.Array, va
 
     The kernel is per device, so it runs under ``shard_map``: rows split like the ``batch`` axis and
     heads like ``heads`` / ``kv_heads`` in the current rule table; L must be a multiple of 128.
+    Off TPU the kernel runs in the Pallas interpreter (correct, slow; what the CPU tests use).
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -179,7 +180,8 @@ def _splash(q_BxLxHxE: jax.Array, k_BxLxGxE: jax.Array, v_BxLxGxE: jax.Array, va
         spec_h = sharding.logical_to_spec(("batch", "heads", "length", "head_dim"), rules)
         head_axes = spec_h[1] if isinstance(spec_h[1], tuple) else (spec_h[1],) if spec_h[1] else ()
         head_shards = int(np.prod([mesh.shape[a] for a in head_axes])) if head_axes else 1
-    kernel = _splash_kernel(h // head_shards, l, sliding_window)
+    platform = ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+    kernel = _splash_kernel(h // head_shards, l, sliding_window, platform != "tpu")
 
     def local(q, k, v, seg):
         # GQA: the mha kernel maps query head i to kv head i // (H / G) when given G kv heads.
@@ -196,12 +198,19 @@ def _splash(q_BxLxHxE: jax.Array, k_BxLxGxE: jax.Array, v_BxLxGxE: jax.Array, va
 
 
 @functools.lru_cache(maxsize=16)
-def _splash_kernel(heads: int, length: int, sliding_window: int | None):
-    """One Splash kernel per (local heads, length, window): the mask's block structure is static."""
+def _splash_kernel(heads: int, length: int, sliding_window: int | None, interpret: bool):
+    """One Splash kernel per (local heads, length, window): the mask's block structure is static.
+    Blocks of 512 (or the largest of 256 / 128 dividing L) for forward and both backward kernels;
+    off TPU the Pallas interpreter runs it (slow: for tests)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    blk = next(b for b in (512, 256, 128) if length % b == 0)
+    blocks = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                           block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)  # fmt: skip
 
     if sliding_window is None:
         mask = sa.CausalMask(shape=(length, length))
     else:
         mask = sa.LocalMask(shape=(length, length), window_size=(sliding_window - 1, 0), offset=0)
-    return sa.make_splash_mha(mask=sa.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1)
+    return sa.make_splash_mha(mask=sa.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)  # fmt: skip
