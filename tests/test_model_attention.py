@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tracealign_jax.model.attention import causal_attention, resolve, shared_prompt_attention
+from tracealign_jax.model.attention import causal_attention, resolve, self_attention_fn, two_pass_attention
 
 B, H, G, E = 2, 4, 2, 16
 
@@ -75,8 +75,11 @@ def _brute_force(q, k, v, valid, branch, positions, window):
     return out
 
 
-@pytest.mark.parametrize("impl,window", [("einsum", None), ("einsum", 4), ("xla", 4)])
-def test_shared_prompt_attention_matches_brute_force(impl, window):
+@pytest.mark.parametrize("impl,window,two_pass", [("einsum", None, False), ("einsum", 4, False), ("xla", 4, False),
+                                                  ("einsum", 4, True), ("xla", None, True)])  # fmt: skip
+def test_shared_prompt_attention_matches_brute_force(impl, window, two_pass):
+    """The pair mask (einsum / xla) and the two causal passes the kernels run (here with einsum / xla
+    inside) against the brute force."""
     length = 20
     # row 0: prompt 5, chosen 6, rejected 4, padding 5; row 1: prompt 3, chosen 2, rejected 9, padding 6
     spans = [(5, 6, 4), (3, 2, 9)]
@@ -87,7 +90,12 @@ def test_shared_prompt_attention_matches_brute_force(impl, window):
         positions[b, p + c : p + c + r] = np.arange(p, p + r)
     valid = branch >= 0
     q, k, v = _qkv(length, seed=2)
-    got = shared_prompt_attention(q, k, v, jnp.asarray(valid), jnp.asarray(branch), jnp.asarray(positions), window, impl)
+    valid_j, branch_j, pos_j = jnp.asarray(valid), jnp.asarray(branch), jnp.asarray(positions)
+    if two_pass:
+        got = two_pass_attention(q, k, v, valid_BxL=valid_j, branch_BxL=branch_j, positions_BxL=pos_j,
+                                 sliding_window=window, implementation=impl)  # fmt: skip
+    else:
+        got = self_attention_fn(valid_j, window, impl, branch_j, pos_j)(q, k, v)
     want = _brute_force(q, k, v, valid, branch, positions, window)
     np.testing.assert_allclose(np.asarray(got) * valid[..., None, None], want, atol=1e-5, rtol=1e-5)
 

@@ -17,12 +17,15 @@ Implementations of the cache-free (training / scoring) path, ``model.attention``
   splash  the Splash attention Pallas kernel (TPU), causal or local mask, padding as segment ids,
           under ``shard_map`` over the batch and head axes of the current mesh;
   auto    cudnn on GPU, splash on TPU, einsum elsewhere (the platform of the current mesh's devices).
+Shared-prompt pair rows (``training.data``) need a mask beyond causal: einsum / xla take it as a
+boolean mask (``pair_mask``), the kernels run two causal passes (``two_pass_attention``).
 With a KV cache (decoding) attention is always the reference einsum over the cache slots.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -88,56 +91,100 @@ def resolve(implementation: str) -> str:
     return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "einsum")
 
 
-def causal_attention(
-    q_BxLxHxE: jax.Array,
-    k_BxLxGxE: jax.Array,
-    v_BxLxGxE: jax.Array,
+def self_attention_fn(
     valid_BxL: jax.Array,
     sliding_window: int | None,
     implementation: str,
-) -> jax.Array:
-    """Causal self-attention of L queries over the same L slots (padding keys hidden) -> [B, L, H, E].
+    branch_BxL: jax.Array | None = None,
+    positions_BxL: jax.Array | None = None,
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """``attend(q [B, L, H, E], k, v [B, L, G, E]) -> [B, L, H, E]`` for one cache-free forward; the mask
+    (or the shared-prompt view) is built here once, outside the layer loop.
 
-    ``implementation`` is resolved (``resolve``); every one computes the same function as the einsum
-    reference for rows whose padding is at the end (cudnn requires that; the others do not).
+    Without ``branch_BxL``: causal over slots, padding keys hidden. With it (shared-prompt pair rows
+    ``[prompt | chosen | rejected | padding]``, branch 0 / 1 / 2 / -1, ``positions_BxL`` restarting at
+    the prompt's end for rejected): a query sees earlier keys of the prompt and of its own response
+    only, the sliding window counted in positions. einsum / xla apply that mask directly; the kernels
+    (cudnn, splash), which take causal masks only, run ``two_pass_attention``.
     """
     impl = resolve(implementation)
-    l, e = q_BxLxHxE.shape[1], q_BxLxHxE.shape[-1]
-    if impl == "einsum":
-        slots_L = jnp.arange(l)
-        return grouped_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, attention_mask(slots_L, slots_L, valid_BxL, sliding_window))
-    if impl == "splash":
-        return _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, valid_BxL, sliding_window)
-    window = None if sliding_window is None else (sliding_window - 1, 0)
-    if impl == "xla":
-        slots_L = jnp.arange(l)
-        mask = attention_mask(slots_L, slots_L, valid_BxL, sliding_window)[:, None]
-        out = jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, mask=mask, scale=e**-0.5, implementation="xla")
-    else:
-        lengths_B = jnp.sum(valid_BxL, axis=-1, dtype=jnp.int32)
-        out = jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, scale=e**-0.5, is_causal=True,
-                                           query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
-                                           local_window_size=window, implementation="cudnn")  # fmt: skip
+    l = valid_BxL.shape[1]
+    slots_L = jnp.arange(l)
+    if impl in ("einsum", "xla"):
+        if branch_BxL is None:
+            mask = attention_mask(slots_L, slots_L, valid_BxL, sliding_window)
+        else:
+            mask = pair_mask(valid_BxL, branch_BxL, positions_BxL, sliding_window)
+        return functools.partial(_masked_attention, mask_BxLxS=mask, implementation=impl)
+    if branch_BxL is None:
+        return functools.partial(_kernel_attention, valid_BxL=valid_BxL, sliding_window=sliding_window, implementation=impl)
+    return functools.partial(two_pass_attention, valid_BxL=valid_BxL, branch_BxL=branch_BxL, positions_BxL=positions_BxL,
+                             sliding_window=sliding_window, implementation=impl)  # fmt: skip
+
+
+def pair_mask(valid_BxL: jax.Array, branch_BxL: jax.Array, positions_BxL: jax.Array, sliding_window: int | None) -> jax.Array:
+    """bool[B, L, L] of shared-prompt rows: causal in slots, real keys, key in the prompt (branch 0) or
+    in the query's own response, and (window) position distance < ``sliding_window``."""
+    l = valid_BxL.shape[1]
+    slots_L = jnp.arange(l)
+    mask = attention_mask(slots_L, slots_L, valid_BxL, None)
+    mask &= (branch_BxL[:, None, :] == 0) | (branch_BxL[:, None, :] == branch_BxL[:, :, None])
+    if sliding_window is not None:
+        mask &= positions_BxL[:, None, :] > positions_BxL[:, :, None] - sliding_window
+    return mask
+
+
+def _masked_attention(q_BxLxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array, *, mask_BxLxS: jax.Array,
+                      implementation: str) -> jax.Array:  # fmt: skip
+    if implementation == "einsum":
+        return grouped_attention(q_BxLxHxE, k_BxSxGxE, v_BxSxGxE, mask_BxLxS)
+    e = q_BxLxHxE.shape[-1]
+    out = jax.nn.dot_product_attention(q_BxLxHxE, k_BxSxGxE, v_BxSxGxE, mask=mask_BxLxS[:, None], scale=e**-0.5,
+                                       implementation="xla")  # fmt: skip
     return sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
 
 
-def shared_prompt_attention(
+def _kernel_attention(q_BxLxHxE: jax.Array, k_BxLxGxE: jax.Array, v_BxLxGxE: jax.Array, *, valid_BxL: jax.Array,
+                      sliding_window: int | None, implementation: str) -> jax.Array:  # fmt: skip
+    """Causal attention through a fused kernel (cudnn | splash), or the einsum reference."""
+    if implementation == "splash":
+        return _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, valid_BxL, sliding_window)
+    if implementation != "cudnn":
+        l = valid_BxL.shape[1]
+        mask = attention_mask(jnp.arange(l), jnp.arange(l), valid_BxL, sliding_window)
+        return _masked_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, mask_BxLxS=mask, implementation=implementation)
+    e = q_BxLxHxE.shape[-1]
+    lengths_B = jnp.sum(valid_BxL, axis=-1, dtype=jnp.int32)
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    out = jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, scale=e**-0.5, is_causal=True,
+                                       query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
+                                       local_window_size=window, implementation="cudnn")  # fmt: skip
+    return sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
+
+
+def causal_attention(q_BxLxHxE: jax.Array, k_BxLxGxE: jax.Array, v_BxLxGxE: jax.Array, valid_BxL: jax.Array,
+                     sliding_window: int | None, implementation: str) -> jax.Array:  # fmt: skip
+    """Causal self-attention (padding keys hidden) -> [B, L, H, E]: ``self_attention_fn`` applied once.
+    Every implementation computes the einsum reference's function for rows padded at the end (cudnn
+    requires that; the others do not)."""
+    return self_attention_fn(valid_BxL, sliding_window, implementation)(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE)
+
+
+def two_pass_attention(
     q_BxLxHxE: jax.Array,
     k_BxLxGxE: jax.Array,
     v_BxLxGxE: jax.Array,
+    *,
     valid_BxL: jax.Array,
     branch_BxL: jax.Array,
     positions_BxL: jax.Array,
     sliding_window: int | None,
     implementation: str,
 ) -> jax.Array:
-    """Attention for rows ``[prompt | chosen | rejected | padding]`` (``branch`` 0 / 1 / 2; padding any).
-
-    Prompt and chosen queries see the row causally (the rejected tokens come after them). Rejected
-    queries must see the prompt and the rejected tokens only: they attend in a second, gathered view
-    ``[prompt | rejected | padding]`` where slot equals position, so both passes are plain causal
-    attention (any ``implementation``, sliding windows included) and the rejected outputs are read
-    back at view slot = position. q/k/v carry RoPE already. Returns [B, L, H, E].
+    """Shared-prompt rows with causal-only kernels: prompt and chosen queries see the row causally (the
+    rejected tokens come after them); rejected queries attend in a second, gathered view ``[prompt |
+    rejected | padding]`` where slot equals position, and their outputs are read back at view slot =
+    position. q/k/v carry RoPE already. Returns [B, L, H, E]; equal to the ``pair_mask`` attention.
     """
     l = q_BxLxHxE.shape[1]
     real = valid_BxL.astype(jnp.int32)
@@ -149,9 +196,9 @@ def shared_prompt_attention(
     src_BxL = jnp.minimum(view_L[None] + chosen_B[:, None] * (view_L[None] >= prompt_B[:, None]), l - 1)
     view_valid_BxL = view_L[None] < (prompt_B + rejected_B)[:, None]
     take = lambda x: jnp.take_along_axis(x, src_BxL.reshape(src_BxL.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
-    full = causal_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, valid_BxL, sliding_window, implementation)
-    view = causal_attention(take(q_BxLxHxE), take(k_BxLxGxE), take(v_BxLxGxE), view_valid_BxL, sliding_window,
-                            implementation)  # fmt: skip
+    kernel = functools.partial(_kernel_attention, sliding_window=sliding_window, implementation=implementation)
+    full = kernel(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, valid_BxL=valid_BxL)
+    view = kernel(take(q_BxLxHxE), take(k_BxLxGxE), take(v_BxLxGxE), valid_BxL=view_valid_BxL)
     back_BxL = jnp.clip(positions_BxL, 0, l - 1)
     rejected = jnp.take_along_axis(view, back_BxL[:, :, None, None], axis=1)
     return jnp.where((branch_BxL == 2)[:, :, None, None], rejected, full)

@@ -29,12 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tracealign_jax import sharding
-from tracealign_jax.model.attention import (
-    attention_mask,
-    causal_attention,
-    grouped_attention,
-    shared_prompt_attention,
-)
+from tracealign_jax.model.attention import attention_mask, grouped_attention, self_attention_fn
 from tracealign_jax.model.config import ModelArch
 from tracealign_jax.model.kv_cache import KVCache
 from tracealign_jax.model.lora import lora_delta
@@ -118,8 +113,8 @@ def _decoder_layer(
     kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
     lora: tuple[dict[str, jax.Array], Any, jax.Array | None] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """One pre-norm decoder layer; ``attend(q, k, v)`` is the masked attention. ``kv`` = (k_all, v_all, layer, index) writes this step's keys and
-    values into the full cache ``[B, Ly, S, G, E]`` at ``[:, layer, index:index+L]`` and attends over
+    """One pre-norm decoder layer; ``attend(q, k, v)`` is the masked attention. ``kv`` = (k_all, v_all,
+    layer, index) writes this step's keys and values into the full cache ``[B, Ly, S, G, E]`` at ``[:, layer, index:index+L]`` and attends over
     that layer's slots; without it attention is over the L fresh tokens only. ``lora`` = (this
     layer's adapter arrays, LoRAConfig, dropout key or None) adds ``model.lora``'s low-rank terms."""
     w = {k: v.astype(dtype) for k, v in p.items()}
@@ -237,7 +232,7 @@ class Transformer(nnx.Module):
         ``dropout_key`` turns on their dropout (training).
         branch_BxL int32 (no cache): the shared-prompt pair layout ``[prompt | chosen | rejected]``
         (0 / 1 / 2), where rejected tokens see the prompt and not the chosen response, and their
-        positions continue from the prompt's end (``model.attention.shared_prompt_attention``).
+        positions continue from the prompt's end (``model.attention.self_attention_fn``).
         attention: the cache-free implementation (``model.attention``: auto | einsum | xla | cudnn |
         splash; see ``model.attention``); with a cache it is always the einsum reference.
         """
@@ -255,11 +250,7 @@ class Transformer(nnx.Module):
 
         window = arch.sliding_window
         if cache is None:
-            if branch_BxL is None:
-                attend = lambda q, k, v: causal_attention(q, k, v, valid_BxL, window, attention)  # noqa: E731
-            else:
-                attend = lambda q, k, v: shared_prompt_attention(  # noqa: E731
-                    q, k, v, valid_BxL, branch_BxL, positions_BxL, window, attention)
+            attend = self_attention_fn(valid_BxL, window, attention, branch_BxL, positions_BxL)
             carry = (h, None, None)
         else:
             if branch_BxL is not None:

@@ -17,7 +17,7 @@ longest response that can follow), ``loss_mask`` / ``bci`` / ``ref_logps`` on bo
   branch      int32[B, L']    0 prompt, 1 chosen, 2 rejected, -1 padding
   positions                   0..p-1 on the prompt; p, p+1, ... on chosen AND on rejected (both
                               responses continue from the prompt's end, as in their separate rows)
-Rejected tokens see the prompt and not the chosen response (``model.attention.shared_prompt_attention``);
+Rejected tokens see the prompt and not the chosen response (``model.attention.self_attention_fn``);
 ``separate`` (the reference layout) is the 2B-row one above.
 """
 

@@ -11,10 +11,10 @@ is sharded, so each device holds ``[B, chunk, V / tensor]``: vocabulary chunking
 CBD term (b) needs the policy's log-prob of a few sparse veto tokens per position; they are gathered
 from the same logits block, which costs M extra gathers per position and no extra matmul.
 
-Shared-prompt pair rows ``[prompt | chosen | rejected]`` (``training.data``): the first rejected token
-is scored by the prompt's last hidden state, not by the chosen response's last one. Such callers pass
-``prev_BxL`` (``predecessor_slots``), the slot of the hidden state that scores each token; the hidden
-states are gathered into the token frame and nothing is shifted.
+Shared-prompt pair rows ``[prompt | chosen | rejected]`` (``training.data``): every token is scored by
+the slot before it except the first rejected one, scored by the prompt's last hidden state. Callers
+pass ``rescore`` = (that hidden slot, that token slot) per row (``rejected_start``); the one extra
+[B, D] x [D, V] product replaces the shifted value there.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def chunked_token_logprobs(
     chunk: int = 0,
     entry_ids_BxLxM: jax.Array | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
-    prev_BxL: jax.Array | None = None,
+    rescore: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of each token and (optionally) of veto-entry tokens, from final hidden states.
 
@@ -46,26 +46,16 @@ def chunked_token_logprobs(
     tokens_BxL int32. chunk: sequence positions per logits block (0 = all L at once; L is padded up
     to a multiple). entry_ids_BxLxM int32: token ids whose log-prob is wanted at each position, in
     the token frame (entry e at position t is a candidate for token t). The matmul runs in
-    ``compute_dtype`` with float32 accumulation; log-softmax is float32. prev_BxL int32: slot of the
-    hidden state scoring each token (-1: none, log-prob 0); None = the previous slot.
+    ``compute_dtype`` with float32 accumulation; log-softmax is float32. rescore: (hidden slot int32[B],
+    token slot int32[B]): that token of each row is scored by that hidden state instead of the one before.
     Returns ``(token_logps_BxL float32, entry_logps_BxLxM float32 | None)``.
     """
     b, l, d = h_BxLxD.shape
-    if prev_BxL is None:
-        next_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))  # target of hidden s is token s+1
-        entries = None
-        if entry_ids_BxLxM is not None:
-            # Entries for token t are scored by hidden t-1: move them to the hidden frame.
-            entries = jnp.pad(entry_ids_BxLxM[:, 1:], ((0, 0), (0, 1), (0, 0)))
-        to_token_frame = _shift_to_token_frame
-    else:
-        # Hidden states gathered into the token frame: position t holds the state that scores token t.
-        h_BxLxD = jnp.take_along_axis(h_BxLxD, jnp.maximum(prev_BxL, 0)[:, :, None], axis=1)
-        next_BxL, entries = tokens_BxL, entry_ids_BxLxM
-        has_prev = prev_BxL >= 0
-
-        def to_token_frame(x: jax.Array) -> jax.Array:
-            return jnp.where(has_prev.reshape(has_prev.shape + (1,) * (x.ndim - 2)), x, 0.0)
+    next_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))  # target of hidden s is token s+1
+    entries = None
+    if entry_ids_BxLxM is not None:
+        # Entries for token t are scored by hidden t-1: move them to the hidden frame.
+        entries = jnp.pad(entry_ids_BxLxM[:, 1:], ((0, 0), (0, 1), (0, 0)))
     c = l if chunk <= 0 or chunk >= l else chunk
     n_chunks = -(-l // c)
     pad = n_chunks * c - l
@@ -97,8 +87,17 @@ def chunked_token_logprobs(
         x = jnp.moveaxis(x, 0, 1)
         return x.reshape((b, n_chunks * c) + x.shape[3:])[:, :l]
 
-    token_logps = to_token_frame(from_chunks(tgt))
-    entry_logps = None if ent is None else to_token_frame(from_chunks(ent))
+    token_logps = _shift_to_token_frame(from_chunks(tgt))
+    entry_logps = None if ent is None else _shift_to_token_frame(from_chunks(ent))
+    if rescore is not None:
+        src_B, dst_B = rescore
+        at = lambda x, i: jnp.take_along_axis(x, i.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+        one_tgt, one_ent = block(at(h_BxLxD, src_B), at(tokens_BxL, dst_B),
+                                 None if entry_ids_BxLxM is None else at(entry_ids_BxLxM, dst_B))  # fmt: skip
+        here = (jnp.arange(l)[None] == dst_B[:, None])
+        token_logps = jnp.where(here, one_tgt, token_logps)
+        if entry_logps is not None:
+            entry_logps = jnp.where(here[..., None], one_ent, entry_logps)
     return token_logps, entry_logps
 
 
@@ -137,9 +136,14 @@ def predecessor_slots(branch_BxL: jax.Array) -> jax.Array:
     scored by the slot before it, except the first rejected token, scored by the prompt's last token
     (slot = prompt length - 1); slot 0 has none (-1).
     """
-    l = branch_BxL.shape[1]
-    slots_L = jnp.arange(l, dtype=jnp.int32)
+    slots_L = jnp.arange(branch_BxL.shape[1], dtype=jnp.int32)
+    src_B, dst_B = rejected_start(branch_BxL)
+    return jnp.where(slots_L[None] == dst_B[:, None], src_B[:, None], slots_L[None] - 1)
+
+
+def rejected_start(branch_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(prompt's last slot, first rejected slot), each int32[B], of shared-prompt pair rows
+    (``branch_BxL``: 0 prompt, 1 chosen, 2 rejected, -1 padding)."""
     prompt_B = jnp.sum(branch_BxL == 0, axis=-1, dtype=jnp.int32)
-    before_BxL = jnp.pad(branch_BxL[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    first_rejected = (branch_BxL == 2) & (before_BxL != 2)
-    return jnp.where(first_rejected, prompt_B[:, None] - 1, slots_L[None] - 1)
+    chosen_B = jnp.sum(branch_BxL == 1, axis=-1, dtype=jnp.int32)
+    return prompt_B - 1, prompt_B + chosen_B

@@ -31,7 +31,7 @@ from tracealign_jax import sharding
 from tracealign_jax.config import Config
 from tracealign_jax.training import losses
 from tracealign_jax.training.data import row_length
-from tracealign_jax.training.logprobs import chunked_token_logprobs, predecessor_slots, veto_contexts
+from tracealign_jax.training.logprobs import chunked_token_logprobs, predecessor_slots, rejected_start, veto_contexts
 from tracealign_jax.training.state import (
     TrainState,
     abstract_train_state,
@@ -92,7 +92,7 @@ def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int
     branch = batch.get("branch")
     h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], branch_BxL=branch, attention=attention)
     return chunked_token_logprobs(h, model.unembedding_matrix(), batch["tokens"], chunk=chunk, entry_ids_BxLxM=entry_ids,
-                                  compute_dtype=model.dtype, prev_BxL=None if branch is None else predecessor_slots(branch))  # fmt: skip
+                                  compute_dtype=model.dtype, rescore=None if branch is None else rejected_start(branch))  # fmt: skip
 
 
 def _pair_rows(batch: Batch, *xs: Any) -> tuple[Any, ...]:
