@@ -15,6 +15,7 @@ round, so load changes on a shared machine hit all rows alike):
 included); "GFLOP/step" is XLA's own cost analysis of the compiled step (``--no-cost`` skips it).
 
     .venv/bin/python benchmarks/train_bench.py [--steps 10] [--settings 512+128 64+64] [--no-trl]
+    .venv/bin/python benchmarks/train_bench.py --padding   # padding fraction of both layouts, no model
 """
 
 from __future__ import annotations
@@ -176,6 +177,26 @@ def bench_trl(prompt: int, response: int, steps: int, warmup: int, between) -> l
     return times[warmup:]
 
 
+def padding_report(n: int = 20000, seed: int = 0) -> None:
+    """Slots computed per pair and the padding fraction of both layouts under bucketing, on a synthetic
+    length distribution shaped like public preference sets (log-normal prompt, median 120 tokens; responses
+    median 200, sigma 0.8; truncated at 1024 / 1024; buckets 256 / 512 / 1024 / 2048). No model runs."""
+    from tracealign_jax.training.data import bucket_of, layout_buckets
+
+    rng = np.random.default_rng(seed)
+    ln = lambda med, sigma: np.clip(np.round(rng.lognormal(np.log(med), sigma, n)), 1, 1024).astype(int)  # noqa: E731
+    p, c, r = ln(120, 0.9), ln(200, 0.8), ln(200, 0.8)
+    buckets = (256, 512, 1024, 2048)
+    unique = p + c + r
+    print(f"\npadding on {n:,} synthetic pairs (prompt median {np.median(p):.0f}, responses {np.median(c):.0f}; buckets {list(buckets)})")
+    print(f"{'layout':16s} {'slots/pair':>10s} {'padding':>8s} {'slots / unique tokens':>22s}")
+    for layout, rows in (("separate", 2), ("shared_prompt", 1)):
+        need = unique if layout == "shared_prompt" else p + np.maximum(c, r)
+        slots = rows * np.asarray([bucket_of(int(x), layout_buckets(buckets, layout, 1024)) for x in need])
+        real = unique + (p if layout == "separate" else 0)  # separate rows hold the prompt twice
+        print(f"{layout:16s} {slots.mean():10.0f} {1 - real.sum() / slots.sum():8.1%} {slots.sum() / unique.sum():22.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
@@ -183,7 +204,11 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["512+128", "64+64"], help="prompt+response token lengths")
     ap.add_argument("--no-trl", action="store_true", help="skip TRL even if it imports")
     ap.add_argument("--no-cost", action="store_true", help="skip XLA's cost analysis (one more compile per row)")
+    ap.add_argument("--padding", action="store_true", help="only the padding table (no model)")
     args = ap.parse_args()
+    if args.padding:
+        padding_report()
+        return
     med = lambda ts, k: statistics.median(t[k] for t in ts)  # noqa: E731
     for setting in args.settings:
         prompt, response = (int(x) for x in setting.split("+"))

@@ -141,3 +141,17 @@ def test_reference_precompute_equal_separate(setup, tmp_path):
         for x, y in zip(a, b):
             assert len(x) == len(y) > 0
             np.testing.assert_allclose(y, x, atol=1e-5, rtol=0)
+
+
+def test_shared_rows_take_the_shortest_row_that_fits(setup):
+    cfgs, _, _, pairs, _, _, _ = setup
+    from tracealign_jax.training.data import BatchStream, layout_buckets
+
+    cfg = cfgs["shared_prompt"].data
+    assert layout_buckets(cfg.buckets, "shared_prompt", cfg.max_response_len) == (32, 48)
+    stream = BatchStream(pairs, cfg, 2, layout="shared_prompt")
+    total = pairs.lengths("prompt") + pairs.lengths("chosen") + pairs.lengths("rejected")
+    for _ in range(6):
+        b = next(stream)
+        need = total[b["index"]].max()
+        assert b["tokens"].shape[1] == (32 if need <= 32 else 48) and b["valid"].sum(1).tolist() == total[b["index"]].tolist()

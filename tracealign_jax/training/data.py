@@ -12,8 +12,8 @@ pair i's prompt + chosen response, row 2i+1 the same prompt + rejected response,
   index       int64[B]        dataset example of each pair (host-side bookkeeping; not sent to devices)
 
 With ``data.pair_layout: shared_prompt`` a pair is ONE row ``[prompt | chosen | rejected | padding]``, so
-the prompt is computed once: every array above is [B, L'] with L' = ``row_length`` (bucket L plus the
-longest response that can follow), ``loss_mask`` / ``bci`` / ``ref_logps`` on both responses, and
+the prompt is computed once: every array above is [B, L'] with L' the shortest of ``layout_buckets`` that
+holds prompt + chosen + rejected, ``loss_mask`` / ``bci`` / ``ref_logps`` on both responses, and
   branch      int32[B, L']    0 prompt, 1 chosen, 2 rejected, -1 padding
   positions                   0..p-1 on the prompt; p, p+1, ... on chosen AND on rejected (both
                               responses continue from the prompt's end, as in their separate rows)
@@ -35,12 +35,18 @@ LAYOUTS = ("shared_prompt", "separate")
 
 
 def row_length(bucket: int, layout: str, max_response_len: int) -> int:
-    """Row length for pairs of bucket ``bucket`` (prompt + longer response <= bucket): the bucket itself
-    (separate), or the bucket plus room for the other response, at most ``max_response_len`` and at
-    most the bucket (shared_prompt)."""
+    """The longest row pairs of bucket ``bucket`` (prompt + longer response <= bucket) can need: the
+    bucket itself (separate), or the bucket plus room for the other response, at most
+    ``max_response_len`` and at most the bucket (shared_prompt)."""
     if layout not in LAYOUTS:
         raise ConfigError(f"data.pair_layout must be one of {' | '.join(LAYOUTS)}, got {layout!r}")
     return bucket if layout == "separate" else bucket + min(bucket, max_response_len)
+
+
+def layout_buckets(buckets: Sequence[int], layout: str, max_response_len: int) -> tuple[int, ...]:
+    """Row lengths a batch pads to: ``data.buckets`` (separate), or for shared_prompt those and each
+    ``row_length`` of them, so a pair's row is the shortest that holds prompt + chosen + rejected."""
+    return tuple(sorted(set(buckets) | {row_length(b, layout, max_response_len) for b in buckets}))
 
 
 def bucket_of(total_len: int, buckets: Sequence[int]) -> int:
@@ -52,8 +58,14 @@ def bucket_of(total_len: int, buckets: Sequence[int]) -> int:
                       "(need max bucket >= max_prompt_len + max_response_len)")  # fmt: skip
 
 
-def assign_buckets(pairs: TokenizedPairs, buckets: Sequence[int], sft: bool = False) -> np.ndarray:
-    """int64[N]: the bucket length of each example (prompt + longer response)."""
+def assign_buckets(pairs: TokenizedPairs, buckets: Sequence[int], sft: bool = False, layout: str = "separate",
+                   max_response_len: int = 0) -> np.ndarray:  # fmt: skip
+    """int64[N]: the row length of each example: the bucket of prompt + longer response (separate, SFT),
+    or the shortest of ``layout_buckets`` holding prompt + chosen + rejected (shared_prompt)."""
+    if layout == "shared_prompt" and not sft:
+        shared = layout_buckets(buckets, layout, max_response_len)
+        total = pairs.lengths("prompt") + pairs.lengths("chosen") + pairs.lengths("rejected")
+        return np.asarray([bucket_of(int(n), shared) for n in total], np.int64)
     resp = pairs.lengths("chosen") if sft else np.maximum(pairs.lengths("chosen"), pairs.lengths("rejected"))
     return np.asarray([bucket_of(int(n), buckets) for n in pairs.lengths("prompt") + resp], np.int64)
 
@@ -156,8 +168,8 @@ class BatchStream:
 
     Every process builds the same global batches (cheap: token arrays) and the train step takes
     each process's shards from them, so multi-host runs agree on data order by construction.
-    ``layout``: separate | shared_prompt (module docstring); the batches hold the same pairs in the
-    same order either way.
+    ``layout``: separate | shared_prompt (module docstring); shared rows are bucketed by prompt + both
+    responses (``assign_buckets``), so the two layouts group pairs into batches differently.
     """
 
     def __init__(self, pairs: TokenizedPairs, cfg: DataConfig, batch_size: int, *, sft: bool = False,
@@ -166,7 +178,7 @@ class BatchStream:
         self.layout = "separate" if sft else layout
         row_length(1, self.layout, 1)  # names a bad layout now, not at the first batch
         self.bci, self.ref_logps = bci, ref_logps
-        self.bucket_N = assign_buckets(pairs, cfg.buckets, sft)
+        self.bucket_N = assign_buckets(pairs, cfg.buckets, sft, self.layout, cfg.max_response_len)
         self.epoch, self.cursor = 0, 0
         self._batches = epoch_batches(self.bucket_N, batch_size, cfg.shuffle_seed, 0)
         if not self._batches:
@@ -192,6 +204,6 @@ class BatchStream:
             self._batches = epoch_batches(self.bucket_N, self.batch_size, self.cfg.shuffle_seed, self.epoch)
         idx = self._batches[self.cursor]
         self.cursor += 1
-        length = row_length(int(self.bucket_N[idx[0]]), self.layout, self.cfg.max_response_len)
+        length = int(self.bucket_N[idx[0]])
         return build_batch(self.pairs, idx, length, sft=self.sft, bci=self.bci, ref_logps=self.ref_logps,
                            layout=self.layout)  # fmt: skip

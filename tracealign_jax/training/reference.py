@@ -62,7 +62,7 @@ def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, p
     batch rows over the batch axes, the [rows, L] log-probs replicated so every process can read them.
     """
     from tracealign_jax.training.loop import to_device_batch
-    from tracealign_jax.training.step import BATCH_AXES, _forward_logps, batch_length, pair_layout
+    from tracealign_jax.training.step import BATCH_AXES, _forward_logps, pair_layout
 
     layout = pair_layout(cfg)
     rows = sharding.named_sharding(mesh, rules, BATCH_AXES)
@@ -74,12 +74,12 @@ def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, p
 
     fwd = jax.jit(forward, in_shardings=(param_shardings(ref_params, mesh, rules), batch_sh),
                   out_shardings=NamedSharding(mesh, PartitionSpec()))  # fmt: skip
-    bucket_N = assign_buckets(pairs, cfg.data.buckets)
+    bucket_N = assign_buckets(pairs, cfg.data.buckets, layout=layout, max_response_len=cfg.data.max_response_len)
     out: list[list[np.ndarray]] = [[np.zeros(0, np.float32)] * 2 for _ in range(len(pairs))]
     order = np.argsort(bucket_N, kind="stable")
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        length = batch_length(cfg, int(bucket_N[idx].max()))
+        length = int(bucket_N[idx].max())
         padded = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
         batch = build_batch(pairs, padded, length, layout=layout)
         dev = to_device_batch({k: batch[k] for k in batch_sh}, batch_sh)
