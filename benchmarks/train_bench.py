@@ -1,20 +1,21 @@
-"""DPO train-step throughput: ours (JAX, jitted) vs TRL DPOTrainer (PyTorch), and DPO+CBD vs plain DPO.
+"""DPO train-step throughput: shared-prompt pair rows vs separate rows vs TRL DPOTrainer, and DPO+CBD vs DPO.
 
-Same run for all rows: random tiny Llama (4 layers, hidden 256, MLP 688, 8 heads, 4 KV heads, vocab
-512), 8 pairs per step, prompt 64 + response 64 tokens, fp32, CPU, reference model in memory (in-step
-forward). Throughput counts chosen + rejected tokens (2 x 8 x 128 per step); the median step time
-is over ``--steps`` steps after ``--warmup`` (compile) steps. Our model runs with
-``model.scan_layers: false`` (the 4 layers unrolled, as one would configure a model this shallow).
+Same model for all rows: random tiny Llama (4 layers, hidden 256, MLP 688, 8 heads, 4 KV heads, vocab
+512), 8 pairs per step, fp32, CPU, reference model in memory (in-step forward), ``scan_layers: false``.
+Two length settings (``--settings``): prompt 512 + response 128 (sharing the prompt saves 40% of the
+tokens) and prompt 64 + response 64 (25%). Per setting, measured interleaved (one step of each row per
+round, so load changes on a shared machine hit all rows alike):
+  ours DPO, shared_prompt   one row [prompt | chosen | rejected] per pair (``data.pair_layout``)
+  ours DPO+CBD, shared      + CBD (a) per-token BCI on ~10% of response tokens, (b) a veto table of 2,000
+                            random spans (lengths 4-8, ~5,000 contexts x up to 16 entries) at every position
+  ours DPO, separate        two rows per pair (prompt computed twice): the unshared reference layout
+  TRL DPOTrainer            torch, fp32, no gradient checkpointing, same model / batch / lengths; only
+                            when ``trl`` imports (timed by a ``TrainerCallback``; ours run between its steps)
+"tokens/pair" is what the forward actually computes per pair (row length x rows / pairs: padding
+included); "GFLOP/step" is XLA's own cost analysis of the compiled step (``--no-cost`` skips it).
 
-The three rows are measured interleaved: after every TRL step (timed by a ``TrainerCallback``)
-one DPO and one DPO+CBD step of ours run, so load changes on a shared machine hit all rows alike.
-TRL runs twice: without gradient checkpointing (like ours: the like-for-like row the target is
-judged on) and with its DPOConfig default ``gradient_checkpointing=True`` (how users get it).
-
-    .venv/bin/python benchmarks/train_bench.py [--steps 10] [--no-trl]
-
-DPO+CBD uses both terms: (a) per-token BCI on ~10% of response tokens, (b) a veto table of 2,000
-random spans (lengths 4-8, so ~5,000 contexts x up to 16 entries) looked up at every position.
+    .venv/bin/python benchmarks/train_bench.py [--steps 10] [--settings 512+128 64+64] [--no-trl]
+    .venv/bin/python benchmarks/train_bench.py --padding   # padding fraction of both layouts, no model
 """
 
 from __future__ import annotations
@@ -27,30 +28,42 @@ import time
 import numpy as np
 
 ARCH = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5,
+            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5,
             rope_theta=10000.0, tie_word_embeddings=False)  # fmt: skip
-PAIRS, PROMPT, RESPONSE = 8, 64, 64
+PAIRS = 8
 
 
-def host_batch(seed: int = 0) -> dict[str, np.ndarray]:
+def toy_pairs(prompt: int, response: int, seed: int = 0):
+    """PAIRS random pairs with a ``prompt``-token prompt and two ``response``-token responses."""
+    from tracealign_jax.pairs import TokenizedPairs
+
     rng = np.random.default_rng(seed)
-    rows, length = 2 * PAIRS, PROMPT + RESPONSE
-    tokens = rng.integers(3, ARCH["vocab_size"], size=(rows, length)).astype(np.int32)
-    tokens[1::2, :PROMPT] = tokens[0::2, :PROMPT]  # a pair shares its prompt
-    mask = np.zeros((rows, length), np.float32)
-    mask[:, PROMPT:] = 1.0
-    bci = np.where(rng.random((rows, length)) < 0.1, rng.uniform(5, 40, (rows, length)), 0.0).astype(np.float32) * mask
-    return {"tokens": tokens, "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
-            "valid": np.ones((rows, length), bool), "loss_mask": mask, "bci": bci}  # fmt: skip
+    arrays = {}
+    for field, n in (("prompt", prompt), ("chosen", response), ("rejected", response)):
+        arrays[f"{field}_tokens"] = rng.integers(3, ARCH["vocab_size"], size=PAIRS * n).astype(np.int32)
+        arrays[f"{field}_offsets"] = np.arange(0, PAIRS * n + 1, n, dtype=np.int64)
+    return TokenizedPairs(arrays)
 
 
-def make_ours(cbd: bool):
-    """A zero-argument callable running one synchronous step of our jitted DPO (or DPO+CBD) step."""
+def host_batch(prompt: int, response: int, layout: str) -> dict[str, np.ndarray]:
+    """The step's batch in ``layout`` (``training.data.build_batch``) with random BCI on ~10% of responses."""
+    from tracealign_jax.training.data import build_batch, row_length
+
+    batch = build_batch(toy_pairs(prompt, response), np.arange(PAIRS), row_length(prompt + response, layout, response),
+                        layout=layout)  # fmt: skip
+    rng = np.random.default_rng(1)
+    shape = batch["tokens"].shape
+    batch["bci"] = (np.where(rng.random(shape) < 0.1, rng.uniform(5, 40, shape), 0.0) * batch["loss_mask"]).astype(np.float32)
+    return batch
+
+
+def make_ours(prompt: int, response: int, layout: str, cbd: bool, cost: bool):
+    """(one synchronous step of our jitted DPO or DPO+CBD step, tokens computed per pair, XLA GFLOP/step)."""
     import jax
     import jax.numpy as jnp
 
     from tracealign_jax import sharding
-    from tracealign_jax.config import MeshConfig, from_dict, Config
+    from tracealign_jax.config import Config, MeshConfig, from_dict
     from tracealign_jax.training.loop import to_device_batch
     from tracealign_jax.training.state import graphdef_and_abstract_params, init_train_state, state_shardings
     from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step
@@ -66,21 +79,28 @@ def make_ours(cbd: bool):
         veto = jax.tree.map(jnp.asarray, compile_veto_table(spans, max_span=8, max_entries=16))
         loss.update(cbd_data_weight=0.1, cbd_cont_weight=0.1, cbd_margin=1.0, cbd_bci_scale=20.0)
     cfg = from_dict(Config, {"model": {"arch": ARCH, "scan_layers": False}, "mesh": {"data": 1}, "loss": loss,
+                             "data": {"pair_layout": layout, "max_prompt_len": prompt, "max_response_len": response,
+                                      "buckets": [prompt + response]},
                              "train": {"batch_size": PAIRS, "learning_rate": 1e-5, "steps": 1000}})  # fmt: skip
     mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
     rules = sharding.resolve_rules(cfg.mesh.rules)
     graphdef, state = init_train_state(cfg, mesh, rules)
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))
-    hb = host_batch()
+    hb = host_batch(prompt, response, layout)
     batch = to_device_batch({k: hb[k] for k in batch_fields(cfg)}, batch_shardings(cfg, mesh, rules))
+    gflop = float("nan")
+    if cost:
+        analysis = fn.lower(state, batch, veto).compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        gflop = float(analysis.get("flops", float("nan"))) / 1e9
     box = [state]
 
     def one() -> None:
         box[0], m = fn(box[0], batch, veto)
         jax.block_until_ready((box[0].params, m))
 
-    return one
+    return one, hb["tokens"].size / PAIRS, gflop
 
 
 def timed(fn) -> tuple[float, float]:
@@ -90,25 +110,28 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def ours_pair(warmup: int):
-    """Compiled and warmed-up plain DPO and DPO+CBD steps, and a function timing one of each."""
-    dpo, cbd = make_ours(False), make_ours(True)
+ROWS = (("ours DPO, shared_prompt", "shared_prompt", False), ("ours DPO+CBD (a+b), shared_prompt", "shared_prompt", True),
+        ("ours DPO, separate (unshared)", "separate", False))  # fmt: skip
+
+
+def ours_rows(prompt: int, response: int, warmup: int, cost: bool):
+    """Compiled, warmed-up steps of ROWS; a function timing one step of each; their per-row timings."""
+    runs = [make_ours(prompt, response, layout, cbd, cost) for _, layout, cbd in ROWS]
     for _ in range(warmup):
-        dpo()
-        cbd()
-    t_dpo: list[tuple[float, float]] = []
-    t_cbd: list[tuple[float, float]] = []
+        for one, _, _ in runs:
+            one()
+    times: list[list[tuple[float, float]]] = [[] for _ in ROWS]
 
     def one_each() -> None:
-        t_dpo.append(timed(dpo))
-        t_cbd.append(timed(cbd))
+        for (one, _, _), t in zip(runs, times):
+            t.append(timed(one))
 
-    return one_each, t_dpo, t_cbd
+    return one_each, times, runs
 
 
-def bench_trl(steps: int, warmup: int, between, checkpointing: bool) -> list[tuple[float, float]]:
-    """TRL DPOTrainer step times; ``between()`` runs after each timed step past the warm-up.
-    checkpointing: TRL's ``gradient_checkpointing`` (its DPOConfig default is True)."""
+def bench_trl(prompt: int, response: int, steps: int, warmup: int, between) -> list[tuple[float, float]]:
+    """TRL DPOTrainer step times (no gradient checkpointing, like ours); ``between()`` runs after each
+    timed step past the warm-up."""
     import copy
     import tempfile
 
@@ -123,11 +146,11 @@ def bench_trl(steps: int, warmup: int, between, checkpointing: bool) -> list[tup
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    hb = host_batch()
+    pairs = toy_pairs(prompt, response)
     words = lambda ids: " ".join(f"t{int(i)}" for i in ids)  # noqa: E731  one word = one token
-    rows = [{"prompt": words(hb["tokens"][2 * i, :PROMPT]),
-             "chosen": " " + words(hb["tokens"][2 * i, PROMPT:-1]),  # + EOS (added by TRL) = 64 tokens
-             "rejected": " " + words(hb["tokens"][2 * i + 1, PROMPT:-1])} for i in range(PAIRS)]  # fmt: skip
+    rows = [{"prompt": words(pairs.get("prompt", i)),
+             "chosen": " " + words(pairs.get("chosen", i)[:-1]),  # + EOS (added by TRL) = `response` tokens
+             "rejected": " " + words(pairs.get("rejected", i)[:-1])} for i in range(PAIRS)]  # fmt: skip
     data = Dataset.from_list(rows * (warmup + steps + 1))
     arch = {k: v for k, v in ARCH.items() if k != "model_type"}
     model = LlamaForCausalLM(LlamaConfig(**arch, pad_token_id=0, eos_token_id=1, bos_token_id=None))
@@ -144,52 +167,79 @@ def bench_trl(steps: int, warmup: int, between, checkpointing: bool) -> list[tup
 
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=warmup + steps, learning_rate=1e-5,
-                         beta=0.1, max_length=PROMPT + RESPONSE, report_to="none", save_strategy="no", logging_steps=1000,
+                         beta=0.1, max_length=prompt + response, report_to="none", save_strategy="no", logging_steps=1000,
                          use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True,
-                         gradient_checkpointing=checkpointing)  # fmt: skip
+                         gradient_checkpointing=False)  # fmt: skip
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data, processing_class=tokenizer, callbacks=[Timer()])
         batch = next(iter(trainer.get_train_dataloader()))
-        assert batch["input_ids"].shape == (2 * PAIRS, PROMPT + RESPONSE), batch["input_ids"].shape
+        assert batch["input_ids"].shape == (2 * PAIRS, prompt + response), batch["input_ids"].shape
         trainer.train()
     return times[warmup:]
+
+
+def padding_report(n: int = 20000, seed: int = 0) -> None:
+    """Slots computed per pair and the padding fraction of both layouts under bucketing, on a synthetic
+    length distribution shaped like public preference sets (log-normal prompt, median 120 tokens; responses
+    median 200, sigma 0.8; truncated at 1024 / 1024; buckets 256 / 512 / 1024 / 2048). No model runs."""
+    from tracealign_jax.training.data import bucket_of, layout_buckets
+
+    rng = np.random.default_rng(seed)
+    ln = lambda med, sigma: np.clip(np.round(rng.lognormal(np.log(med), sigma, n)), 1, 1024).astype(int)  # noqa: E731
+    p, c, r = ln(120, 0.9), ln(200, 0.8), ln(200, 0.8)
+    buckets = (256, 512, 1024, 2048)
+    unique = p + c + r
+    print(f"\npadding on {n:,} synthetic pairs (prompt median {np.median(p):.0f}, responses {np.median(c):.0f}; buckets {list(buckets)})")
+    print(f"{'layout':16s} {'slots/pair':>10s} {'padding':>8s} {'slots / unique tokens':>22s}")
+    for layout, rows in (("separate", 2), ("shared_prompt", 1)):
+        need = unique if layout == "shared_prompt" else p + np.maximum(c, r)
+        slots = rows * np.asarray([bucket_of(int(x), layout_buckets(buckets, layout, 1024)) for x in need])
+        real = unique + (p if layout == "separate" else 0)  # separate rows hold the prompt twice
+        print(f"{layout:16s} {slots.mean():10.0f} {1 - real.sum() / slots.sum():8.1%} {slots.sum() / unique.sum():22.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--no-trl", action="store_true", help="skip TRL (use the measured figure from shared/README)")
+    ap.add_argument("--settings", nargs="+", default=["512+128", "64+64"], help="prompt+response token lengths")
+    ap.add_argument("--no-trl", action="store_true", help="skip TRL even if it imports")
+    ap.add_argument("--no-cost", action="store_true", help="skip XLA's cost analysis (one more compile per row)")
+    ap.add_argument("--padding", action="store_true", help="only the padding table (no model)")
     args = ap.parse_args()
-    tokens = 2 * PAIRS * (PROMPT + RESPONSE)
+    if args.padding:
+        padding_report()
+        return
     med = lambda ts, k: statistics.median(t[k] for t in ts)  # noqa: E731
-    one_each, dpo, cbd = ours_pair(args.warmup)
-    trl, trl_note = None, ""
-    if not args.no_trl:
+    for setting in args.settings:
+        prompt, response = (int(x) for x in setting.split("+"))
+        one_each, times, runs = ours_rows(prompt, response, args.warmup, not args.no_cost)
+        trl, note = None, ""
+        if not args.no_trl:
+            try:
+                trl = bench_trl(prompt, response, args.steps, args.warmup, one_each)
+            except ImportError as err:
+                note = f"TRL is not importable here ({err}): the unshared row stands in as the baseline."
+        while len(times[0]) < args.steps:
+            one_each()
+        rows = [(name, med(t, 0), med(t, 1), per, gflop) for (name, _, _), t, (_, per, gflop) in zip(ROWS, times, runs)]
+        if trl is not None:
+            rows.append(("TRL DPOTrainer (torch, no grad. checkpoint.)", med(trl, 0), med(trl, 1), 2.0 * (prompt + response),
+                         float("nan")))  # fmt: skip
+        print(f"\nprompt {prompt} + response {response}, {PAIRS} pairs/step, {args.steps} interleaved steps")
+        print(f"{'run':46s} {'tokens/pair':>11s} {'GFLOP/step':>10s} {'median wall ms':>14s} {'CPU-s/step':>10s}")
+        for name, wall, cpu, per, gflop in rows:
+            print(f"{name:46s} {per:11.0f} {gflop:10.1f} {wall * 1e3:14.1f} {cpu:10.2f}")
+        base = rows[-1]
         try:
-            trl = {gc: bench_trl(args.steps, args.warmup, one_each, gc) for gc in (False, True)}
-        except Exception as err:  # noqa: BLE001  report and fall back to the measured figure
-            trl_note = f"TRL could not run here ({type(err).__name__}: {err}); "
-    while len(dpo) < args.steps:  # without TRL (or if it failed part-way)
-        one_each()
-    rows = [("ours DPO (JAX jit, fp32)", med(dpo, 0), med(dpo, 1)), ("ours DPO+CBD (a+b)", med(cbd, 0), med(cbd, 1))]
-    if trl is not None:
-        rows.append(("TRL DPOTrainer (torch, fp32, no checkpoint.)", med(trl[False], 0), med(trl[False], 1)))
-        rows.append(("TRL DPOTrainer (its default: grad. checkpoint.)", med(trl[True], 0), med(trl[True], 1)))
-    if len(rows) == 2:
-        rows.append(("TRL DPOTrainer (shared/README measured)", 0.457, float("nan")))
-        trl_note += "TRL row is the figure measured on this machine class, not this run."
-    try:
-        load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-    except OSError:
-        load = ""
-    print(f"{'run':48s} {'median wall ms':>14s} {'tokens/s':>9s} {'CPU-s/step':>10s} {'tok/CPU-s':>10s}")
-    for name, wall, cpu in rows:
-        print(f"{name:48s} {wall * 1e3:14.1f} {tokens / wall:9.0f} {cpu:10.2f} {tokens / cpu:10.0f}")
-    print(f"CBD overhead vs plain DPO: wall {100 * (rows[1][1] / rows[0][1] - 1):+.1f}%, CPU {100 * (rows[1][2] / rows[0][2] - 1):+.1f}%"
-          f"   |   TRL (no checkpointing, like ours) / ours step time: wall {rows[2][1] / rows[0][1]:.2f}x, "
-          f"CPU {rows[2][2] / rows[0][2]:.2f}x   ({load})")  # fmt: skip
-    if trl_note:
-        print(trl_note)
+            load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        except OSError:
+            load = ""
+        print(f"CBD overhead vs DPO (shared): wall {100 * (rows[1][1] / rows[0][1] - 1):+.1f}%, "
+              f"CPU {100 * (rows[1][2] / rows[0][2] - 1):+.1f}%  |  {base[0]} / ours shared: wall "
+              f"{base[1] / rows[0][1]:.2f}x, CPU {base[2] / rows[0][2]:.2f}x, tokens {base[3] / rows[0][3]:.2f}x  ({load})")  # fmt: skip
+        if note:
+            print(note)
+
 
 if __name__ == "__main__":
     main()

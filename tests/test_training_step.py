@@ -18,7 +18,7 @@ from tracealign_jax.pairs import load_pairs
 from tracealign_jax.training.data import BatchStream
 from tracealign_jax.training.loop import to_device_batch, train
 from tracealign_jax.training.state import graphdef_and_abstract_params, init_train_state, state_shardings
-from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step
+from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step, pair_layout
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def _runner(cfg, mesh_cfg: MeshConfig, devices, veto=None):
 
 
 def _host_batches(cfg, n):
-    stream = BatchStream(load_pairs(cfg.data), cfg.data, cfg.train.batch_size)
+    stream = BatchStream(load_pairs(cfg.data), cfg.data, cfg.train.batch_size, layout=pair_layout(cfg))
     return [next(stream) for _ in range(n)]
 
 

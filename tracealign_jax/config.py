@@ -41,6 +41,9 @@ class ModelConfig:
     scan_layers: run the decoder layers as one ``lax.scan`` (compile time independent of depth; the
       default) or unrolled (compile time grows with depth; no stacked residual buffers, a little
       faster for shallow models). Parameters and checkpoints are the same either way.
+    attention: training/scoring attention kernel: einsum (reference, materialised scores) | xla
+      (jax.nn.dot_product_attention) | cudnn (GPU flash) | splash (TPU Pallas) | auto (cudnn on GPU,
+      splash on TPU, einsum elsewhere); see ``model.attention``. Decoding always uses einsum.
     """
 
     hf_dir: str = ""
@@ -49,6 +52,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
     scan_layers: bool = True
+    attention: Literal["auto", "einsum", "xla", "cudnn", "splash"] = "einsum"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +90,8 @@ class DataConfig:
     truncation: keep_end keeps the end of an over-long prompt; keep_start keeps a response's start.
     buckets: allowed padded total lengths (prompt + response); a batch pads to the smallest that fits.
     bci_path / ref_logps_path: tensorstore stores streamed next to the tokens ("" = none).
+    pair_layout: shared_prompt (one row per pair, prompt computed once, both responses attend to it)
+      | separate (two rows per pair, the reference); see ``training.data``. DPO only.
     """
 
     train_path: str = ""
@@ -104,6 +110,7 @@ class DataConfig:
     cache_dir: str = ""
     bci_path: str = ""
     ref_logps_path: str = ""
+    pair_layout: Literal["shared_prompt", "separate"] = "shared_prompt"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     """The trainer's jitted step for ``cfg`` with ``loss.reference = reference``, at the largest bucket."""
     from tracealign_jax.model import model_arch, param_shardings
     from tracealign_jax.training.state import graphdef_and_abstract_params
-    from tracealign_jax.training.step import batch_rows, train_step_fn_and_shardings
+    from tracealign_jax.training.step import batch_length, batch_rows, train_step_fn_and_shardings
 
     # CBD term (b) needs the reference's log-probs of the veto entries, so it runs with in_step only;
     # the BCI scale is a constant folded into the program (any positive value compiles the same step).
@@ -58,8 +58,8 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     fn, abs_state, abs_batch = train_step_fn_and_shardings(cfg, mesh, rules, bucket)
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     arch = model_arch(cfg.model)
-    tokens = batch_rows(cfg) * bucket
-    flops = train_step_flops(arch, tokens, bucket, ref_forward=cfg.train.objective == "dpo" and reference == "in_step")
+    tokens = batch_rows(cfg) * batch_length(cfg, bucket)
+    flops = train_step_flops(arch, tokens, batch_length(cfg, bucket), ref_forward=cfg.train.objective == "dpo" and reference == "in_step")
     notes = f"bucket {bucket}, {batch_rows(cfg)} rows, micro_batches {cfg.train.micro_batches}, remat {cfg.model.remat}"
     if uses_veto:
         notes += f", veto table {veto.ctx_hi.shape[0]:,} contexts / {veto.next_tokens.shape[0]:,} entries"

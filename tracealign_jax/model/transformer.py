@@ -22,14 +22,14 @@ Parameter layout (paths used by ``hf_io.keymap``):
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tracealign_jax import sharding
-from tracealign_jax.model.attention import attention_mask, grouped_attention
+from tracealign_jax.model.attention import attention_mask, grouped_attention, self_attention_fn
 from tracealign_jax.model.config import ModelArch
 from tracealign_jax.model.kv_cache import KVCache
 from tracealign_jax.model.lora import lora_delta
@@ -109,12 +109,12 @@ def _decoder_layer(
     h_BxLxD: jax.Array,
     p: dict[str, jax.Array],
     cos_sin: tuple[jax.Array, jax.Array],
-    mask_BxLxS: jax.Array,
+    attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
     kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
     lora: tuple[dict[str, jax.Array], Any, jax.Array | None] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """One pre-norm decoder layer. ``kv`` = (k_all, v_all, layer, index) writes this step's keys and
-    values into the full cache ``[B, Ly, S, G, E]`` at ``[:, layer, index:index+L]`` and attends over
+    """One pre-norm decoder layer; ``attend(q, k, v)`` is the masked attention. ``kv`` = (k_all, v_all,
+    layer, index) writes this step's keys and values into the full cache ``[B, Ly, S, G, E]`` at ``[:, layer, index:index+L]`` and attends over
     that layer's slots; without it attention is over the L fresh tokens only. ``lora`` = (this
     layer's adapter arrays, LoRAConfig, dropout key or None) adds ``model.lora``'s low-rank terms."""
     w = {k: v.astype(dtype) for k, v in p.items()}
@@ -145,7 +145,7 @@ def _decoder_layer(
         new_kv = (k_all, v_all)
         k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=1, keepdims=False).astype(dtype)
         v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=1, keepdims=False).astype(dtype)
-    attn = grouped_attention(q, k, v, mask_BxLxS)
+    attn = attend(q, k, v)
     out = proj(attn, "wo", 2)
     if arch.attention_out_bias:
         out = out + w["bo"]
@@ -220,6 +220,8 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         *,
         dropout_key: jax.Array | None = None,
+        branch_BxL: jax.Array | None = None,
+        attention: str = "einsum",
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, L, D] (compute dtype) and the updated cache.
 
@@ -228,6 +230,11 @@ class Transformer(nnx.Module):
         to slots ``[cache.index, cache.index + L)`` and attend to every valid earlier slot.
         With adapters attached (``model.lora.add_lora``) they join every targeted projection;
         ``dropout_key`` turns on their dropout (training).
+        branch_BxL int32 (no cache): the shared-prompt pair layout ``[prompt | chosen | rejected]``
+        (0 / 1 / 2), where rejected tokens see the prompt and not the chosen response, and their
+        positions continue from the prompt's end (``model.attention.self_attention_fn``).
+        attention: the cache-free implementation (``model.attention``: auto | einsum | xla | cudnn |
+        splash; see ``model.attention``); with a cache it is always the einsum reference.
         """
         arch = self.arch
         b, l = tokens_BxL.shape
@@ -241,14 +248,17 @@ class Transformer(nnx.Module):
         h = sharding.constrain(h, ACT)
         cos_sin = rope_angles(positions_BxL, arch)
 
+        window = arch.sliding_window
         if cache is None:
-            slots_L = jnp.arange(l)
-            mask = attention_mask(slots_L, slots_L, valid_BxL, arch.sliding_window)
+            attend = self_attention_fn(valid_BxL, window, attention, branch_BxL, positions_BxL)
             carry = (h, None, None)
         else:
+            if branch_BxL is not None:
+                raise ValueError("branch_BxL (shared-prompt pairs) is for cache-free forwards only")
             index = cache.index
             valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxL, (0, index))
-            mask = attention_mask(index + jnp.arange(l), jnp.arange(cache.max_len), valid_BxS, arch.sliding_window)
+            mask = attention_mask(index + jnp.arange(l), jnp.arange(cache.max_len), valid_BxS, window)
+            attend = lambda q, k, v: grouped_attention(q, k, v, mask)  # noqa: E731
             carry = (h, cache.k, cache.v)
 
         adapters = getattr(self, "lora", None)
@@ -260,7 +270,7 @@ class Transformer(nnx.Module):
             params, layer, lora_p, key = xs
             kv = None if cache is None else (k_all, v_all, layer, cache.index)
             lora = None if lora_p is None else (lora_p, adapters.cfg, key)
-            h, new_kv = _decoder_layer(arch, self.dtype, h, params, cos_sin, mask, kv, lora)
+            h, new_kv = _decoder_layer(arch, self.dtype, h, params, cos_sin, attend, kv, lora)
             return (h, *(new_kv if new_kv is not None else (None, None))), None
 
         if self.remat != "none":

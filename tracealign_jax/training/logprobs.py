@@ -10,6 +10,11 @@ Memory: the loop over sequence chunks is a ``lax.scan`` whose body is rematerial
 is sharded, so each device holds ``[B, chunk, V / tensor]``: vocabulary chunking comes from the mesh.
 CBD term (b) needs the policy's log-prob of a few sparse veto tokens per position; they are gathered
 from the same logits block, which costs M extra gathers per position and no extra matmul.
+
+Shared-prompt pair rows ``[prompt | chosen | rejected]`` (``training.data``): every token is scored by
+the slot before it except the first rejected one, scored by the prompt's last hidden state. Callers
+pass ``rescore`` = (that hidden slot, that token slot) per row (``rejected_start``); the one extra
+[B, D] x [D, V] product replaces the shifted value there.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def chunked_token_logprobs(
     chunk: int = 0,
     entry_ids_BxLxM: jax.Array | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
+    rescore: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Log-probs of each token and (optionally) of veto-entry tokens, from final hidden states.
 
@@ -40,7 +46,8 @@ def chunked_token_logprobs(
     tokens_BxL int32. chunk: sequence positions per logits block (0 = all L at once; L is padded up
     to a multiple). entry_ids_BxLxM int32: token ids whose log-prob is wanted at each position, in
     the token frame (entry e at position t is a candidate for token t). The matmul runs in
-    ``compute_dtype`` with float32 accumulation; log-softmax is float32.
+    ``compute_dtype`` with float32 accumulation; log-softmax is float32. rescore: (hidden slot int32[B],
+    token slot int32[B]): that token of each row is scored by that hidden state instead of the one before.
     Returns ``(token_logps_BxL float32, entry_logps_BxLxM float32 | None)``.
     """
     b, l, d = h_BxLxD.shape
@@ -82,16 +89,36 @@ def chunked_token_logprobs(
 
     token_logps = _shift_to_token_frame(from_chunks(tgt))
     entry_logps = None if ent is None else _shift_to_token_frame(from_chunks(ent))
+    if rescore is not None:
+        src_B, dst_B = rescore
+        at = lambda x, i: jnp.take_along_axis(x, i.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+        one_tgt, one_ent = block(at(h_BxLxD, src_B), at(tokens_BxL, dst_B),
+                                 None if entry_ids_BxLxM is None else at(entry_ids_BxLxM, dst_B))  # fmt: skip
+        here = (jnp.arange(l)[None] == dst_B[:, None])
+        token_logps = jnp.where(here, one_tgt, token_logps)
+        if entry_logps is not None:
+            entry_logps = jnp.where(here[..., None], one_ent, entry_logps)
     return token_logps, entry_logps
 
 
-def veto_contexts(tokens_BxL: jax.Array, context_len: int) -> tuple[jax.Array, jax.Array]:
+def veto_contexts(tokens_BxL: jax.Array, context_len: int, prev_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """For every position t, the ``context_len`` tokens before it, right-aligned: ``[B, L, C]`` int32.
 
     ``context_BxLxC[b, t, C-1]`` is token t-1 (the most recent), ``[..., C-k]`` token t-k; slots before
     the row start hold 0 and ``length_BxL = min(t, C)`` says how many are real. This is the prefix
-    whose veto entries are the candidates for token t.
+    whose veto entries are the candidates for token t. With ``prev_BxL`` (``predecessor_slots``) the
+    prefix follows the predecessor chain instead of the slots (shared-prompt rows: a rejected token's
+    prefix is its rejected prefix and then the prompt, never the chosen response).
     """
+    if prev_BxL is not None:
+        cols, lengths, cur = [], jnp.zeros_like(prev_BxL), prev_BxL
+        for _ in range(context_len):  # C small gathers walking back along the chain
+            real = cur >= 0
+            at = jnp.maximum(cur, 0)
+            cols.append(jnp.where(real, jnp.take_along_axis(tokens_BxL, at, axis=1), 0))
+            lengths = lengths + real.astype(jnp.int32)
+            cur = jnp.where(real, jnp.take_along_axis(prev_BxL, at, axis=1), -1)
+        return jnp.stack(cols[::-1], axis=-1).astype(jnp.int32), lengths
     b, l = tokens_BxL.shape
     offsets_C = jnp.arange(context_len, dtype=jnp.int32) - context_len  # -C .. -1
     pos_LxC = jnp.arange(l, dtype=jnp.int32)[:, None] + offsets_C[None, :]
@@ -100,3 +127,23 @@ def veto_contexts(tokens_BxL: jax.Array, context_len: int) -> tuple[jax.Array, j
     ctx = jnp.where(ok_LxC[None], ctx, 0).astype(jnp.int32)
     length_L = jnp.minimum(jnp.arange(l, dtype=jnp.int32), context_len)
     return ctx, jnp.broadcast_to(length_L[None], (b, l))
+
+
+def predecessor_slots(branch_BxL: jax.Array) -> jax.Array:
+    """int32[B, L]: slot of the hidden state that scores each token of shared-prompt pair rows.
+
+    branch_BxL int32: 0 prompt, 1 chosen, 2 rejected, -1 padding (``training.data``). Every token is
+    scored by the slot before it, except the first rejected token, scored by the prompt's last token
+    (slot = prompt length - 1); slot 0 has none (-1).
+    """
+    slots_L = jnp.arange(branch_BxL.shape[1], dtype=jnp.int32)
+    src_B, dst_B = rejected_start(branch_BxL)
+    return jnp.where(slots_L[None] == dst_B[:, None], src_B[:, None], slots_L[None] - 1)
+
+
+def rejected_start(branch_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(prompt's last slot, first rejected slot), each int32[B], of shared-prompt pair rows
+    (``branch_BxL``: 0 prompt, 1 chosen, 2 rejected, -1 padding)."""
+    prompt_B = jnp.sum(branch_BxL == 0, axis=-1, dtype=jnp.int32)
+    chosen_B = jnp.sum(branch_BxL == 1, axis=-1, dtype=jnp.int32)
+    return prompt_B - 1, prompt_B + chosen_B

@@ -35,7 +35,7 @@ from tracealign_jax.training.state import (
     init_train_state,
     state_shardings,
 )
-from tracealign_jax.training.step import batch_fields, batch_rows, batch_shardings, make_train_step
+from tracealign_jax.training.step import batch_fields, batch_rows, batch_shardings, make_train_step, pair_layout
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,7 +125,7 @@ def _check_batch_divides(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> None
     ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     rows = batch_rows(cfg)
     if rows % ways:
-        per = "2 rows per pair" if cfg.train.objective == "dpo" else "1 row per example"
+        per = "2 rows per pair" if rows == 2 * cfg.train.batch_size else "1 row per pair or example"
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} ({rows} rows, {per}) is not divisible over the "
                           f"batch axes {' x '.join(f'mesh.{a}={mesh.shape[a]}' for a in axes)}: choose a batch whose "
                           f"rows are a multiple of {ways}")
@@ -194,7 +194,8 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
             if resumed_from is not None:
                 raise ValueError("reference log-probs store missing on resume; the reference params are not in the checkpoint")
             ref_reader = reference.precompute_reference(cfg, graphdef, state.params, pairs, mesh, rules, cfg.train.batch_size)
-    stream = BatchStream(pairs, cfg.data, cfg.train.batch_size, sft=sft, bci=bci, ref_logps=ref_reader)
+    stream = BatchStream(pairs, cfg.data, cfg.train.batch_size, sft=sft, bci=bci, ref_logps=ref_reader,
+                         layout=pair_layout(cfg))
     if position is not None:
         stream.restore(position)
     step_fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))

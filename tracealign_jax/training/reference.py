@@ -25,7 +25,7 @@ from tracealign_jax.config import Config, to_dict
 from tracealign_jax.model import param_shardings
 from tracealign_jax.pairs import TokenizedPairs, check_same_dataset
 from tracealign_jax.response_store import ResponseArrayReader, write_response_arrays
-from tracealign_jax.training.data import assign_buckets, build_batch
+from tracealign_jax.training.data import assign_buckets, build_batch, split_responses
 
 
 def reference_key(cfg: Config, pairs: TokenizedPairs) -> str:
@@ -62,32 +62,34 @@ def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, p
     batch rows over the batch axes, the [rows, L] log-probs replicated so every process can read them.
     """
     from tracealign_jax.training.loop import to_device_batch
-    from tracealign_jax.training.step import BATCH_AXES, _forward_logps
+    from tracealign_jax.training.step import BATCH_AXES, _forward_logps, pair_layout
 
+    layout = pair_layout(cfg)
     rows = sharding.named_sharding(mesh, rules, BATCH_AXES)
-    batch_sh = {k: rows for k in ("tokens", "positions", "valid")}
+    batch_sh = {k: rows for k in ("tokens", "positions", "valid") + (("branch",) if layout == "shared_prompt" else ())}
 
     def forward(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
         with sharding.use_mesh(mesh, rules):
-            return _forward_logps(graphdef, params, batch, cfg.train.logprob_chunk, None)[0]
+            return _forward_logps(graphdef, params, batch, cfg.train.logprob_chunk, None, cfg.model.attention)[0]
 
     fwd = jax.jit(forward, in_shardings=(param_shardings(ref_params, mesh, rules), batch_sh),
                   out_shardings=NamedSharding(mesh, PartitionSpec()))  # fmt: skip
-    bucket_N = assign_buckets(pairs, cfg.data.buckets)
+    bucket_N = assign_buckets(pairs, cfg.data.buckets, layout=layout, max_response_len=cfg.data.max_response_len)
     out: list[list[np.ndarray]] = [[np.zeros(0, np.float32)] * 2 for _ in range(len(pairs))]
     order = np.argsort(bucket_N, kind="stable")
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         length = int(bucket_N[idx].max())
         padded = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
-        batch = build_batch(pairs, padded, length)
+        batch = build_batch(pairs, padded, length, layout=layout)
         dev = to_device_batch({k: batch[k] for k in batch_sh}, batch_sh)
-        logps = np.asarray(jax.device_get(fwd(ref_params, dev)))
+        logps = np.asarray(jax.device_get(fwd(ref_params, dev))).astype(np.float32)
+        if layout == "shared_prompt":
+            per_pair = split_responses(logps, batch["branch"], batch["loss_mask"])
+        else:
+            per_pair = [tuple(logps[2 * i + j][batch["loss_mask"][2 * i + j] > 0] for j in range(2)) for i in range(len(padded))]
         for i, ex in enumerate(idx):
-            for j in range(2):
-                row = 2 * i + j
-                sel = batch["loss_mask"][row] > 0
-                out[int(ex)][j] = logps[row][sel].astype(np.float32)
+            out[int(ex)] = list(per_pair[i])
     path = store_path(cfg, pairs)
     if jax.process_index() == 0:
         meta = {"kind": "reference_logps", "key": reference_key(cfg, pairs), "dataset": pairs.fingerprint,

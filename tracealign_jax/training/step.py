@@ -30,7 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tracealign_jax import sharding
 from tracealign_jax.config import Config
 from tracealign_jax.training import losses
-from tracealign_jax.training.logprobs import chunked_token_logprobs, veto_contexts
+from tracealign_jax.training.data import row_length
+from tracealign_jax.training.logprobs import chunked_token_logprobs, predecessor_slots, rejected_start, veto_contexts
 from tracealign_jax.training.state import (
     TrainState,
     abstract_train_state,
@@ -44,14 +45,27 @@ Batch = dict[str, jax.Array]
 BATCH_AXES = ("batch", "length")
 
 
+def pair_layout(cfg: Config) -> str:
+    """``data.pair_layout`` for DPO; SFT rows hold one response, so always ``separate``."""
+    return cfg.data.pair_layout if cfg.train.objective == "dpo" else "separate"
+
+
 def batch_rows(cfg: Config) -> int:
-    """Rows per global batch: 2 per pair (chosen, rejected) for DPO, 1 per example for SFT."""
-    return cfg.train.batch_size * (1 if cfg.train.objective == "sft" else 2)
+    """Rows per global batch: 1 per pair (shared_prompt) or 2 (separate: chosen, rejected) for DPO,
+    1 per example for SFT."""
+    return cfg.train.batch_size * (2 if pair_layout(cfg) == "separate" and cfg.train.objective == "dpo" else 1)
+
+
+def batch_length(cfg: Config, bucket_len: int) -> int:
+    """Row length of a batch of bucket ``bucket_len`` in this config's layout (``data.row_length``)."""
+    return row_length(bucket_len, pair_layout(cfg), cfg.data.max_response_len)
 
 
 def batch_fields(cfg: Config) -> dict[str, jnp.dtype]:
     """The device-side batch fields for this config (see ``training.data`` for their meaning)."""
     fields = {"tokens": jnp.int32, "positions": jnp.int32, "valid": jnp.bool_, "loss_mask": jnp.float32}
+    if pair_layout(cfg) == "shared_prompt":
+        fields["branch"] = jnp.int32
     if cfg.train.objective == "dpo":
         fields["bci"] = jnp.float32
         if cfg.loss.reference == "precomputed":
@@ -65,25 +79,41 @@ def batch_shardings(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> dict[str,
 
 
 def abstract_batch(cfg: Config, mesh: Mesh, rules: sharding.Rules, bucket_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs (with shardings) of one global batch padded to ``bucket_len`` tokens."""
-    shape = (batch_rows(cfg), bucket_len)
+    """ShapeDtypeStructs (with shardings) of one global batch of bucket ``bucket_len`` (``batch_length``)."""
+    shape = (batch_rows(cfg), batch_length(cfg, bucket_len))
     sh = batch_shardings(cfg, mesh, rules)
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh[k]) for k, dt in batch_fields(cfg).items()}
 
 
-def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int, entry_ids: jax.Array | None):
+def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int, entry_ids: jax.Array | None,
+                   attention: str = "einsum"):  # fmt: skip
+    """Per-token log-probs (and veto-entry log-probs) of the batch rows, in the batch's own layout."""
     model = nnx.merge(graphdef, params)
-    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"])
-    return chunked_token_logprobs(h, model.unembedding_matrix(), batch["tokens"], chunk=chunk,
-                                  entry_ids_BxLxM=entry_ids, compute_dtype=model.dtype)  # fmt: skip
+    branch = batch.get("branch")
+    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], branch_BxL=branch, attention=attention)
+    return chunked_token_logprobs(h, model.unembedding_matrix(), batch["tokens"], chunk=chunk, entry_ids_BxLxM=entry_ids,
+                                  compute_dtype=model.dtype, rescore=None if branch is None else rejected_start(branch))  # fmt: skip
 
 
-def _veto_lookup(cfg: Config, veto: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _pair_rows(batch: Batch, *xs: Any) -> tuple[Any, ...]:
+    """Shared-prompt rows [B, L, ...] -> the losses' interleaved pair rows [2B, L, ...] (row 2i chosen,
+    2i+1 rejected): arrays repeated, the loss mask keeping each row's own response; as-is when separate.
+    Returns (loss_mask, *xs); None stays None."""
+    if "branch" not in batch:
+        return (batch["loss_mask"], *xs)
+    branch, mask = batch["branch"], batch["loss_mask"].astype(jnp.float32)
+    mask_2BxL = jnp.stack([mask * (branch == 1), mask * (branch == 2)], axis=1).reshape((-1,) + mask.shape[1:])
+    return (mask_2BxL, *(None if x is None else jnp.repeat(x, 2, axis=0) for x in xs))
+
+
+def _veto_lookup(cfg: Config, veto: Any, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Veto entries (ids, penalties, valid), each [B, L, M], for every position's prefix."""
+    tokens = batch["tokens"]
     from tracealign_jax.veto.table import unique_slots, veto_candidates
 
     r, l = tokens.shape
-    ctx, n = veto_contexts(tokens, veto.context_len)
+    branch = batch.get("branch")
+    ctx, n = veto_contexts(tokens, veto.context_len, None if branch is None else predecessor_slots(branch))
     ids, pen, ok = veto_candidates(veto, ctx.reshape(r * l, -1), n.reshape(-1), cfg.loss.cbd_min_prefix)
     ok = unique_slots(ids, pen, ok)  # each vetoed token once, with its max penalty (as veto_entries)
     return ids.reshape(r, l, -1), pen.reshape(r, l, -1), ok.reshape(r, l, -1)
@@ -94,27 +124,29 @@ def loss_fn(params: Any, state: TrainState, batch: Batch, veto: Any, counts: dic
     """The objective on one (micro-)batch, normalised by the global ``counts``."""
     chunk = cfg.train.logprob_chunk
     if cfg.train.objective == "sft":
-        logps, _ = _forward_logps(graphdef, params, batch, chunk, None)
+        logps, _ = _forward_logps(graphdef, params, batch, chunk, None, cfg.model.attention)
         return losses.sft_objective(logps, batch["loss_mask"], counts["tokens"])
     entry_ids = None
     if cfg.loss.cbd_cont_weight:
         if veto is None:
             raise ValueError("loss.cbd_cont_weight > 0 needs a veto table (loss.cbd_veto_table)")
-        entry_ids, pen, ok = _veto_lookup(cfg, veto, batch["tokens"])
-    logps, entry_logps = _forward_logps(graphdef, params, batch, chunk, entry_ids)
+        entry_ids, pen, ok = _veto_lookup(cfg, veto, batch)
+    attention = cfg.model.attention
+    logps, entry_logps = _forward_logps(graphdef, params, batch, chunk, entry_ids, attention)
     if cfg.loss.reference == "precomputed":
         ref = batch["ref_logps"]
     else:
-        ref, ref_entry_logps = _forward_logps(graphdef, state.ref_params, batch, chunk, entry_ids)
+        ref, ref_entry_logps = _forward_logps(graphdef, state.ref_params, batch, chunk, entry_ids, attention)
     entries = None
     if entry_ids is not None:
-        entries = (entry_logps, jax.lax.stop_gradient(ref_entry_logps), pen, ok)
-    return losses.dpo_objective(cfg.loss, logps, jax.lax.stop_gradient(ref), batch["loss_mask"], batch["bci"], entries,
+        entries = _pair_rows(batch, entry_logps, jax.lax.stop_gradient(ref_entry_logps), pen, ok)[1:]
+    mask, logps, ref, bci = _pair_rows(batch, logps, jax.lax.stop_gradient(ref), batch["bci"])
+    return losses.dpo_objective(cfg.loss, logps, ref, mask, bci, entries,
                                 counts["pairs"], counts["tokens"], counts["chosen_tokens"])  # fmt: skip
 
 
 def _counts(cfg: Config, batch: Batch) -> dict[str, jax.Array]:
-    mask = batch["loss_mask"].astype(jnp.float32)
+    mask = _pair_rows(batch)[0].astype(jnp.float32)
     tokens = jnp.maximum(jnp.sum(mask), 1.0)
     if cfg.train.objective == "sft":
         return {"tokens": tokens}
