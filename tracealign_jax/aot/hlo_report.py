@@ -136,11 +136,23 @@ class HloCosts:
 
     matmul_flops: 2 x multiply-adds of every dot/convolution (elementwise work not included).
     unknown_trip_loops: while loops whose trip count could not be read (counted once).
+    hbm_bytes: bytes read and written by the top-level instructions (fusions, dots, copies,
+      collectives: operands + results; what a fusion keeps on chip is not counted), XLA's
+      "bytes accessed" with loop bodies weighted by their trip count.
+    sources: (kind, emitting op) -> CollectiveStats, the op being the JAX op_name metadata of the
+      collective (its source location's function path, e.g. ``jit(step)/.../dot_general``).
     """
 
     matmul_flops: float
     collectives: dict[str, CollectiveStats]
     unknown_trip_loops: int
+    hbm_bytes: float = 0.0
+    sources: dict[tuple[str, str], CollectiveStats] = dataclasses.field(default_factory=dict)
+
+    def top_sources(self, n: int = 8) -> list[tuple[str, str, CollectiveStats]]:
+        """The ``n`` (kind, op, stats) moving the most bytes."""
+        ranked = sorted(self.sources.items(), key=lambda kv: -kv[1].bytes)[:n]
+        return [(kind, op, stats) for (kind, op), stats in ranked]
 
     @property
     def collective_bytes(self) -> float:
@@ -328,27 +340,69 @@ def _collective_result_bytes(instr: Instr, kind: str) -> float:
     return shape_bytes(elements[1])
 
 
+# Instructions that move no HBM bytes of their own (aliases, bookkeeping, control flow whose bodies count).
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "async-done", "async-update",
+               "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done", "send-done",
+               "recv-done", "custom-call-done"}  # fmt: skip
+
+
+def _fused_computations(comps: dict[str, list[Instr]]) -> set[str]:
+    """Computations called by fusions (and reducers): their instructions run on chip, not HBM."""
+    inner: set[str] = set()
+    for instrs in comps.values():
+        for instr in instrs:
+            if instr.op == "fusion" or "to_apply=" in instr.rest:
+                inner.update(c for role, c in _CALLEE_RE.findall(instr.rest) if role in ("calls", "to_apply"))
+    return inner
+
+
+def _operand_bytes(instr: Instr, shapes: dict[str, str]) -> float:
+    """Bytes of an instruction's operands (by name, looked up in its computation)."""
+    args = instr.rest.split("), ")[0]
+    return sum(shape_bytes(shapes[n]) for n in re.findall(r"%([\w.\-]+)", args) if n in shapes)
+
+
+def short_op_name(op_name: str) -> str:
+    """``jit(train_step)/jit(main)/transpose(jvp(Transformer))/.../dot_general`` -> the last four
+    path components without the outer jit wrappers: enough to name the model code that emitted it."""
+    parts = [p for p in op_name.split("/") if not p.startswith("jit(")]
+    return "/".join(parts[-4:]) if parts else op_name
+
+
 def hlo_costs(hlo_text: str) -> HloCosts:
-    """Per-device matmul FLOPs and collectives of one execution of the compiled module."""
+    """Per-device matmul FLOPs, HBM bytes and collectives (with their emitting ops) of one execution."""
     comps, entry = parse_computations(hlo_text)
     counts, unknown = execution_counts(comps, entry)
-    flops = 0.0
+    fused = _fused_computations(comps)
+    op_names = _op_names(hlo_text)
+    flops = hbm = 0.0
     stats: dict[str, list[float]] = {kind: [0, 0.0] for kind in COLLECTIVES}
+    sources: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
     for name, instrs in comps.items():
         runs = counts.get(name, 0.0)
         if not runs:
             continue
         shapes = {i.name: i.type_str for i in instrs}
         for instr in instrs:
+            if name not in fused and instr.op not in _NO_TRAFFIC:
+                hbm += runs * (shape_bytes(instr.type_str) + _operand_bytes(instr, shapes))
             if instr.op in ("dot", "convolution"):
                 flops += runs * _matmul_flops(instr, shapes)
                 continue
             kind = _collective_kind(instr.op)
             if kind:
+                moved = runs * _collective_result_bytes(instr, kind)
                 stats[kind][0] += runs
-                stats[kind][1] += runs * _collective_result_bytes(instr, kind)
-    collectives = {k: CollectiveStats(int(v[0]), v[1]) for k, v in stats.items()}
-    return HloCosts(matmul_flops=flops, collectives=collectives, unknown_trip_loops=unknown)
+                stats[kind][1] += moved
+                source = sources[(kind, short_op_name(op_names.get(instr.name, "(no op_name)")))]
+                source[0] += runs
+                source[1] += moved
+    return HloCosts(
+        matmul_flops=flops, collectives={k: CollectiveStats(int(v[0]), v[1]) for k, v in stats.items()},
+        unknown_trip_loops=unknown, hbm_bytes=hbm,
+        sources={k: CollectiveStats(int(v[0]), v[1]) for k, v in sources.items()},
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

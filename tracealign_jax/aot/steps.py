@@ -70,12 +70,14 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     )  # fmt: skip
 
 
-def decode_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, veto: Any) -> StepSpec:
-    """The decoder's jitted Prov-Decode function for ``cfg.decode`` at the largest prompt bucket."""
-    from tracealign_jax.decoding.runner import abstract_decoder
+def decode_spec(cfg: Config, mesh: Mesh, veto: Any) -> StepSpec:
+    """The decoder's jitted Prov-Decode function for ``cfg.decode`` at the largest prompt bucket, in the
+    decode layout (``decode.rules`` / ``decode.param_dtype``; the training layout when unset)."""
+    from tracealign_jax.decoding.runner import abstract_decoder, decode_layout
     from tracealign_jax.model import model_arch, param_shardings
 
     dc = cfg.decode
+    rules, _ = decode_layout(cfg)
     decoder = abstract_decoder(cfg, mesh, rules, veto_table=veto if dc.veto != "off" else None)
     bucket = max(dc.prompt_buckets)
     args = decoder.abstract_inputs(bucket)
@@ -86,7 +88,8 @@ def decode_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, veto: Any) -> St
     new_tokens = dc.batch_size * beams * dc.max_new_tokens
     flops = (prefill_tokens * flops_per_token(arch, bucket, train=False)
              + new_tokens * flops_per_token(arch, slots, train=False))  # fmt: skip
-    notes = f"{dc.method}, {dc.batch_size} prompts x {beams} beams, prompt {bucket} + {dc.max_new_tokens} new, veto {dc.veto}"
+    notes = (f"{dc.method}, {dc.batch_size} prompts x {beams} beams, prompt {bucket} + {dc.max_new_tokens} new, "
+             f"veto {dc.veto}, layout {dc.rules or 'train'} {dc.param_dtype or cfg.model.param_dtype}")
     return StepSpec(
         name="decode", jitted=decoder.jitted(), args=args, tokens=prefill_tokens + new_tokens, model_flops=flops,
         declared=param_shardings(decoder.params, mesh, rules), select=lambda params: params, notes=notes,
@@ -110,5 +113,5 @@ def build_specs(
         refs = references if cfg.train.objective == "dpo" else ("precomputed",)
         specs += [train_spec(cfg, mesh, rules, ref, veto) for ref in refs]
     if "decode" in steps:
-        specs.append(decode_spec(cfg, mesh, rules, veto))
+        specs.append(decode_spec(cfg, mesh, veto))
     return specs
