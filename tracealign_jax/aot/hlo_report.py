@@ -124,10 +124,14 @@ class Instr:
 
 @dataclasses.dataclass(frozen=True)
 class CollectiveStats:
-    """One collective kind per device per step: executions and bytes of their results."""
+    """One collective kind per device per step: executions, bytes of their results, and the bytes
+    each device sends over the interconnect (``wire_bytes``, ring algorithms over a group of n:
+    all-gather / all-to-all (n-1)/n x result, reduce-scatter (n-1) x result, all-reduce
+    2 (n-1)/n x result, collective-permute the result)."""
 
     count: int
     bytes: float
+    wire_bytes: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +161,10 @@ class HloCosts:
     @property
     def collective_bytes(self) -> float:
         return sum(c.bytes for c in self.collectives.values())
+
+    @property
+    def collective_wire_bytes(self) -> float:
+        return sum(c.wire_bytes for c in self.collectives.values())
 
     @property
     def collective_count(self) -> int:
@@ -329,6 +337,35 @@ def _collective_kind(op: str) -> str | None:
     return None
 
 
+_IOTA_GROUPS_RE = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_LIST_GROUPS_RE = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_MESH_GROUPS_RE = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+
+
+def _group_size(instr: Instr) -> int:
+    """Devices in one replica group of a collective: mesh form ``mesh['a'=8,'b'=1] {'a'}``, iota form
+    ``[G,N]<=[...]`` or explicit ``{{0,1,..},..}``."""
+    mesh = _MESH_GROUPS_RE.search(instr.rest)
+    if mesh:
+        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        return math.prod(sizes.get(a, 1) for a in re.findall(r"'([^']+)'", mesh.group(2)))
+    iota = _IOTA_GROUPS_RE.search(instr.rest)
+    if iota:
+        return int(iota.group(2))
+    listed = _LIST_GROUPS_RE.search(instr.rest)
+    if listed and listed.group(1):
+        return len(listed.group(1).split(","))
+    return 2  # no groups printed: every device (a conservative (n-1)/n ~ 1/2 for the ring factors)
+
+
+def wire_bytes(kind: str, result_bytes: float, group: int) -> float:
+    """Bytes one device sends for a collective of ``result_bytes`` over a group of ``group`` (rings)."""
+    n = max(group, 1)
+    factor = {"all-gather": (n - 1) / n, "all-to-all": (n - 1) / n, "reduce-scatter": float(n - 1),
+              "all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}[kind]  # fmt: skip
+    return result_bytes * factor
+
+
 def _collective_result_bytes(instr: Instr, kind: str) -> float:
     """Bytes the collective produces. Async ``-start`` ops return (operands, results[, contexts])."""
     if not instr.op.endswith("-start"):
@@ -377,8 +414,8 @@ def hlo_costs(hlo_text: str) -> HloCosts:
     fused = _fused_computations(comps)
     op_names = _op_names(hlo_text)
     flops = hbm = 0.0
-    stats: dict[str, list[float]] = {kind: [0, 0.0] for kind in COLLECTIVES}
-    sources: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    stats: dict[str, list[float]] = {kind: [0, 0.0, 0.0] for kind in COLLECTIVES}
+    sources: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
     for name, instrs in comps.items():
         runs = counts.get(name, 0.0)
         if not runs:
@@ -393,15 +430,16 @@ def hlo_costs(hlo_text: str) -> HloCosts:
             kind = _collective_kind(instr.op)
             if kind:
                 moved = runs * _collective_result_bytes(instr, kind)
-                stats[kind][0] += runs
-                stats[kind][1] += moved
+                sent = wire_bytes(kind, moved, _group_size(instr))
                 source = sources[(kind, short_op_name(op_names.get(instr.name, "(no op_name)")))]
-                source[0] += runs
-                source[1] += moved
+                for acc in (stats[kind], source):
+                    acc[0] += runs
+                    acc[1] += moved
+                    acc[2] += sent
     return HloCosts(
-        matmul_flops=flops, collectives={k: CollectiveStats(int(v[0]), v[1]) for k, v in stats.items()},
+        matmul_flops=flops, collectives={k: CollectiveStats(int(v[0]), v[1], v[2]) for k, v in stats.items()},
         unknown_trip_loops=unknown, hbm_bytes=hbm,
-        sources={k: CollectiveStats(int(v[0]), v[1]) for k, v in sources.items()},
+        sources={k: CollectiveStats(int(v[0]), v[1], v[2]) for k, v in sources.items()},
     )  # fmt: skip
 
 

@@ -66,7 +66,8 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     return StepSpec(
         name=f"train[ref={reference}]", jitted=fn, args=(abs_state, abs_batch, veto if uses_veto else None), tokens=tokens,
         model_flops=flops, declared=param_shardings(abs_params, mesh, rules),
-        select=lambda state: state.params, notes=notes,
+        select=lambda state: state.params, notes=notes, reduces_grads=True,
+        weight_passes=2 + (cfg.train.objective == "dpo" and reference == "in_step"),  # fwd, bwd (+ reference fwd)
     )  # fmt: skip
 
 
@@ -93,6 +94,7 @@ def decode_spec(cfg: Config, mesh: Mesh, veto: Any) -> StepSpec:
     return StepSpec(
         name="decode", jitted=decoder.jitted(), args=args, tokens=prefill_tokens + new_tokens, model_flops=flops,
         declared=param_shardings(decoder.params, mesh, rules), select=lambda params: params, notes=notes,
+        weight_passes=dc.max_new_tokens + 1, generated_tokens=dc.max_new_tokens,  # prefill + one pass per step
     )  # fmt: skip
 
 
