@@ -56,17 +56,20 @@ class StepSpec:
     weight_passes: int = 0  # times the step needs every weight whole (forward, backward, each decode step)
     reduces_grads: bool = False  # the step reduce-scatters one gradient per FSDP-sharded weight
     generated_tokens: int = 0  # decode: loop steps (one new token per row each); 0 = not a decode step
+    compute_itemsize: int = 0  # bytes per weight element as gathered (the compute dtype); 0 = as stored
 
 
-def fsdp_expectation(abstract_params: Any, declared: Any, weight_passes: int, reduces_grads: bool) -> dict[str, float]:
+def fsdp_expectation(abstract_params: Any, declared: Any, weight_passes: int, reduces_grads: bool,
+                     itemsize: int = 0) -> dict[str, float]:  # fmt: skip
     """Interconnect bytes per device FSDP should cost: ``all-gather`` = passes x (n-1)/n x bytes of the
-    weights sharded over ``fsdp`` (n its size), ``reduce-scatter`` = (n-1)/n x their gradient bytes."""
+    weights sharded over ``fsdp`` (n its size) in ``itemsize`` bytes per element (0 = as stored),
+    ``reduce-scatter`` = (n-1)/n x the bytes of their gradients (the same dtype)."""
     gathered = 0.0
     for leaf, named in zip(jax.tree.leaves(abstract_params), jax.tree.leaves(declared)):
         axes = {a for dim in named.spec if dim is not None for a in ((dim,) if isinstance(dim, str) else dim)}
         if "fsdp" in axes:
             n = named.mesh.shape["fsdp"]
-            gathered += (n - 1) / n * leaf.size * leaf.dtype.itemsize
+            gathered += (n - 1) / n * leaf.size * (itemsize or leaf.dtype.itemsize)
     return {"all-gather": weight_passes * gathered, "reduce-scatter": gathered if reduces_grads else 0.0}
 
 
@@ -246,7 +249,8 @@ def check_step(
         ici_bandwidth_per_device=chip.ici_bandwidth / devices_per_chip if chip.ici_bandwidth else None,
         chip_source=chip.source,
         expected_collectives=(
-            fsdp_expectation(spec.select(spec.args[0]), spec.declared, spec.weight_passes, spec.reduces_grads)
+            fsdp_expectation(spec.select(spec.args[0]), spec.declared, spec.weight_passes, spec.reduces_grads,
+                             spec.compute_itemsize)
             if spec.declared is not None else {}
         ),
         generated_tokens=spec.generated_tokens,

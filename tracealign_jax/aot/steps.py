@@ -68,6 +68,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
         model_flops=flops, declared=param_shardings(abs_params, mesh, rules),
         select=lambda state: state.params, notes=notes, reduces_grads=True,
         weight_passes=2 + (cfg.train.objective == "dpo" and reference == "in_step"),  # fwd, bwd (+ reference fwd)
+        compute_itemsize=jnp.dtype(cfg.model.dtype).itemsize,
     )  # fmt: skip
 
 
@@ -95,6 +96,7 @@ def decode_spec(cfg: Config, mesh: Mesh, veto: Any) -> StepSpec:
         name="decode", jitted=decoder.jitted(), args=args, tokens=prefill_tokens + new_tokens, model_flops=flops,
         declared=param_shardings(decoder.params, mesh, rules), select=lambda params: params, notes=notes,
         weight_passes=dc.max_new_tokens + 1, generated_tokens=dc.max_new_tokens,  # prefill + one pass per step
+        compute_itemsize=jnp.dtype(cfg.model.dtype).itemsize,
     )  # fmt: skip
 
 
