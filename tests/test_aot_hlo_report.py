@@ -95,9 +95,33 @@ def test_all_gather_bytes_are_the_gathered_array(v5p8):
     x = _sds((1024, 512), jnp.float32, v5p8, P("fsdp", None))
     replicated = NamedSharding(v5p8, P())
     compiled = jax.jit(lambda a: a * 2.0, out_shardings=replicated).lower(x).compile()
-    stats = hlo_report.hlo_costs(compiled.as_text()).collectives
+    costs = hlo_report.hlo_costs(compiled.as_text())
+    stats = costs.collectives
     assert stats["all-gather"].count == 1
     assert stats["all-gather"].bytes == 1024 * 512 * 4
+    assert stats["all-gather"].wire_bytes == 1024 * 512 * 4 * 7 / 8  # a ring over 8 sends 7 of 8 shards
+    assert sum(st.wire_bytes for st in costs.sources.values()) == costs.collective_wire_bytes
+
+
+def test_hbm_bytes_and_roofline_of_a_matmul(v5p8):
+    # Elementwise x*2 on a [128, 512] f32 shard per device: one read and one write of the shard.
+    x = _sds((1024, 512), jnp.float32, v5p8, P("fsdp", None))
+    compiled = jax.jit(lambda a: a * 2.0).lower(x).compile()
+    assert hlo_report.hlo_costs(compiled.as_text()).hbm_bytes == 2 * 128 * 512 * 4
+    # A [4096, 4096] x [4096, 4096] bf16 matmul, rows over 8 devices, weight columns over 8: the weight is
+    # all-gathered (7/8 of 32 MiB sent per device); compute 2*M*N*K/8 at 459 TFLOP/s is the bound.
+    m = 4096
+    a, w = _sds((m, m), jnp.bfloat16, v5p8, P("fsdp", None)), _sds((m, m), jnp.bfloat16, v5p8, P(None, "fsdp"))
+    chip = hardware.CHIPS["v5p"]
+    spec = StepSpec("mm", jax.jit(lambda p, q: p @ q), (a, w), tokens=m, model_flops=2 * m**3)
+    report, _ = check_step(spec, topology="v5p:2x2x2", chip=chip, num_devices=8)
+    terms = report.roofline_terms
+    assert terms["compute"] == pytest.approx(2 * m**3 / 8 / chip.peak_bf16_flops)
+    assert terms["ICI"] == pytest.approx(m * m * 2 * 7 / 8 / chip.ici_bandwidth)
+    assert terms["HBM"] == pytest.approx(report.costs.hbm_bytes / chip.hbm_bandwidth)
+    assert report.bound == "compute" and report.roofline_seconds == terms["compute"]
+    assert any("roofline per chip" in line and "compute-bound" in next_line
+               for line, next_line in zip(report.summary_lines(), report.summary_lines()[1:]))
 
 
 def test_parser_on_handwritten_hlo_with_loop_and_async_collectives():

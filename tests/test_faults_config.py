@@ -25,6 +25,7 @@ from tracealign_jax.config import ConfigError, load_config
         ("provenance.target_fpr=0", "provenance.target_fpr"),
         ("provenance.max_span=2", "provenance.max_span: 2 is below min_span"),
         ("checkpoint.keep_last=-1", "checkpoint.keep_last"),
+        ("decode.rules=decode_fast", "decode.rules: unknown preset 'decode_fast'"),
     ],
 )
 def test_values_out_of_range_are_refused_naming_the_override(override, message):

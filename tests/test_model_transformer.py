@@ -222,7 +222,9 @@ def test_sharded_forward_equals_single_device(llama, mesh):
 
     logits, step = forward(sharded_state)
     ref, _ = run(llama, tokens, positions)
-    np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0)
+    # A whole forward (STYLE: 1e-4 for complex computations): the sharded program gathers each layer's
+    # weights and sums its tensor-parallel partial products in another order than one device (1.2e-5 seen).
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
     np.testing.assert_allclose(step[:, 0], np.asarray(ref)[:, 9], atol=1e-5, rtol=0)
 
 

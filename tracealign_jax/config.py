@@ -194,6 +194,9 @@ class DecodeConfig:
     refusal: text emitted when every candidate of a row is vetoed ("" = end the row with EOS). In beam
       search a refusal ranks below every allowed hypothesis: it is the answer only when the row has none.
     prompt_buckets: padded prompt lengths, so a run compiles once per bucket.
+    rules: the decode parameter / KV-cache layout: a ``sharding.RULE_PRESETS`` name (``decode_tp``:
+      weights tensor-parallel or replicated, never re-gathered per token) or a rule list; "" = the
+      training layout (``mesh.rules``). param_dtype: the weights' dtype while decoding ("" = model.param_dtype).
     """
 
     method: Literal["beam", "greedy", "sample"] = "beam"
@@ -211,6 +214,8 @@ class DecodeConfig:
     tau: float = 0.0
     min_prefix: int = 1
     refusal: str = ""
+    rules: Any = ""
+    param_dtype: Literal["", "float32", "bfloat16"] = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -571,6 +576,10 @@ def validate(cfg: Config) -> Config:
     if tc.objective == "dpo" and loss.cbd_cont_weight and loss.reference == "precomputed":
         raise ConfigError("loss.cbd_cont_weight > 0 needs the reference's log-probs of the veto entries, which "
                           "precomputed reference log-probs do not hold: use loss.reference=in_step")  # fmt: skip
+    if cfg.decode.rules != "":
+        from tracealign_jax.sharding import resolve_rules
+
+        resolve_rules(cfg.decode.rules, "decode.rules")
     return cfg
 
 

@@ -44,24 +44,39 @@ RULE_PRESETS: dict[str, Rules] = {
     "data_parallel": (
         ("batch", ("data", "fsdp")),
     ),
+    # Decoding (``decode.rules``): no weight is sharded over `fsdp`, so no step re-gathers the model.
+    # Weights are tensor-parallel over `tensor` (replicated where tensor = 1), the KV cache sharded
+    # over KV heads, rows over data x fsdp. MaxText's inference rules do the same.
+    "decode_tp": (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", None),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("layers", None),
+    ),
 }
 
 
-def resolve_rules(rules: Any) -> Rules:
-    """Turns a preset name or a YAML list of ``[logical, mesh_axes]`` pairs into a rule table."""
+def resolve_rules(rules: Any, field: str = "mesh.rules") -> Rules:
+    """Turns a preset name or a YAML list of ``[logical, mesh_axes]`` pairs into a rule table
+    (errors name the config ``field`` it came from)."""
     if isinstance(rules, str):
         if rules not in RULE_PRESETS:
-            raise ConfigError(f"mesh.rules: unknown preset '{rules}' (known: {sorted(RULE_PRESETS)})")
+            raise ConfigError(f"{field}: unknown preset '{rules}' (known: {sorted(RULE_PRESETS)})", field)
         return RULE_PRESETS[rules]
     table = []
     for i, pair in enumerate(rules):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ConfigError(f"mesh.rules[{i}]: expected [logical_name, mesh_axes], got {pair!r}")
+            raise ConfigError(f"{field}[{i}]: expected [logical_name, mesh_axes], got {pair!r}", field)
         name, axes = pair
         axes = tuple(axes) if isinstance(axes, list) else axes
         for axis in (axes if isinstance(axes, tuple) else (axes,)):
             if axis is not None and axis not in MESH_AXES:
-                raise ConfigError(f"mesh.rules[{i}]: unknown mesh axis '{axis}' (known: {MESH_AXES})")
+                raise ConfigError(f"{field}[{i}]: unknown mesh axis '{axis}' (known: {MESH_AXES})", field)
         table.append((str(name), axes))
     return tuple(table)
 

@@ -3,8 +3,12 @@
 ``check_step(spec, devices, chip)`` lowers ``spec.jitted`` with abstract arguments
 (``jax.ShapeDtypeStruct``s carrying ``NamedSharding``s on a mesh over the slice's devices), compiles
 it with libtpu's compiler for exactly that slice, and returns a ``StepReport``: per-device memory
-against the chip's HBM, matmul FLOPs and collectives per step (``hlo_report``), and the analytic
-model FLOPs with the step time they imply at a target MFU. Nothing is allocated: no weights exist.
+against the chip's HBM, matmul FLOPs, HBM bytes and collectives per step (``hlo_report``), the
+analytic model FLOPs with the step time they imply at a target MFU, and a roofline: the step takes at
+least max(FLOPs / peak, HBM bytes / HBM bandwidth, interconnect bytes / ICI bandwidth) per chip
+(``hardware.CHIPS`` says where each figure comes from), and the largest term names the bound.
+Beside the measured collectives: what FSDP should cost (weights all-gathered once per pass,
+gradients reduce-scattered once). Nothing is allocated: no weights exist.
 
 Model FLOPs come from ``tracealign_jax.model.flops``, the formula the trainer's logged MFU uses.
 """
@@ -49,6 +53,24 @@ class StepSpec:
     declared: Any = None
     select: Callable[[Any], Any] = lambda tree: tree
     notes: str = ""
+    weight_passes: int = 0  # times the step needs every weight whole (forward, backward, each decode step)
+    reduces_grads: bool = False  # the step reduce-scatters one gradient per FSDP-sharded weight
+    generated_tokens: int = 0  # decode: loop steps (one new token per row each); 0 = not a decode step
+    compute_itemsize: int = 0  # bytes per weight element as gathered (the compute dtype); 0 = as stored
+
+
+def fsdp_expectation(abstract_params: Any, declared: Any, weight_passes: int, reduces_grads: bool,
+                     itemsize: int = 0) -> dict[str, float]:  # fmt: skip
+    """Interconnect bytes per device FSDP should cost: ``all-gather`` = passes x (n-1)/n x bytes of the
+    weights sharded over ``fsdp`` (n its size) in ``itemsize`` bytes per element (0 = as stored),
+    ``reduce-scatter`` = (n-1)/n x the bytes of their gradients (the same dtype)."""
+    gathered = 0.0
+    for leaf, named in zip(jax.tree.leaves(abstract_params), jax.tree.leaves(declared)):
+        axes = {a for dim in named.spec if dim is not None for a in ((dim,) if isinstance(dim, str) else dim)}
+        if "fsdp" in axes:
+            n = named.mesh.shape["fsdp"]
+            gathered += (n - 1) / n * leaf.size * (itemsize or leaf.dtype.itemsize)
+    return {"all-gather": weight_passes * gathered, "reduce-scatter": gathered if reduces_grads else 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +93,11 @@ class StepReport:
     peak_flops_per_device: float
     notes: str = ""
     compiler_refused: bool = False
+    hbm_bandwidth_per_device: float = 0.0
+    ici_bandwidth_per_device: float | None = None
+    chip_source: str = ""
+    expected_collectives: dict[str, float] = dataclasses.field(default_factory=dict)
+    generated_tokens: int = 0
 
     @property
     def budget_bytes(self) -> float:
@@ -83,6 +110,31 @@ class StepReport:
     @property
     def step_seconds_at_target_mfu(self) -> float:
         return self.model_flops / (self.num_devices * self.peak_flops_per_device * TARGET_MFU)
+
+    @property
+    def roofline_terms(self) -> dict[str, float]:
+        """Seconds per step per chip if each resource alone limited it (compute, HBM, interconnect)."""
+        c = self.costs
+        terms = {"compute": c.matmul_flops / self.peak_flops_per_device}
+        if self.hbm_bandwidth_per_device:
+            terms["HBM"] = c.hbm_bytes / self.hbm_bandwidth_per_device
+        if self.ici_bandwidth_per_device:
+            terms["ICI"] = c.collective_wire_bytes / self.ici_bandwidth_per_device
+        return terms
+
+    @property
+    def roofline_seconds(self) -> float:
+        return max(self.roofline_terms.values())
+
+    @property
+    def bound(self) -> str:
+        terms = self.roofline_terms
+        return max(terms, key=terms.get)
+
+    @property
+    def collective_bytes_per_token(self) -> float:
+        """Decode: interconnect bytes per device per generated token (per loop step); 0 otherwise."""
+        return self.costs.collective_wire_bytes / self.generated_tokens if self.generated_tokens else 0.0
 
     def summary_lines(self) -> list[str]:
         m, c = self.memory, self.costs
@@ -102,9 +154,25 @@ class StepReport:
             f"({c.matmul_flops:.3e}/device; XLA cost analysis, loop bodies once: {self.xla_flops:.3e}/device)",
             f"  collectives/step per device: {c.collective_count} ops, {hlo_report.human_bytes(c.collective_bytes)}",
         ]
+        hb = hlo_report.human_bytes
         for kind, stats in c.collectives.items():
             if stats.count:
-                lines.append(f"    {kind:<19} {stats.count:>6} x  {hlo_report.human_bytes(stats.bytes)}")
+                expected = self.expected_collectives.get(kind)
+                beside = f"; FSDP expects {hb(expected)} sent" if expected is not None else ""
+                lines.append(f"    {kind:<19} {stats.count:>6} x  {hb(stats.bytes)} results, {hb(stats.wire_bytes)} sent{beside}")
+        if self.generated_tokens:
+            lines.append(f"  interconnect bytes per generated token per chip: {hb(self.collective_bytes_per_token)} "
+                         f"({self.generated_tokens} decode steps)")
+        lines.append("  largest collective sources (sent bytes per chip per step, emitting op):")
+        lines += [f"    {kind:<19} {st.count:>6} x  {hb(st.wire_bytes):>11}  {op}" for kind, op, st in c.top_sources()]
+        ici = f"{self.ici_bandwidth_per_device / 1e9:.0f} GB/s" if self.ici_bandwidth_per_device else "unknown"
+        terms = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in self.roofline_terms.items())
+        lines += [
+            f"  roofline per chip: {c.matmul_flops:.3e} FLOP / {self.peak_flops_per_device / 1e12:.0f} TFLOP/s, "
+            f"{hb(c.hbm_bytes)} HBM / {self.hbm_bandwidth_per_device / 1e9:.0f} GB/s, "
+            f"{hb(c.collective_wire_bytes)} ICI / {ici} ({self.chip_source})",
+            f"    {terms} -> {self.roofline_seconds * 1e3:.2f} ms, {self.bound}-bound",
+        ]
         if c.unknown_trip_loops:
             lines.append(f"  note: {c.unknown_trip_loops} while loop(s) with unknown trip count counted once")
         if self.notes:
@@ -177,6 +245,15 @@ def check_step(
         peak_flops_per_device=chip.peak_bf16_flops / devices_per_chip,
         notes=notes,
         compiler_refused=compiled is None,
+        hbm_bandwidth_per_device=chip.hbm_bandwidth / devices_per_chip,
+        ici_bandwidth_per_device=chip.ici_bandwidth / devices_per_chip if chip.ici_bandwidth else None,
+        chip_source=chip.source,
+        expected_collectives=(
+            fsdp_expectation(spec.select(spec.args[0]), spec.declared, spec.weight_passes, spec.reduces_grads,
+                             spec.compute_itemsize)
+            if spec.declared is not None else {}
+        ),
+        generated_tokens=spec.generated_tokens,
     )
     return report, compiled
 

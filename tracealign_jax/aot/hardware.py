@@ -5,7 +5,8 @@
 and FLOP figures of the compiled executable are the pod's. This needs libtpu, which the optional
 ``tpu-aot`` extra brings (``pip install .[tpu-aot]``); without it ``AotUnavailable`` says so.
 
-Units: HBM in bytes (decimal GB as the vendor states it), peak FLOP/s for dense bf16 matmuls.
+Units: HBM in bytes (decimal GB as the vendor states it), peak FLOP/s for dense bf16 matmuls,
+bandwidths in bytes/s per chip. These are the denominators of compile-check's roofline.
 """
 
 from __future__ import annotations
@@ -32,20 +33,29 @@ class AotUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
-    """One TPU generation. hbm_bytes: per chip; peak_bf16_flops: per chip per second (dense)."""
+    """One TPU generation, per chip: hbm_bytes; peak_bf16_flops per second (dense); hbm_bandwidth and
+    ici_bandwidth in bytes/s (ICI: the vendor's bidirectional per-chip figure, all links together;
+    None where the vendor page states none); source: the page the figures come from."""
 
     name: str
     hbm_bytes: int
     peak_bf16_flops: float
+    hbm_bandwidth: float
+    ici_bandwidth: float | None
+    source: str
 
 
-# Public Cloud TPU figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm): HBM per chip
-# and peak bf16 dense throughput per chip. JAX exposes one device per chip on all four.
+# Vendor figures, per chip, from each generation's Cloud TPU page (the "key specifications" table).
+# JAX exposes one device per chip on all four.
 CHIPS: dict[str, ChipSpec] = {
-    "v4": ChipSpec("v4", 32 * 10**9, 275e12),
-    "v5e": ChipSpec("v5e", 16 * 10**9, 197e12),
-    "v5p": ChipSpec("v5p", 95 * 10**9, 459e12),
-    "v6e": ChipSpec("v6e", 32 * 10**9, 918e12),
+    # 32 GiB, 1200 GBps HBM2, 275 TFLOPs; the page states pod-level ICI figures only.
+    "v4": ChipSpec("v4", 32 * 10**9, 275e12, 1200e9, None, "https://cloud.google.com/tpu/docs/v4"),
+    # 16 GB, 819 GBps HBM2, 197 TFLOPs, bidirectional ICI 400 GBps per chip (1600 Gbps each way).
+    "v5e": ChipSpec("v5e", 16 * 10**9, 197e12, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
+    # 95 GB, 2765 GBps HBM2e, 459 TFLOPs, bidirectional ICI 1200 GBps per chip (4800 Gbps each way).
+    "v5p": ChipSpec("v5p", 95 * 10**9, 459e12, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"),
+    # 32 GB, 1640 GBps HBM, 918 TFLOPs, bidirectional ICI 800 GBps per chip (3200 Gbps each way).
+    "v6e": ChipSpec("v6e", 32 * 10**9, 918e12, 1640e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
 }
 
 # "v5litepod" is the Cloud name of v5e slices; libtpu accepts the short names.

@@ -124,10 +124,14 @@ class Instr:
 
 @dataclasses.dataclass(frozen=True)
 class CollectiveStats:
-    """One collective kind per device per step: executions and bytes of their results."""
+    """One collective kind per device per step: executions, bytes of their results, and the bytes
+    each device sends over the interconnect (``wire_bytes``, ring algorithms over a group of n:
+    all-gather / all-to-all (n-1)/n x result, reduce-scatter (n-1) x result, all-reduce
+    2 (n-1)/n x result, collective-permute the result)."""
 
     count: int
     bytes: float
+    wire_bytes: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,15 +140,31 @@ class HloCosts:
 
     matmul_flops: 2 x multiply-adds of every dot/convolution (elementwise work not included).
     unknown_trip_loops: while loops whose trip count could not be read (counted once).
+    hbm_bytes: bytes read and written by the top-level instructions (fusions, dots, copies,
+      collectives: operands + results; what a fusion keeps on chip is not counted), XLA's
+      "bytes accessed" with loop bodies weighted by their trip count.
+    sources: (kind, emitting op) -> CollectiveStats, the op being the JAX op_name metadata of the
+      collective (its source location's function path, e.g. ``jit(step)/.../dot_general``).
     """
 
     matmul_flops: float
     collectives: dict[str, CollectiveStats]
     unknown_trip_loops: int
+    hbm_bytes: float = 0.0
+    sources: dict[tuple[str, str], CollectiveStats] = dataclasses.field(default_factory=dict)
+
+    def top_sources(self, n: int = 8) -> list[tuple[str, str, CollectiveStats]]:
+        """The ``n`` (kind, op, stats) moving the most bytes."""
+        ranked = sorted(self.sources.items(), key=lambda kv: -kv[1].bytes)[:n]
+        return [(kind, op, stats) for (kind, op), stats in ranked]
 
     @property
     def collective_bytes(self) -> float:
         return sum(c.bytes for c in self.collectives.values())
+
+    @property
+    def collective_wire_bytes(self) -> float:
+        return sum(c.wire_bytes for c in self.collectives.values())
 
     @property
     def collective_count(self) -> int:
@@ -317,6 +337,35 @@ def _collective_kind(op: str) -> str | None:
     return None
 
 
+_IOTA_GROUPS_RE = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_LIST_GROUPS_RE = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_MESH_GROUPS_RE = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+
+
+def _group_size(instr: Instr) -> int:
+    """Devices in one replica group of a collective: mesh form ``mesh['a'=8,'b'=1] {'a'}``, iota form
+    ``[G,N]<=[...]`` or explicit ``{{0,1,..},..}``."""
+    mesh = _MESH_GROUPS_RE.search(instr.rest)
+    if mesh:
+        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        return math.prod(sizes.get(a, 1) for a in re.findall(r"'([^']+)'", mesh.group(2)))
+    iota = _IOTA_GROUPS_RE.search(instr.rest)
+    if iota:
+        return int(iota.group(2))
+    listed = _LIST_GROUPS_RE.search(instr.rest)
+    if listed and listed.group(1):
+        return len(listed.group(1).split(","))
+    return 2  # no groups printed: every device (a conservative (n-1)/n ~ 1/2 for the ring factors)
+
+
+def wire_bytes(kind: str, result_bytes: float, group: int) -> float:
+    """Bytes one device sends for a collective of ``result_bytes`` over a group of ``group`` (rings)."""
+    n = max(group, 1)
+    factor = {"all-gather": (n - 1) / n, "all-to-all": (n - 1) / n, "reduce-scatter": float(n - 1),
+              "all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}[kind]  # fmt: skip
+    return result_bytes * factor
+
+
 def _collective_result_bytes(instr: Instr, kind: str) -> float:
     """Bytes the collective produces. Async ``-start`` ops return (operands, results[, contexts])."""
     if not instr.op.endswith("-start"):
@@ -328,27 +377,70 @@ def _collective_result_bytes(instr: Instr, kind: str) -> float:
     return shape_bytes(elements[1])
 
 
+# Instructions that move no HBM bytes of their own (aliases, bookkeeping, control flow whose bodies count).
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "async-done", "async-update",
+               "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done", "send-done",
+               "recv-done", "custom-call-done"}  # fmt: skip
+
+
+def _fused_computations(comps: dict[str, list[Instr]]) -> set[str]:
+    """Computations called by fusions (and reducers): their instructions run on chip, not HBM."""
+    inner: set[str] = set()
+    for instrs in comps.values():
+        for instr in instrs:
+            if instr.op == "fusion" or "to_apply=" in instr.rest:
+                inner.update(c for role, c in _CALLEE_RE.findall(instr.rest) if role in ("calls", "to_apply"))
+    return inner
+
+
+def _operand_bytes(instr: Instr, shapes: dict[str, str]) -> float:
+    """Bytes of an instruction's operands (by name, looked up in its computation)."""
+    args = instr.rest.split("), ")[0]
+    return sum(shape_bytes(shapes[n]) for n in re.findall(r"%([\w.\-]+)", args) if n in shapes)
+
+
+def short_op_name(op_name: str) -> str:
+    """``jit(train_step)/jit(main)/transpose(jvp(Transformer))/.../dot_general`` -> the last four
+    path components without the outer jit wrappers: enough to name the model code that emitted it."""
+    parts = [p for p in op_name.split("/") if not p.startswith("jit(")]
+    return "/".join(parts[-4:]) if parts else op_name
+
+
 def hlo_costs(hlo_text: str) -> HloCosts:
-    """Per-device matmul FLOPs and collectives of one execution of the compiled module."""
+    """Per-device matmul FLOPs, HBM bytes and collectives (with their emitting ops) of one execution."""
     comps, entry = parse_computations(hlo_text)
     counts, unknown = execution_counts(comps, entry)
-    flops = 0.0
-    stats: dict[str, list[float]] = {kind: [0, 0.0] for kind in COLLECTIVES}
+    fused = _fused_computations(comps)
+    op_names = _op_names(hlo_text)
+    flops = hbm = 0.0
+    stats: dict[str, list[float]] = {kind: [0, 0.0, 0.0] for kind in COLLECTIVES}
+    sources: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
     for name, instrs in comps.items():
         runs = counts.get(name, 0.0)
         if not runs:
             continue
         shapes = {i.name: i.type_str for i in instrs}
         for instr in instrs:
+            if name not in fused and instr.op not in _NO_TRAFFIC:
+                hbm += runs * (shape_bytes(instr.type_str) + _operand_bytes(instr, shapes))
             if instr.op in ("dot", "convolution"):
                 flops += runs * _matmul_flops(instr, shapes)
                 continue
             kind = _collective_kind(instr.op)
             if kind:
-                stats[kind][0] += runs
-                stats[kind][1] += runs * _collective_result_bytes(instr, kind)
-    collectives = {k: CollectiveStats(int(v[0]), v[1]) for k, v in stats.items()}
-    return HloCosts(matmul_flops=flops, collectives=collectives, unknown_trip_loops=unknown)
+                moved = runs * _collective_result_bytes(instr, kind)
+                sent = wire_bytes(kind, moved, _group_size(instr))
+                source = sources[(kind, short_op_name(op_names.get(instr.name, "(no op_name)")))]
+                for acc in (stats[kind], source):
+                    acc[0] += runs
+                    acc[1] += moved
+                    acc[2] += sent
+    return HloCosts(
+        matmul_flops=flops, collectives={k: CollectiveStats(int(v[0]), v[1], v[2]) for k, v in stats.items()},
+        unknown_trip_loops=unknown, hbm_bytes=hbm,
+        sources={k: CollectiveStats(int(v[0]), v[1], v[2]) for k, v in sources.items()},
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,8 +106,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
     """The measured table: one line per (config, step)."""
     head = (
         "| config | step | topology (chips) | HBM/chip used / avail (GB) | fits (headroom) | "
-        f"model FLOPs/step | compiled matmul FLOPs/step | collective bytes/step/chip | step @{TARGET_MFU:.0%} MFU | compile (s) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        f"model FLOPs/step | compiled matmul FLOPs/step | collective bytes/step/chip | step @{TARGET_MFU:.0%} MFU | "
+        "roofline step (bound) | decode ICI bytes/token/chip | compile (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for row in rows:
@@ -118,7 +119,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
             f"{_gb(used)} / {_gb(r.hbm_per_device)} ({100 * used / r.hbm_per_device:.0f}%) | "
             f"{'yes' if r.fits else '**no**'} ({100 * r.headroom:.0f}%) | {r.model_flops:.2e} | "
             f"{r.costs.matmul_flops * r.num_devices:.2e} | {r.costs.collective_bytes / 2**30:.2f} GiB "
-            f"({r.costs.collective_count} ops) | {_ms(r.step_seconds_at_target_mfu)} | {r.compile_seconds:.0f} |"
+            f"({r.costs.collective_count} ops) | {_ms(r.step_seconds_at_target_mfu)} | "
+            f"{f'{_ms(r.roofline_seconds)} ({r.bound})' if r.costs.hbm_bytes else 'not measured'} | "
+            f"{hlo_report.human_bytes(r.collective_bytes_per_token) if r.generated_tokens else '-'} | {r.compile_seconds:.0f} |"
         )
     return "\n".join(lines)
 
@@ -179,15 +182,23 @@ def row_to_dict(row: Row) -> dict:
         "peak_flops_per_device": r.peak_flops_per_device, "notes": r.notes,
         "compiler_refused": r.compiler_refused,
         "largest_buffers": [dataclasses.asdict(b) for b in r.buffers],
+        "hbm_bytes_per_device": r.costs.hbm_bytes,
+        "collective_sources": [{"kind": k, "op": op, **dataclasses.asdict(st)} for (k, op), st in r.costs.sources.items()],
+        "hbm_bandwidth_per_device": r.hbm_bandwidth_per_device, "ici_bandwidth_per_device": r.ici_bandwidth_per_device,
+        "chip_source": r.chip_source, "expected_collectives": r.expected_collectives,
+        "generated_tokens": r.generated_tokens, "roofline_seconds": r.roofline_terms, "bound": r.bound,
     }  # fmt: skip
 
 
 def row_from_dict(d: dict) -> Row:
+    """A Row from ``row_to_dict`` (rows written before the roofline fields read them as absent)."""
     costs = hlo_report.HloCosts(
         matmul_flops=d["matmul_flops_per_device"],
         collectives={k: hlo_report.CollectiveStats(**v) for k, v in d["collectives"].items()},
-        unknown_trip_loops=d["unknown_trip_loops"],
-    )
+        unknown_trip_loops=d["unknown_trip_loops"], hbm_bytes=d.get("hbm_bytes_per_device", 0.0),
+        sources={(s["kind"], s["op"]): hlo_report.CollectiveStats(s["count"], s["bytes"], s["wire_bytes"])
+                 for s in d.get("collective_sources", [])},
+    )  # fmt: skip
     report = StepReport(
         name=d["step"], topology=d["topology"], chip=d["chip"], num_devices=d["num_devices"],
         hbm_per_device=d["hbm_per_device"], headroom=d["headroom"], compile_seconds=d["compile_seconds"],
@@ -195,6 +206,9 @@ def row_from_dict(d: dict) -> Row:
         tokens=d["tokens"], model_flops=d["model_flops"],
         buffers=tuple(hlo_report.Buffer(**b) for b in d["largest_buffers"]),
         peak_flops_per_device=d["peak_flops_per_device"], notes=d["notes"], compiler_refused=d["compiler_refused"],
+        hbm_bandwidth_per_device=d.get("hbm_bandwidth_per_device", 0.0),
+        ici_bandwidth_per_device=d.get("ici_bandwidth_per_device"), chip_source=d.get("chip_source", ""),
+        expected_collectives=d.get("expected_collectives", {}), generated_tokens=d.get("generated_tokens", 0),
     )  # fmt: skip
     return Row(Path(d["config"]), report)
 

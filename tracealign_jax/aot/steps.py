@@ -66,16 +66,20 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     return StepSpec(
         name=f"train[ref={reference}]", jitted=fn, args=(abs_state, abs_batch, veto if uses_veto else None), tokens=tokens,
         model_flops=flops, declared=param_shardings(abs_params, mesh, rules),
-        select=lambda state: state.params, notes=notes,
+        select=lambda state: state.params, notes=notes, reduces_grads=True,
+        weight_passes=2 + (cfg.train.objective == "dpo" and reference == "in_step"),  # fwd, bwd (+ reference fwd)
+        compute_itemsize=jnp.dtype(cfg.model.dtype).itemsize,
     )  # fmt: skip
 
 
-def decode_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, veto: Any) -> StepSpec:
-    """The decoder's jitted Prov-Decode function for ``cfg.decode`` at the largest prompt bucket."""
-    from tracealign_jax.decoding.runner import abstract_decoder
+def decode_spec(cfg: Config, mesh: Mesh, veto: Any) -> StepSpec:
+    """The decoder's jitted Prov-Decode function for ``cfg.decode`` at the largest prompt bucket, in the
+    decode layout (``decode.rules`` / ``decode.param_dtype``; the training layout when unset)."""
+    from tracealign_jax.decoding.runner import abstract_decoder, decode_layout
     from tracealign_jax.model import model_arch, param_shardings
 
     dc = cfg.decode
+    rules, _ = decode_layout(cfg)
     decoder = abstract_decoder(cfg, mesh, rules, veto_table=veto if dc.veto != "off" else None)
     bucket = max(dc.prompt_buckets)
     args = decoder.abstract_inputs(bucket)
@@ -86,10 +90,13 @@ def decode_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, veto: Any) -> St
     new_tokens = dc.batch_size * beams * dc.max_new_tokens
     flops = (prefill_tokens * flops_per_token(arch, bucket, train=False)
              + new_tokens * flops_per_token(arch, slots, train=False))  # fmt: skip
-    notes = f"{dc.method}, {dc.batch_size} prompts x {beams} beams, prompt {bucket} + {dc.max_new_tokens} new, veto {dc.veto}"
+    notes = (f"{dc.method}, {dc.batch_size} prompts x {beams} beams, prompt {bucket} + {dc.max_new_tokens} new, "
+             f"veto {dc.veto}, layout {dc.rules or 'train'} {dc.param_dtype or cfg.model.param_dtype}")
     return StepSpec(
         name="decode", jitted=decoder.jitted(), args=args, tokens=prefill_tokens + new_tokens, model_flops=flops,
         declared=param_shardings(decoder.params, mesh, rules), select=lambda params: params, notes=notes,
+        weight_passes=dc.max_new_tokens + 1, generated_tokens=dc.max_new_tokens,  # prefill + one pass per step
+        compute_itemsize=jnp.dtype(cfg.model.dtype).itemsize,
     )  # fmt: skip
 
 
@@ -110,5 +117,5 @@ def build_specs(
         refs = references if cfg.train.objective == "dpo" else ("precomputed",)
         specs += [train_spec(cfg, mesh, rules, ref, veto) for ref in refs]
     if "decode" in steps:
-        specs.append(decode_spec(cfg, mesh, rules, veto))
+        specs.append(decode_spec(cfg, mesh, veto))
     return specs

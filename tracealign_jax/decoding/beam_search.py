@@ -26,6 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from tracealign_jax import sharding
 from tracealign_jax.decoding.step import (
     NEG_INF,
     DecodeOutput,
@@ -35,7 +36,7 @@ from tracealign_jax.decoding.step import (
     next_logprobs,
     push_context,
     repeat_rows,
-    take_rows,
+    take_beams,
     write_tokens,
 )
 
@@ -158,7 +159,8 @@ def beam_search(
                 cand_BKxV, flat(s.live_context_BxKxC), flat(s.live_context_len_BxK)
             )
         step_vetoes_BxK = step_vetoes_BK.reshape(b, k)
-        cand_BxKV = cand_BKxV.reshape(b, k * v)
+        # Rows stay on their shard through the reshape (else XLA gathers the candidates for top_k).
+        cand_BxKV = sharding.constrain(cand_BKxV.reshape(b, k * v), ("batch", None))
         top_lp_Bx2K, top_index_Bx2K = jax.lax.top_k(cand_BxKV, 2 * k)
         parent_Bx2K = top_index_Bx2K // v
         token_Bx2K = (top_index_Bx2K % v).astype(jnp.int32)
@@ -202,7 +204,6 @@ def beam_search(
         context_BxKxC, context_len_BxK = push_context(
             _gather(s.live_context_BxKxC, parent_BxK), _gather(s.live_context_len_BxK, parent_BxK), new_token_BxK
         )
-        flat_parent_BK = (jnp.arange(b)[:, None] * k + parent_BxK).reshape(b * k)
         return BeamState(
             step=s.step + 1,
             live_logprobs_BxK=jnp.where(refuse_B[:, None], 2 * NEG_INF, live_lp_BxK),
@@ -221,7 +222,7 @@ def beam_search(
             refusal_logprob_B=refusal_logprob_B,
             refusal_length_B=refusal_length_B,
             refusal_vetoes_B=refusal_vetoes_B,
-            model_state=take_rows(model_state, flat_parent_BK),
+            model_state=take_beams(model_state, parent_BxK),
         )
 
     s = jax.lax.while_loop(cond, body, init)

@@ -21,7 +21,7 @@ from tracealign_jax import sharding
 from tracealign_jax.atomic_io import atomic_write_jsonl
 from tracealign_jax.chat import render_conversation
 from tracealign_jax.config import Config, ConfigError, load_config
-from tracealign_jax.decoding.runner import Completion, Decoder
+from tracealign_jax.decoding.runner import Completion, Decoder, decode_layout, with_param_dtype
 from tracealign_jax.model import Transformer, model_options
 from tracealign_jax.records import RecordError, iter_records, require
 
@@ -170,7 +170,7 @@ def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_tab
     """Runs the whole job; writes ``out`` atomically; returns a summary dict (counts, seconds)."""
     sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.build_mesh(cfg.mesh)
-    rules = sharding.resolve_rules(cfg.mesh.rules)
+    rules, _ = decode_layout(cfg)  # a checkpoint trained under mesh.rules is restored onto this layout
     tok_dir = tokenizer_dir or cfg.data.tokenizer_dir or _default_tokenizer_dir(Path(checkpoint))
     tokenizer = None
     if tok_dir:
@@ -184,7 +184,7 @@ def run_decode(cfg: Config, *, checkpoint: str, prompts: str, out: str, veto_tab
         from tracealign_jax.veto.store import load_veto_table
 
         table, table_meta = load_veto_table(veto_table)
-    model = load_policy(cfg, checkpoint, mesh, rules)
+    model = with_param_dtype(load_policy(cfg, checkpoint, mesh, rules), cfg.decode.param_dtype)
     _check_vocabularies(model.arch.vocab_size, tok_dir, tokenizer, veto_table if table is not None else "",
                         table_meta if table is not None else {})
     refusal: list[int] = []

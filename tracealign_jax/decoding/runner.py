@@ -8,7 +8,9 @@ Prompts are left-padded to the smallest of ``DecodeConfig.prompt_buckets`` that 
 keep their last tokens and are flagged ``truncated_prompt``) and grouped into batches of exactly
 ``batch_size`` rows (filler rows complete the last batch), so a run compiles once per (bucket, veto
 mode): ``decoder.jitted(mode)._cache_size()`` counts it. Rows are sharded over the mesh's batch axes
-(logical name ``batch``); parameters keep the layout they were loaded/trained with.
+(logical name ``batch``); parameters keep the layout they are given. ``decode_layout(cfg)`` is the
+layout a decode job loads them into: ``decode.rules`` (e.g. ``decode_tp``: no weight sharded over
+``fsdp``, so no step re-gathers the model) and ``decode.param_dtype``.
 
 For ahead-of-time compilation: ``decoder.jitted(mode).lower(*decoder.abstract_inputs(bucket)).compile()``
 lowers exactly the function ``decode`` runs (``abstract_decoder`` builds one without weights).
@@ -27,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from tracealign_jax import sharding
-from tracealign_jax.config import ConfigError, DecodeConfig
+from tracealign_jax.config import Config, ConfigError, DecodeConfig, ModelConfig
 from tracealign_jax.decoding.beam_search import beam_search
 from tracealign_jax.decoding.model_step import make_tokens_to_logits, prefill
 from tracealign_jax.decoding.sampling import sample
@@ -78,6 +80,22 @@ def _first_id(ids: Any, default: int) -> int:
     if ids is None:
         return default
     return int(ids[0]) if isinstance(ids, (list, tuple)) else int(ids)
+
+
+def decode_layout(cfg: Config) -> tuple[sharding.Rules, ModelConfig]:
+    """(rule table, model config with the decode parameter dtype) a decode job places the policy in."""
+    rules = sharding.resolve_rules(cfg.decode.rules, "decode.rules") if cfg.decode.rules != "" else (
+        sharding.resolve_rules(cfg.mesh.rules))
+    return rules, dataclasses.replace(cfg.model, param_dtype=cfg.decode.param_dtype or cfg.model.param_dtype)
+
+
+def with_param_dtype(model: Transformer, dtype: str) -> Transformer:
+    """``model`` with its floating-point parameters cast to ``dtype`` (shardings kept; "" = unchanged)."""
+    if not dtype:
+        return model
+    graphdef, params = nnx.split(model)
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    return nnx.merge(graphdef, jax.tree.map(cast, params))
 
 
 class Decoder:
@@ -312,11 +330,12 @@ class _null:
 def abstract_decoder(cfg: Any, mesh: Mesh, rules: sharding.Rules, veto_table: Any = None) -> Decoder:
     """A Decoder over ABSTRACT parameters (no weights) for ``jitted(...).lower(*abstract_inputs(bucket))``.
 
-    cfg: the full ``Config`` (model arch + dtypes from ``cfg.model``, decoding from ``cfg.decode``).
+    cfg: the full ``Config`` (model arch + dtypes from ``cfg.model``, decoding from ``cfg.decode``);
+    ``rules``: the decode layout's (``decode_layout(cfg)[0]``); parameters in ``decode.param_dtype``.
     """
     from tracealign_jax.model import abstract_model_from_config, model_arch
 
     arch = model_arch(cfg.model)
-    graphdef, params = abstract_model_from_config(cfg.model, mesh, rules)
+    graphdef, params = abstract_model_from_config(decode_layout(cfg)[1], mesh, rules)
     return Decoder((graphdef, params), cfg.decode, eos_id=_first_id(arch.eos_token_id, 0),
                    pad_id=_first_id(arch.pad_token_id, 0), veto_table=veto_table, mesh=mesh, rules=rules)  # fmt: skip

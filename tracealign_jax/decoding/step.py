@@ -123,9 +123,21 @@ def write_tokens(tokens_BxT: jax.Array, start_B: jax.Array, new_BxR: jax.Array) 
     return jnp.where(inside_BxT, picked_BxT, tokens_BxT)
 
 
-def take_rows(tree: Any, index_N: jax.Array) -> Any:
-    """Gathers axis 0 of every array leaf with ndim >= 1 (scalars such as a cache index are shared)."""
-    return jax.tree.map(lambda x: x[index_N] if getattr(x, "ndim", 0) >= 1 else x, tree)
+def take_beams(tree: Any, parent_BxK: jax.Array) -> Any:
+    """Row b*K + k of every array leaf (ndim >= 1) becomes row b*K + parent[b, k]; scalars (a cache index)
+    are shared. Each prompt's beams are gathered among themselves (a batched gather over [B, K, ...]),
+    so a batch sharded over prompts reorders beams on-device: a flat row gather with global indices
+    would make XLA all-gather every row of the KV cache at every step."""
+    b, k = parent_BxK.shape
+
+    def one(x: jax.Array) -> jax.Array:
+        if getattr(x, "ndim", 0) < 1:
+            return x
+        x_BxKx = x.reshape((b, k) + x.shape[1:])
+        index = parent_BxK.reshape((b, k) + (1,) * (x.ndim - 1))
+        return jnp.take_along_axis(x_BxKx, index, axis=1).reshape(x.shape)
+
+    return jax.tree.map(one, tree)
 
 
 def repeat_rows(tree: Any, k: int) -> Any:

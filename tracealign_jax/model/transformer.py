@@ -117,7 +117,12 @@ def _decoder_layer(
     layer, index) writes this step's keys and values into the full cache ``[B, Ly, S, G, E]`` at ``[:, layer, index:index+L]`` and attends over
     that layer's slots; without it attention is over the L fresh tokens only. ``lora`` = (this
     layer's adapter arrays, LoRAConfig, dropout key or None) adds ``model.lora``'s low-rank terms."""
-    w = {k: v.astype(dtype) for k, v in p.items()}
+    # FSDP: each weight is cast on its shard, then gathered whole over the `embed` (FSDP) axis for this
+    # layer's matmuls. Left to itself, XLA's TPU partitioner keeps the weight sharded and rotates the
+    # [B, L, .] activations through a ring of collective-permutes instead (several times the bytes).
+    axes = _layer_specs(arch)
+    w = {k: sharding.constrain(v.astype(dtype), tuple(None if a == "embed" else a for a in axes[k][1][1:]))
+         for k, v in p.items()}  # fmt: skip
 
     def proj(x: jax.Array, name: str, n_in: int) -> jax.Array:
         y = _project(x, w[name], n_in)
@@ -243,8 +248,8 @@ class Transformer(nnx.Module):
         # FSDP-style: all-gather the table, then gather rows locally into a batch-sharded result.
         # Gathering from the (vocab, embed)-sharded table makes XLA's SPMD partitioner fall back to
         # replicating the lookup output ("involuntary full rematerialization").
-        table_VxD = sharding.constrain(self.embed[...], (None, None))
-        h = jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
+        table_VxD = sharding.constrain(self.embed[...].astype(self.dtype), (None, None))  # gathered in compute dtype
+        h = jnp.take(table_VxD, tokens_BxL, axis=0)
         h = sharding.constrain(h, ACT)
         cos_sin = rope_angles(positions_BxL, arch)
 

@@ -40,13 +40,17 @@ def token_bci_for_pairs(scorer: Any, pairs: Any, tau: float, *, batch: int = 256
 
     pairs: ``len(pairs)`` examples with ``pairs.get("chosen" | "rejected", i) -> int[T]`` (the
     training pipeline's ``TokenizedPairs``); the arrays align with those stored response tokens.
+    In a multi-process run each process scores its slice of the examples (``multihost.process_slice``)
+    against its own (memory-mapped) index and every process returns all of them.
     """
     from tqdm import tqdm
 
-    out: list[tuple[np.ndarray, np.ndarray]] = []
-    for s in tqdm(range(0, len(pairs), batch), desc="per-token BCI", disable=not progress):
-        idx = range(s, min(s + batch, len(pairs)))
-        responses = [pairs.get(r, i) for i in idx for r in RESPONSES]
-        arrays = compute_token_bci(scorer, responses, tau)
-        out.extend((arrays[2 * j], arrays[2 * j + 1]) for j in range(len(idx)))
-    return out
+    from tracealign_jax.multihost import allgather_ragged, process_slice
+
+    mine = process_slice(len(pairs))
+    local: list[np.ndarray] = []
+    for s in tqdm(range(mine.start, mine.stop, batch), desc="per-token BCI", disable=not progress):
+        responses = [pairs.get(r, i) for i in range(s, min(s + batch, mine.stop)) for r in RESPONSES]
+        local.extend(compute_token_bci(scorer, responses, tau))
+    arrays = allgather_ragged(local, np.float32)
+    return [(arrays[2 * j], arrays[2 * j + 1]) for j in range(len(arrays) // 2)]

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tracealign_jax.config import ProvenanceConfig
+from tracealign_jax.multihost import allgather_rows, process_slice
 from tracealign_jax.veto.store import compile_veto_table
 from tracealign_jax.veto.table import VetoTable
 
@@ -53,27 +54,29 @@ def candidate_windows(index: Any, n_min: int, n_max: int, min_risk: float = 0.5,
 def collect_high_bci_spans(index: Any, scorer: Any, cfg: ProvenanceConfig, tau: float, *, min_risk: float = 0.5,
                            batch: int = 8192, max_docs: int = 0,
                            progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """High-BCI spans of violating documents: ``(tokens_NxL int64, lengths_N int64, bci_N float32)``."""
+    """High-BCI spans of violating documents: ``(tokens_NxL int64, lengths_N int64, bci_N float32)``.
+
+    Every process enumerates the candidates (cheap, deterministic) and scores its slice of them; the
+    kept spans of all processes are gathered in candidate order, so each process returns the same."""
     tokens, lengths = candidate_windows(index, cfg.min_span, cfg.max_span, min_risk, max_docs)
-    keep_t, keep_l, keep_b = [], [], []
-    for s in tqdm(range(0, len(lengths), batch), desc="scoring veto spans", disable=not progress):
-        tb, lb = tokens[s:s + batch], lengths[s:s + batch]
+    mine = process_slice(len(lengths))
+    keep_t, keep_l, keep_b = [tokens[:0]], [lengths[:0]], [np.zeros(0, np.float32)]
+    for s in tqdm(range(mine.start, mine.stop, batch), desc="scoring veto spans", disable=not progress):
+        tb, lb = tokens[s:min(s + batch, mine.stop)], lengths[s:min(s + batch, mine.stop)]
         scores = scorer.score_spans([t[:n] for t, n in zip(tb, lb)])
         bci = np.array([sc.bci for sc in scores], np.float32)
         hit = bci > tau
         keep_t.append(tb[hit])
         keep_l.append(lb[hit])
         keep_b.append(bci[hit])
-    if not keep_t:
-        return tokens[:0], lengths[:0], np.zeros(0, np.float32)
-    return np.concatenate(keep_t), np.concatenate(keep_l), np.concatenate(keep_b)
+    return tuple(allgather_rows(np.concatenate(k)) for k in (keep_t, keep_l, keep_b))  # type: ignore[return-value]
 
 
 def prefix_weights(scorer: Any, cfg: ProvenanceConfig, tokens_NxL: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:
     """float64[N, L]: column k (1 <= k < length) is the conflict of the prefix ``tokens[i, :k+1]`` (the
     prefix entry k completes) where that prefix passes the scorer's evidence test, else 0; other columns
     0. The test is BCI's own: P(violating share > 1/2) > ``min_posterior`` (bci = evidence), else
-    conflict > ``veto_min_conflict``. Each distinct prefix is scored once."""
+    conflict > ``veto_min_conflict``. Each distinct prefix is scored once, by one process (its slice)."""
     n, width = tokens_NxL.shape
     out = np.zeros((n, width), np.float64)
     for k in range(1, width):
@@ -81,12 +84,12 @@ def prefix_weights(scorer: Any, cfg: ProvenanceConfig, tokens_NxL: np.ndarray, l
         if rows.size == 0:
             continue
         uniq, inverse = np.unique(tokens_NxL[rows, :k + 1], axis=0, return_inverse=True)
-        terms = scorer.score_arrays(list(uniq))
-        if cfg.bci == "evidence":
-            passed = terms["p_violating"] > cfg.min_posterior
-        else:
-            passed = terms["conflict"] > cfg.veto_min_conflict
-        out[rows, k] = np.where(passed, terms["conflict"], 0.0)[inverse.reshape(-1)]
+        terms = scorer.score_arrays(list(uniq[process_slice(len(uniq))]))
+        test = "p_violating" if cfg.bci == "evidence" else "conflict"
+        passed = allgather_rows(np.asarray(terms[test], np.float64)) > (
+            cfg.min_posterior if cfg.bci == "evidence" else cfg.veto_min_conflict)
+        conflict = allgather_rows(np.asarray(terms["conflict"], np.float64))
+        out[rows, k] = np.where(passed, conflict, 0.0)[inverse.reshape(-1)]
     return out
 
 

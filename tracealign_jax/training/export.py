@@ -8,7 +8,7 @@ from pathlib import Path
 from flax import nnx
 
 from tracealign_jax import sharding
-from tracealign_jax.config import Config, ConfigError, MeshConfig, load_config
+from tracealign_jax.config import Config, ConfigError, load_config
 from tracealign_jax.model import model_arch
 from tracealign_jax.training.checkpoint import recorded_arch, restore_params
 from tracealign_jax.training.state import abstract_train_state, graphdef_and_abstract_params
@@ -38,9 +38,8 @@ def with_recorded_arch(cfg: Config, ckpt_dir: str | Path) -> Config:
 
 def export_checkpoint(checkpoint: Path, out: Path, *, config_path: str | None = None, step: int | None = None,
                       tokenizer_dir: str | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Restores the policy of ``checkpoint`` onto one device and writes it as a HF checkpoint."""
-    import jax
-
+    """Restores the policy of ``checkpoint`` onto the run's mesh (every process's devices in a multi-host run)
+    and writes it as a HF checkpoint; ``save_hf`` gathers one tensor at a time, never the whole model."""
     from tracealign_jax.hf_io import save_hf
 
     ckpt_dir, cfg_path = resolve_run(checkpoint, config_path)
@@ -51,7 +50,8 @@ def export_checkpoint(checkpoint: Path, out: Path, *, config_path: str | None = 
         return export_trace_checkpoint(ckpt_dir, cfg, out, step=step, tokenizer_dir=tokenizer_dir, dtype=dtype,
                                        overwrite=overwrite)  # fmt: skip
     cfg = with_recorded_arch(cfg, ckpt_dir)
-    mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
+    sharding.initialize_distributed(cfg.mesh)
+    mesh = sharding.build_mesh(cfg.mesh)
     rules = sharding.resolve_rules(cfg.mesh.rules)
     graphdef, _ = graphdef_and_abstract_params(cfg, mesh, rules)
     params = restore_params(ckpt_dir, abstract_train_state(cfg, mesh, rules), step)
