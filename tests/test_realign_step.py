@@ -1,7 +1,7 @@
 """LoRA through the one training step (``training.step``): the first TRACE loss is the closed form at
 policy = reference, only the adapters move (base bit-identical, optimizer state over adapters only),
-the loss falls; for TRACE and for DPO the step on 8 simulated devices (data x fsdp x tensor =
-2 x 2 x 2) equals the one on 1 device, with adapter dropout on."""
+the loss falls; for TRACE, DPO + CBD (data term) and SFT the step on 8 simulated devices (data x
+fsdp x tensor = 2 x 2 x 2) equals the one on 1 device, with adapter dropout on."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tracealign_jax.model import ModelArch
 from tracealign_jax.realign.triage import INVERT, RETAIN, SUPPRESS
 from tracealign_jax.training.loop import to_device_batch
 from tracealign_jax.training.state import graphdef_and_abstract_params, init_train_state, state_shardings
-from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step
+from tracealign_jax.training.step import PAIR_FIELDS, batch_fields, batch_rows, batch_shardings, make_train_step
 
 ARCH_DICT = dict(
     model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -33,18 +33,21 @@ CATS = np.array([RETAIN, INVERT, SUPPRESS, INVERT, RETAIN, SUPPRESS, INVERT, RET
 WEIGHTS = np.array([0.0, 1.5, 0.5, 1.25, 0.0, 0.25, 1.5, 0.0], np.float32)  # mean 1 over the 5 conflicts
 
 
-def config(loss: str, dropout: float = 0.0, eps: float = 1e-8):
+def config(loss: str, *extra: str, dropout: float = 0.0, eps: float = 1e-8):
     return load_config(ROOT / "configs" / "tiny_cpu.yaml", [
         f"model.arch={json.dumps(ARCH_DICT)}", f"loss.type={loss}", "lora.rank=4", "lora.alpha=8",
         f"lora.dropout={dropout}", "train.batch_size=8", "train.learning_rate=1e-2", "train.warmup_steps=0",
-        "train.schedule=constant", "train.max_grad_norm=1.0", f"train.eps={eps}", "mesh.rules=fsdp_tp",
+        "train.schedule=constant", "train.max_grad_norm=1.0", f"train.eps={eps}", "mesh.rules=fsdp_tp", *extra,
     ])  # fmt: skip
 
 
 def host_batch(cfg, seed=0, length=24):
     rows = random_pair_rows(len(CATS), length, seed, vocab=128, prompt_len=(3, 8), response_len=(4, 12))
-    extra = {"category": CATS, "weight": WEIGHTS, "bci": np.zeros_like(rows["loss_mask"])}
-    return {k: v for k, v in {**rows, **extra}.items() if k in batch_fields(cfg)}
+    rng = np.random.default_rng(seed + 1)  # high BCI on ~20% of response tokens (CBD term a)
+    bci = np.where(rng.random(rows["loss_mask"].shape) < 0.2, rng.uniform(2, 10, rows["loss_mask"].shape), 0)
+    extra = {"category": CATS, "weight": WEIGHTS, "bci": (bci * rows["loss_mask"]).astype(np.float32)}
+    n = batch_rows(cfg)  # SFT: one row per example
+    return {k: v if k in PAIR_FIELDS else v[:n] for k, v in {**rows, **extra}.items() if k in batch_fields(cfg)}
 
 
 def setup(cfg, mesh):
@@ -89,19 +92,24 @@ def test_first_trace_loss_is_the_closed_form_and_only_adapters_move():
     assert history[-1]["rewards/flipped_accuracy"] > 0.5
 
 
-@pytest.mark.parametrize("loss", ["trace", "sigmoid"])
-def test_eight_devices_equal_one_with_dropout(loss):
+OBJECTIVES = {"trace": ("trace",), "dpo+cbd": ("sigmoid", "loss.cbd_data_weight=0.5", "loss.cbd_bci_scale=5"),
+              "sft": ("sigmoid", "train.objective=sft")}  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_eight_devices_equal_one_with_dropout(objective):
     assert jax.device_count() == 8
     # Adam's update lr * m / (sqrt(v) + eps) turns float32 reduction-order noise in near-zero gradients
     # into O(lr) parameter differences (as in test_training_step). Here the adapters' first gradients are
     # tiny (A's is exactly 0 while B = 0), so eps sits above them: the update is then ~linear in the
     # gradient and the comparison is about the step, not about Adam's sign-like normalisation.
-    cfg = config(loss, dropout=0.1, eps=1e-2)
+    cfg = config(*OBJECTIVES[objective], dropout=0.1, eps=1e-2)
     s1, h1 = run(cfg, one_device(), 2)
     s8, h8 = run(cfg, sharding.build_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), 2)
     assert s8.frozen["layers"]["wq"].get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert s8.params["lora"]["wq_b"].get_value().sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
-    keys = ("loss/total", "loss/invert", "loss/suppress", "loss/kl") if loss == "trace" else ("loss/total",)
+    keys = {"trace": ("loss/total", "loss/invert", "loss/suppress", "loss/kl"), "dpo+cbd": ("loss/total", "loss/cbd_data"),
+            "sft": ("loss/total",)}[objective]  # fmt: skip
     for a, b in zip(h1, h8):
         for k in (*keys, "grad_norm"):
             np.testing.assert_allclose(b[k], a[k], rtol=2e-5, atol=1e-6, err_msg=k)

@@ -118,7 +118,10 @@ def build_specs(
     veto = abstract_veto_table(cfg, mesh, veto_contexts, veto_entries)
     specs = []
     if "train" in steps:
-        refs = ("in_step",) if cfg.loss.type == "trace" else references if cfg.train.objective == "dpo" else ("precomputed",)
+        if cfg.loss.type == "trace":  # one step, its reference the frozen base: listed under in_step
+            refs = tuple(r for r in references if r == "in_step")
+        else:
+            refs = references if cfg.train.objective == "dpo" else ("precomputed",)
         specs += [train_spec(cfg, mesh, rules, ref, veto) for ref in refs]
     if "decode" in steps:
         specs.append(decode_spec(cfg, mesh, rules, veto))

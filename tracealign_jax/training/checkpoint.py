@@ -73,10 +73,11 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         self._write_checksums()  # the previous save must be complete before the next one starts anyway
+        if getattr(state, "frozen", None) is not None:  # LoRA: adapter-only, the base is never checkpointed
+            state = state.replace(frozen=None)
         started = self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state.replace(frozen=None)),
-                                    data=ocp.args.JsonSave(data_position)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
             force=force,
         )
         if started:
