@@ -63,10 +63,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     tokens = batch_rows(cfg) * bucket
     trace = cfg.loss.type == "trace"
     ref_forward = trace or (cfg.train.objective == "dpo" and reference == "in_step")
-    if cfg.lora.rank:  # forward + activation backward (no base weight gradients), the rank-r matmuls negligible
-        flops = tokens * (2 + ref_forward) * flops_per_token(arch, bucket, train=False)
-    else:
-        flops = train_step_flops(arch, tokens, bucket, ref_forward=ref_forward)
+    flops = train_step_flops(arch, tokens, bucket, ref_forward=ref_forward, frozen_base=cfg.lora.rank > 0)
     notes = f"bucket {bucket}, {batch_rows(cfg)} rows, micro_batches {cfg.train.micro_batches}, remat {cfg.model.remat}"
     if cfg.lora.rank:
         n_adapter = sum(x.size for x in jax.tree.leaves(abs_params))

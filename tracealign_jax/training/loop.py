@@ -235,7 +235,8 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         m["step_time_s"] = dt
         m["tokens_per_s"] = valid_tokens / dt
         if cfg.train.peak_flops_per_device > 0:
-            flops = train_step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=not sft and cfg.loss.reference == "in_step")
+            ref_forward = cfg.loss.type == "trace" or (not sft and cfg.loss.reference == "in_step")
+            flops = train_step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=ref_forward, frozen_base=cfg.lora.rank > 0)
             m["mfu"] = flops / dt / (cfg.train.peak_flops_per_device * jax.device_count())
         history.append(dict(m, step=n))
         if n % max(cfg.train.log_every, 1) == 0 or n == end:
