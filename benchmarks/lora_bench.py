@@ -1,13 +1,13 @@
-"""TRACE step on LoRA adapters vs the same objective on all parameters: time and memory, same run.
+"""The train step on LoRA adapters vs on all parameters (the same ``training.step``): time and memory, same run.
 
 Model and batch are train_bench's (random Llama: 4 layers, hidden 256, MLP 688, 8 heads, 4 KV heads,
-vocab 512; 8 pairs, prompt 64 + response 64 tokens; fp32, CPU, one device). Both steps compute the
-TRACE objective (pairs alternate invert / suppress / retain; beta 0.3, alpha_KL 0.1) with a
-reference forward in the step, clip + AdamW:
-  * LoRA: ``realign.step.trace_lora_step`` (rank ``--rank`` on all 7 projections; reference = the
-    base with B = 0; gradients and optimizer moments for the adapters only);
-  * full: the same loss differentiated with respect to every parameter, the reference a frozen copy.
-Time: median wall ms over ``--steps`` steps after one compile step, the two interleaved. Memory:
+vocab 512; 8 pairs, prompt 64 + response 64 tokens; fp32, CPU, one device). Rows:
+  * DPO, all parameters: the frozen reference a copy in the step (the compute dtype, float32 here);
+  * DPO, LoRA: rank ``--rank`` on all 7 projections; the reference is the base (adapters zeroed);
+    gradients and optimizer moments for the adapters only;
+  * TRACE, LoRA (pairs alternate invert / suppress / retain; beta 0.3, alpha_KL 0.1): the token KL
+    over the vocabulary on top of DPO's work.
+Time: median wall ms over ``--steps`` steps after one compile step, the rows interleaved. Memory:
 optimizer-state bytes (from the state trees) and XLA's accounting of each compiled step
 (``memory_analysis``: arguments + outputs + temporaries, minus aliased donated buffers).
 
@@ -17,15 +17,53 @@ optimizer-state bytes (from the state trees) and XLA's accounting of each compil
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_bench import ARCH, PAIRS, PROMPT, RESPONSE, host_batch  # noqa: E402
+
+
+def make_step(loss: str, rank: int):
+    """(one synchronous step, optimizer-state bytes, XLA step MiB, trained / total parameter counts)."""
+    import jax
+
+    from tracealign_jax import sharding
+    from tracealign_jax.config import Config, MeshConfig, from_dict
+    from tracealign_jax.training.loop import to_device_batch
+    from tracealign_jax.training.state import graphdef_and_abstract_params, init_train_state, state_shardings
+    from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step
+
+    cfg = from_dict(Config, {"model": {"arch": ARCH, "scan_layers": False}, "mesh": {"data": 1},
+                             "loss": {"type": loss}, "lora": {"rank": rank, "alpha": 2.0 * max(rank, 1)},
+                             "train": {"batch_size": PAIRS, "learning_rate": 1e-5, "steps": 1000}})  # fmt: skip
+    mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
+    rules = sharding.resolve_rules(cfg.mesh.rules)
+    graphdef, state = init_train_state(cfg, mesh, rules)
+    _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
+    fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))
+    hb = host_batch()
+    cats = np.resize(np.array([1, 2, 0], np.int32), PAIRS)
+    hb |= {"category": cats, "weight": (cats != 0).astype(np.float32)}
+    batch = to_device_batch({k: hb[k] for k in batch_fields(cfg)}, batch_shardings(cfg, mesh, rules))
+    m = fn.lower(state, batch, None).compile().memory_analysis()
+    mib = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    opt_bytes, trained = nbytes(state.opt_state), count(state.params)
+    total = trained + count(state.frozen)
+    box = [state]
+
+    def one() -> None:
+        box[0], metrics = fn(box[0], batch, None)
+        jax.block_until_ready(metrics)
+
+    return one, opt_bytes, mib, trained, total
 
 
 def main() -> None:
@@ -33,100 +71,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rank", type=int, default=8)
     args = ap.parse_args()
-
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from flax import nnx
 
-    from tracealign_jax import sharding
-    from tracealign_jax.config import LoRAConfig, MeshConfig, RealignConfig, TrainConfig
-    from tracealign_jax.model import ModelArch, init_model
-    from tracealign_jax.model import lora as L
-    from tracealign_jax.realign.objective import chunked_token_kl, trace_objective
-    from tracealign_jax.realign.step import init_lora_state, make_trace_lora_step
-    from tracealign_jax.training.logprobs import chunked_token_logprobs
-    from tracealign_jax.training.state import make_optimizer
-
-    arch = ModelArch.from_hf_dict(ARCH)
-    rc, tc = RealignConfig(), TrainConfig(learning_rate=1e-5, steps=1000)
-    hb = host_batch()
-    cats = np.resize(np.array([1, 2, 0], np.int32), PAIRS)
-    batch = {k: jnp.asarray(hb[k]) for k in ("tokens", "positions", "valid", "loss_mask")}
-    batch |= {"category": jnp.asarray(cats), "weight": jnp.asarray((cats != 0).astype(np.float32))}
-    mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
-    rules = sharding.RULE_PRESETS["fsdp_tp"]
-
-    # LoRA
-    model = L.add_lora(init_model(arch, scan_layers=False, seed=0), LoRAConfig(rank=args.rank, alpha=2.0 * args.rank))
-    graphdef, adapter, base = L.split_adapter(model)
-    lora_fn, st_sh, b_sh, batch_sh = make_trace_lora_step(graphdef, adapter, base, mesh, rules, rc=rc, tc=tc, dropout=False)
-    lora_state = jax.device_put(init_lora_state(adapter, tc), st_sh)
-    base = jax.device_put(base, b_sh)
-    lora_batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
-
-    # full parameters, same objective
-    fgraph, params = nnx.split(init_model(arch, scan_layers=False, seed=0))
-    ref = jax.tree.map(jnp.copy, params)
-    opt = make_optimizer(tc)
-
-    def full_loss(p, ref_p, b):
-        m, mr = nnx.merge(fgraph, p), nnx.merge(fgraph, ref_p)
-        h, _ = m.hidden(b["tokens"], b["positions"], b["valid"])
-        hr, _ = mr.hidden(b["tokens"], b["positions"], b["valid"])
-        hr, wr = jax.lax.stop_gradient(hr), jax.lax.stop_gradient(mr.unembedding_matrix())
-        lp, _ = chunked_token_logprobs(h, m.unembedding_matrix(), b["tokens"])
-        lr, _ = chunked_token_logprobs(hr, wr, b["tokens"])
-        kl = chunked_token_kl(h, m.unembedding_matrix(), hr, wr)
-        mask = b["loss_mask"]
-        return trace_objective(jnp.sum(lp * mask, -1), jnp.sum(lr * mask, -1), kl, mask, b["category"], b["weight"],
-                               beta=rc.beta, alpha_kl=rc.alpha_kl)[0]  # fmt: skip
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def full_step(p, opt_state, ref_p, b):
-        loss, g = jax.value_and_grad(full_loss)(p, ref_p, b)
-        updates, opt_state = opt.update(g, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    full_state = [params, opt.init(params)]
-    lora_box = [lora_state]
-
-    def run_lora():
-        lora_box[0], m = lora_fn(lora_box[0], base, lora_batch)
-        jax.block_until_ready(m)
-
-    def run_full():
-        full_state[0], full_state[1], loss = full_step(full_state[0], full_state[1], ref, batch)
-        jax.block_until_ready(loss)
-
-    def xla_mib(compiled) -> float:
-        m = compiled.memory_analysis()
-        if m is None:
-            return float("nan")
-        return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
-
-    mem_lora = xla_mib(lora_fn.lower(lora_box[0], base, lora_batch).compile())
-    mem_full = xla_mib(full_step.lower(full_state[0], full_state[1], ref, batch).compile())
-    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
-    opt_lora, opt_full = nbytes(lora_box[0].opt_state), nbytes(full_state[1])
-    n_adapter, n_params = sum(x.size for x in jax.tree.leaves(adapter)), sum(x.size for x in jax.tree.leaves(params))
-    run_lora()
-    run_full()
-    t_lora, t_full = [], []
+    rows = {"DPO, all parameters": make_step("sigmoid", 0), f"DPO, LoRA r={args.rank}": make_step("sigmoid", args.rank),
+            f"TRACE, LoRA r={args.rank}": make_step("trace", args.rank)}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for one, *_ in rows.values():
+        one()  # compile
     for _ in range(args.steps):
-        for fn, ts in ((run_lora, t_lora), (run_full, t_full)):
+        for name, (one, *_) in rows.items():
             t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
+            one()
+            times[name].append(time.perf_counter() - t0)
     tokens = 2 * PAIRS * (PROMPT + RESPONSE)
-    print(f"model {n_params / 1e6:.2f} M parameters; LoRA rank {args.rank} on 7 projections: {n_adapter / 1e6:.3f} M "
-          f"trainable ({100 * n_adapter / n_params:.2f}%); {tokens} tokens per step; backend {jax.default_backend()}")
-    print("| step | median ms | tokens/s | optimizer state MiB | XLA step memory MiB |")
-    print("|---|---|---|---|---|")
-    for name, ts, o, mem in (("TRACE, LoRA adapters", t_lora, opt_lora, mem_lora), ("TRACE, all parameters", t_full, opt_full, mem_full)):
-        med = statistics.median(ts)
-        print(f"| {name} | {med * 1e3:.1f} | {tokens / med:.0f} | {o / 2**20:.2f} | {mem:.1f} |")
+    print(f"{tokens} tokens per step; backend {jax.default_backend()}")
+    print("| step | trained params | median ms | tokens/s | optimizer state MiB | XLA step memory MiB |")
+    print("|---|---|---|---|---|---|")
+    for name, (_, opt, mib, trained, total) in rows.items():
+        med = statistics.median(times[name])
+        print(f"| {name} | {trained / 1e6:.3f} M of {total / 1e6:.2f} M | {med * 1e3:.1f} | {tokens / med:.0f} | "
+              f"{opt / 2**20:.2f} | {mib:.1f} |")
     try:
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     except OSError:

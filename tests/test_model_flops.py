@@ -23,6 +23,8 @@ def test_matches_a_hand_count():
     # A DPO step over 6 tokens padded to 10, with the frozen reference forward in the step.
     assert train_step_flops(ARCH, 6, 10, ref_forward=True) == 6 * (3 * 3456 + 3456)
     assert train_step_flops(ARCH, 6, 10, ref_forward=False) == 6 * 3 * 3456
+    # LoRA (frozen base): forward + activation backward = 2 forwards, plus the base's reference forward.
+    assert train_step_flops(ARCH, 6, 10, ref_forward=True, frozen_base=True) == 6 * 3 * 3456
 
 
 def test_tied_embeddings_still_count_the_unembedding_once():

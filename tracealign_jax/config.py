@@ -120,7 +120,7 @@ class LossConfig:
     type: sigmoid | ipo | hinge | robust | trace. Conservative DPO (cDPO) is ``type: sigmoid`` with
       ``label_smoothing`` = its epsilon (the assumed label-flip probability, in [0, 0.5)); TRL 1.16's
       sigmoid loss ignores label_smoothing, ours applies the cDPO form (see ``training.losses``).
-      trace: TRACE re-alignment on LoRA adapters (``realign.train``; its parameters are in ``realign``).
+      trace: TRACE re-alignment on LoRA adapters (``realign.step``; its parameters are in ``realign``).
     beta: inverse temperature on log-ratio margins (nats^-1). rpo_alpha: weight of chosen NLL.
     cbd_data_weight / cbd_margin: term (a), hinge on high-BCI response tokens (margin in nats).
     cbd_cont_weight: term (b), the same hinge on the veto-table continuations of every response prefix.
@@ -573,6 +573,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.micro_batches={tc.micro_batches} must divide train.batch_size={tc.batch_size} "
                           "(every micro-batch holds whole pairs)")  # fmt: skip
     check_columns(cfg.data.columns)
+    if loss.type == "trace" and not cfg.lora.rank:
+        raise ConfigError("loss.type=trace trains LoRA adapters: set lora.rank > 0", "lora.rank")
+    if loss.type == "trace" and (tc.micro_batches != 1 or tc.objective != "dpo"):
+        raise ConfigError("loss.type=trace: needs train.objective=dpo (pairs) and train.micro_batches=1", "train.micro_batches")
     if tc.objective == "dpo" and loss.cbd_cont_weight and loss.reference == "precomputed":
         raise ConfigError("loss.cbd_cont_weight > 0 needs the reference's log-probs of the veto entries, which "
                           "precomputed reference log-probs do not hold: use loss.reference=in_step")  # fmt: skip

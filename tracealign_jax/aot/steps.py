@@ -2,7 +2,8 @@
 
 ``build_specs(cfg, mesh, rules, steps=("train", "decode"))`` returns ``StepSpec``s for
 ``train[ref=precomputed]`` / ``train[ref=in_step]`` (``training.step.train_step_fn_and_shardings`` at
-the config's largest data bucket, the reference mode switched per row) and ``decode``
+the config's largest data bucket, the reference mode switched per row; ``train[trace+lora]`` for
+``loss.type: trace``, whose reference is the frozen LoRA base) and ``decode``
 (``decoding.runner.abstract_decoder(...).jitted()`` at the largest prompt bucket). The veto table
 enters as an abstract, replicated ``VetoTable`` of ``veto_contexts`` contexts and ``veto_entries``
 entries; the defaults (2^24 / 2^25, 0.5 GB) stand for a table from a ~1 B-token unsafe corpus.
@@ -43,7 +44,8 @@ def abstract_veto_table(cfg: Config, mesh: Mesh, contexts: int, entries: int) ->
 
 
 def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, veto: Any) -> StepSpec:
-    """The trainer's jitted step for ``cfg`` with ``loss.reference = reference``, at the largest bucket."""
+    """The trainer's jitted step for ``cfg`` with ``loss.reference = reference``, at the largest bucket
+    (with LoRA: only the adapters differentiated and in the optimizer, the frozen base in the state)."""
     from tracealign_jax.model import model_arch, param_shardings
     from tracealign_jax.training.state import graphdef_and_abstract_params
     from tracealign_jax.training.step import batch_length, batch_rows, train_step_fn_and_shardings
@@ -59,15 +61,21 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     arch = model_arch(cfg.model)
     tokens = batch_rows(cfg) * batch_length(cfg, bucket)
-    flops = train_step_flops(arch, tokens, batch_length(cfg, bucket), ref_forward=cfg.train.objective == "dpo" and reference == "in_step")
+    trace = cfg.loss.type == "trace"
+    ref_forward = trace or (cfg.train.objective == "dpo" and reference == "in_step")
+    flops = train_step_flops(arch, tokens, batch_length(cfg, bucket), ref_forward=ref_forward, frozen_base=cfg.lora.rank > 0)
     notes = f"bucket {bucket}, {batch_rows(cfg)} rows, micro_batches {cfg.train.micro_batches}, remat {cfg.model.remat}"
+    if cfg.lora.rank:
+        n_adapter = sum(x.size for x in jax.tree.leaves(abs_params))
+        notes += (f", LoRA r={cfg.lora.rank} on {len(cfg.lora.targets)} projections ({n_adapter / 1e6:.1f} M float32 "
+                  f"adapter params), frozen base {cfg.model.param_dtype}")
     if uses_veto:
         notes += f", veto table {veto.ctx_hi.shape[0]:,} contexts / {veto.next_tokens.shape[0]:,} entries"
     return StepSpec(
-        name=f"train[ref={reference}]", jitted=fn, args=(abs_state, abs_batch, veto if uses_veto else None), tokens=tokens,
+        name="train[trace+lora]" if trace else f"train[ref={reference}]", jitted=fn, args=(abs_state, abs_batch, veto if uses_veto else None), tokens=tokens,
         model_flops=flops, declared=param_shardings(abs_params, mesh, rules),
         select=lambda state: state.params, notes=notes, reduces_grads=True,
-        weight_passes=2 + (cfg.train.objective == "dpo" and reference == "in_step"),  # fwd, bwd (+ reference fwd)
+        weight_passes=2 + ref_forward,  # fwd, bwd (+ reference fwd)
         compute_itemsize=jnp.dtype(cfg.model.dtype).itemsize,
     )  # fmt: skip
 
@@ -114,7 +122,10 @@ def build_specs(
     veto = abstract_veto_table(cfg, mesh, veto_contexts, veto_entries)
     specs = []
     if "train" in steps:
-        refs = references if cfg.train.objective == "dpo" else ("precomputed",)
+        if cfg.loss.type == "trace":  # one step, its reference the frozen base: listed under in_step
+            refs = tuple(r for r in references if r == "in_step")
+        else:
+            refs = references if cfg.train.objective == "dpo" else ("precomputed",)
         specs += [train_spec(cfg, mesh, rules, ref, veto) for ref in refs]
     if "decode" in steps:
         specs.append(decode_spec(cfg, mesh, veto))

@@ -27,10 +27,12 @@ def flops_per_token(arch: ModelArch, context_len: int, *, train: bool) -> float:
     return 3.0 * forward if train else forward
 
 
-def train_step_flops(arch: ModelArch, tokens: int, seq_len: int, *, ref_forward: bool) -> float:
+def train_step_flops(arch: ModelArch, tokens: int, seq_len: int, *, ref_forward: bool, frozen_base: bool = False) -> float:
     """FLOPs of one DPO/SFT step over ``tokens`` tokens padded to ``seq_len``: policy forward + backward,
-    plus a reference forward when the frozen reference runs in the step."""
-    per = flops_per_token(arch, seq_len, train=True)
+    plus a reference forward when the frozen reference runs in the step. ``frozen_base`` (LoRA): the
+    backward computes activation gradients only (2 forwards in all; the rank-r adapter matmuls are
+    not counted)."""
+    per = 2.0 * flops_per_token(arch, seq_len, train=False) if frozen_base else flops_per_token(arch, seq_len, train=True)
     if ref_forward:
         per += flops_per_token(arch, seq_len, train=False)
     return per * tokens

@@ -90,8 +90,10 @@ class LoRAAdapters(nnx.Module):
 
 
 def add_lora(model: Any, cfg: LoRAConfig, *, seed: int = 0) -> Any:
-    """Attaches fresh adapters to a ``Transformer`` (in place; returned for chaining)."""
-    model.lora = LoRAAdapters(model.arch, cfg, param_dtype=model.param_dtype, rngs=nnx.Rngs(seed))
+    """Attaches fresh adapters to a ``Transformer`` (in place; returned for chaining).
+
+    Adapters are float32 masters whatever the base's ``param_dtype`` (a frozen bf16 base is allowed)."""
+    model.lora = LoRAAdapters(model.arch, cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
     return model
 
 

@@ -7,7 +7,8 @@ truncated ``_METADATA`` surfaces as a bare JSONDecodeError). ``model_config.json
 architecture the run was trained with, so export and decoding rebuild exactly that model.
 
 A checkpoint step directory holds two items: ``state`` (the TrainState: params, optimizer, step,
-reference params, non-finite counters) and ``data`` (the batch stream's JSON position); checkpoints
+reference params, non-finite counters; with LoRA the adapters and their optimizer only, never the
+frozen base: ``TrainState.frozen`` is dropped on save and comes back None on restore) and ``data`` (the batch stream's JSON position); checkpoints
 from before issue 19 also hold an ``rng`` item, which restore ignores. Restores go through
 ``abstract_train_state`` of the CURRENT mesh (``jax.ShapeDtypeStruct``s carrying the new
 NamedShardings), so each process reads exactly its new shards, on any mesh shape.
@@ -72,6 +73,8 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         self._write_checksums()  # the previous save must be complete before the next one starts anyway
+        if getattr(state, "frozen", None) is not None:  # LoRA: adapter-only, the base is never checkpointed
+            state = state.replace(frozen=None)
         started = self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
@@ -155,6 +158,7 @@ class Checkpointer:
         """(state, data position) of ``step`` (default latest), laid out as ``abstract_state`` says;
         the step's files are checked against their checksums first unless ``verify=False``."""
         step = self.latest_step() if step is None else step
+        abstract_state = abstract_state.replace(frozen=None)
         if step is None:
             raise FileNotFoundError(f"{self.dir}: no checkpoint to restore")
         if step not in self.manager.all_steps():

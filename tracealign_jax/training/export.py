@@ -1,4 +1,4 @@
-"""Training checkpoint -> Hugging Face checkpoint (the policy parameters only), via ``hf_io.save_hf``."""
+"""Training checkpoint -> Hugging Face checkpoint (the policy parameters only, LoRA adapters merged), via ``hf_io.save_hf``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tracealign_jax import sharding
 from tracealign_jax.config import Config, ConfigError, load_config
 from tracealign_jax.model import model_arch
 from tracealign_jax.training.checkpoint import recorded_arch, restore_params
-from tracealign_jax.training.state import abstract_train_state, graphdef_and_abstract_params
+from tracealign_jax.training.state import abstract_train_state, graphdef_and_abstract_params, lora_base
 
 
 def resolve_run(checkpoint: Path, config_path: str | None) -> tuple[Path, Path]:
@@ -39,22 +39,32 @@ def with_recorded_arch(cfg: Config, ckpt_dir: str | Path) -> Config:
 def export_checkpoint(checkpoint: Path, out: Path, *, config_path: str | None = None, step: int | None = None,
                       tokenizer_dir: str | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Restores the policy of ``checkpoint`` onto the run's mesh (every process's devices in a multi-host run)
-    and writes it as a HF checkpoint; ``save_hf`` gathers one tensor at a time, never the whole model."""
-    from tracealign_jax.hf_io import save_hf
+    and writes it as a HF checkpoint; ``save_hf`` gathers one tensor at a time, never the whole model.
+
+    LoRA runs (adapter-only checkpoints): the base is rebuilt as the run built it (``model.hf_dir``,
+    or the seed), the adapters are merged into it (``W + scale A B``), and the adapters alone are
+    also written as a PEFT directory ``<out>/peft_adapter``."""
+    from tracealign_jax.hf_io import flat_params, save_hf
 
     ckpt_dir, cfg_path = resolve_run(checkpoint, config_path)
     cfg = load_config(cfg_path)
-    if cfg.loss.type == "trace":  # LoRA adapters: merged into the base on export
-        from tracealign_jax.realign.train import export_trace_checkpoint
-
-        return export_trace_checkpoint(ckpt_dir, cfg, out, step=step, tokenizer_dir=tokenizer_dir, dtype=dtype,
-                                       overwrite=overwrite)  # fmt: skip
-    cfg = with_recorded_arch(cfg, ckpt_dir)
+    if not cfg.lora.rank:  # a LoRA run's base weights come from model.hf_dir itself
+        cfg = with_recorded_arch(cfg, ckpt_dir)
     sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.build_mesh(cfg.mesh)
     rules = sharding.resolve_rules(cfg.mesh.rules)
     graphdef, _ = graphdef_and_abstract_params(cfg, mesh, rules)
     params = restore_params(ckpt_dir, abstract_train_state(cfg, mesh, rules), step)
-    model = nnx.merge(graphdef, params)
+    arch = model_arch(cfg.model)
     tok = tokenizer_dir or cfg.data.tokenizer_dir or None
-    return save_hf(model, model_arch(cfg.model), out, tokenizer_dir=tok, dtype=dtype, overwrite=overwrite, progress=False)
+    if not cfg.lora.rank:
+        return save_hf(nnx.merge(graphdef, params), arch, out, tokenizer_dir=tok, dtype=dtype, overwrite=overwrite,
+                       progress=False)  # fmt: skip
+    from tracealign_jax.model.lora import merge_adapter, save_peft_adapter
+
+    flat = flat_params(nnx.merge(graphdef, params, lora_base(cfg, mesh, rules)))
+    path = save_hf(merge_adapter(flat, cfg.lora), arch, out, tokenizer_dir=tok, dtype=dtype, overwrite=overwrite,
+                   progress=False)  # fmt: skip
+    save_peft_adapter(flat, arch, cfg.lora, path / "peft_adapter", base_model_name_or_path=cfg.model.hf_dir,
+                      overwrite=True)  # fmt: skip
+    return path

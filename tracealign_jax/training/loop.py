@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tracealign_jax import sharding
 from tracealign_jax.config import Config, ConfigError, to_dict, validate
-from tracealign_jax.model import model_arch, model_options
+from tracealign_jax.model import model_arch
 from tracealign_jax.model.flops import train_step_flops
 from tracealign_jax.pairs import TokenizedPairs, check_same_dataset, check_token_ids, load_pairs
 from tracealign_jax.training.checkpoint import Checkpointer
@@ -33,6 +33,9 @@ from tracealign_jax.training.state import (
     abstract_train_state,
     graphdef_and_abstract_params,
     init_train_state,
+    initial_model,
+    lora_base,
+    model_params,
     state_shardings,
 )
 from tracealign_jax.training.step import batch_fields, batch_rows, batch_shardings, make_train_step, pair_layout
@@ -50,6 +53,7 @@ class TrainResult:
     steps_run: int
     resumed_from: int | None
     num_skipped_records: int
+    adapter_dir: Path | None = None  # LoRA: the PEFT adapter directory written at the end of the run
 
 
 def to_device_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
@@ -131,23 +135,26 @@ def _check_batch_divides(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> None
                           f"rows are a multiple of {ways}")
 
 
-def _initial_model(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> Any:
-    if not cfg.model.hf_dir:
-        return None
-    from tracealign_jax.hf_io import load_hf
+def _save_peft(cfg: Config, graphdef: Any, state: TrainState, out_dir: Path) -> Path:
+    """The run's adapters as a PEFT LoRA directory ``<output_dir>/peft_adapter`` (process 0 writes)."""
+    from flax import nnx
 
-    model, _ = load_hf(cfg.model.hf_dir, mesh=mesh, rules=rules, **model_options(cfg.model))
-    return model
+    from tracealign_jax.hf_io import flat_params
+    from tracealign_jax.model.lora import save_peft_adapter
+
+    flat = flat_params(nnx.merge(graphdef, state.params, state.frozen))
+    return save_peft_adapter(flat, model_arch(cfg.model), cfg.lora, out_dir / "peft_adapter",
+                             base_model_name_or_path=cfg.model.hf_dir, overwrite=True)  # fmt: skip
 
 
 def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int | None = None,
           show_progress: bool = True) -> TrainResult:  # fmt: skip
     """Runs (or resumes) training to ``cfg.train.steps``; ``stop_after`` ends early after that many
-    steps in this call (tests use it to simulate an interrupted run)."""
-    if cfg.loss.type == "trace":
-        from tracealign_jax.realign.train import train_trace
+    steps in this call (tests use it to simulate an interrupted run).
 
-        return train_trace(cfg, stop_after=stop_after, show_progress=show_progress)  # type: ignore[return-value]
+    With LoRA (``lora.rank`` > 0) only the adapters train and are checkpointed; the base is rebuilt
+    on resume; the adapters are written as ``<output_dir>/peft_adapter`` at the end.
+    ``loss.type: trace`` reads each pair's category and impact weight (``realign.data.pair_fields``)."""
     validate(cfg)
     sharding.initialize_distributed(cfg.mesh)
     mesh = sharding.build_mesh(cfg.mesh)
@@ -168,6 +175,11 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         check_same_dataset(bci.meta, pairs, f"data.bci_path {cfg.data.bci_path}")
         if len(bci) != len(pairs):
             raise ValueError(f"data.bci_path: {len(bci)} examples but the dataset has {len(pairs)}")
+    pair_cols = {}
+    if cfg.loss.type == "trace":
+        from tracealign_jax.realign.data import pair_fields
+
+        pair_cols = dict(zip(("category", "weight"), pair_fields(cfg.data.train_path, pairs.arrays["line"])))
     veto, veto_meta = _load_veto(cfg)
     if veto is not None:  # replicated once here, so the step never re-transfers it
         veto = jax.device_put(veto, NamedSharding(mesh, PartitionSpec()))
@@ -182,8 +194,10 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
     graphdef, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     if resumed_from is not None:
         state, position = ckpt.restore(abstract_train_state(cfg, mesh, rules))
+        if cfg.lora.rank:  # adapter-only checkpoints
+            state = state.replace(frozen=lora_base(cfg, mesh, rules))
     else:
-        graphdef, state = init_train_state(cfg, mesh, rules, model=_initial_model(cfg, mesh, rules))
+        graphdef, state = init_train_state(cfg, mesh, rules, model=initial_model(cfg, mesh, rules))
         position = None
     ref_reader = None
     if not sft and cfg.loss.reference == "precomputed":
@@ -193,7 +207,8 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         if ref_reader is None:
             if resumed_from is not None:
                 raise ValueError("reference log-probs store missing on resume; the reference params are not in the checkpoint")
-            ref_reader = reference.precompute_reference(cfg, graphdef, state.params, pairs, mesh, rules, cfg.train.batch_size)
+            ref_reader = reference.precompute_reference(cfg, graphdef, model_params(state.params, state.frozen), pairs,
+                                                        mesh, rules, cfg.train.batch_size)  # fmt: skip
     stream = BatchStream(pairs, cfg.data, cfg.train.batch_size, sft=sft, bci=bci, ref_logps=ref_reader,
                          layout=pair_layout(cfg))
     if position is not None:
@@ -221,7 +236,8 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         m["step_time_s"] = dt
         m["tokens_per_s"] = valid_tokens / dt
         if cfg.train.peak_flops_per_device > 0:
-            flops = train_step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=not sft and cfg.loss.reference == "in_step")
+            ref_forward = cfg.loss.type == "trace" or (not sft and cfg.loss.reference == "in_step")
+            flops = train_step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=ref_forward, frozen_base=cfg.lora.rank > 0)
             m["mfu"] = flops / dt / (cfg.train.peak_flops_per_device * jax.device_count())
         history.append(dict(m, step=n))
         if n % max(cfg.train.log_every, 1) == 0 or n == end:
@@ -237,6 +253,7 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
     try:
         for n in range(start + 1, end + 1):
             host = next(stream)
+            host.update({k: v[host["index"]] for k, v in pair_cols.items()})
             position = stream.position()
             batch = to_device_batch({k: host[k] for k in fields}, b_sh)
             state, metrics = step_fn(state, batch, veto)
@@ -250,4 +267,7 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
     finally:
         ckpt.close()
         writer.close()
-    return TrainResult(state, graphdef, history, end - start, resumed_from, pairs.num_skipped)
+    adapter_dir = None
+    if cfg.lora.rank and end == cfg.train.steps and jax.process_index() == 0:
+        adapter_dir = _save_peft(cfg, graphdef, state, out_dir)
+    return TrainResult(state, graphdef, history, end - start, resumed_from, pairs.num_skipped, adapter_dir)

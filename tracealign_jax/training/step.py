@@ -3,7 +3,9 @@
 One path for every configuration: merge the NNX graph with the state's parameters, run the decoder
 to final hidden states, compute per-token log-probs in chunks (``logprobs``), get reference log-probs
 (frozen copy behind ``stop_gradient``, or precomputed in the batch), apply the objective
-(``losses``), clip + AdamW. Gradient accumulation scans over ``train.micro_batches`` slices of the
+(``losses``), clip + AdamW. With LoRA the differentiated ``params`` are the adapters and the
+base is ``state.frozen``; the reference is that base (``state.model_params`` / ``zero_adapters``).
+``loss.type: trace`` is TRACE (``realign.step.trace_loss``) on the same path. Gradient accumulation scans over ``train.micro_batches`` slices of the
 batch; every micro-batch is normalised by the WHOLE batch's pair / token counts, so the accumulated
 gradient equals the one-big-batch gradient. A non-finite loss or gradient norm leaves params and
 optimizer untouched and counts (``nonfinite_in_row`` resets on the next finite step). The veto table
@@ -38,16 +40,20 @@ from tracealign_jax.training.state import (
     graphdef_and_abstract_params,
     make_optimizer,
     make_schedule,
+    model_params,
     state_shardings,
+    zero_adapters,
 )
 
 Batch = dict[str, jax.Array]
 BATCH_AXES = ("batch", "length")
+PAIR_FIELDS = {"category": jnp.int32, "weight": jnp.float32}  # TRACE: one per pair, [B] on the "batch" axis
 
 
 def pair_layout(cfg: Config) -> str:
-    """``data.pair_layout`` for DPO; SFT rows hold one response, so always ``separate``."""
-    return cfg.data.pair_layout if cfg.train.objective == "dpo" else "separate"
+    """``data.pair_layout`` for DPO; SFT rows hold one response and the TRACE objective scores chosen and
+    rejected rows apart, so both always ``separate``."""
+    return cfg.data.pair_layout if cfg.train.objective == "dpo" and cfg.loss.type != "trace" else "separate"
 
 
 def batch_rows(cfg: Config) -> int:
@@ -66,6 +72,8 @@ def batch_fields(cfg: Config) -> dict[str, jnp.dtype]:
     fields = {"tokens": jnp.int32, "positions": jnp.int32, "valid": jnp.bool_, "loss_mask": jnp.float32}
     if pair_layout(cfg) == "shared_prompt":
         fields["branch"] = jnp.int32
+    if cfg.loss.type == "trace":
+        return {**fields, **PAIR_FIELDS}
     if cfg.train.objective == "dpo":
         fields["bci"] = jnp.float32
         if cfg.loss.reference == "precomputed":
@@ -75,22 +83,26 @@ def batch_fields(cfg: Config) -> dict[str, jnp.dtype]:
 
 def batch_shardings(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> dict[str, NamedSharding]:
     spec = sharding.named_sharding(mesh, rules, BATCH_AXES)
-    return {k: spec for k in batch_fields(cfg)}
+    pairs = sharding.named_sharding(mesh, rules, BATCH_AXES[:1])
+    return {k: pairs if k in PAIR_FIELDS else spec for k in batch_fields(cfg)}
 
 
 def abstract_batch(cfg: Config, mesh: Mesh, rules: sharding.Rules, bucket_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs (with shardings) of one global batch of bucket ``bucket_len`` (``batch_length``)."""
     shape = (batch_rows(cfg), batch_length(cfg, bucket_len))
     sh = batch_shardings(cfg, mesh, rules)
-    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh[k]) for k, dt in batch_fields(cfg).items()}
+    return {k: jax.ShapeDtypeStruct((cfg.train.batch_size,) if k in PAIR_FIELDS else shape, dt, sharding=sh[k])
+            for k, dt in batch_fields(cfg).items()}  # fmt: skip
 
 
 def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int, entry_ids: jax.Array | None,
-                   attention: str = "einsum"):  # fmt: skip
-    """Per-token log-probs (and veto-entry log-probs) of the batch rows, in the batch's own layout."""
+                   attention: str = "einsum", key: jax.Array | None = None):  # fmt: skip
+    """Per-token log-probs (and veto-entry log-probs) of the batch rows, in the batch's own layout;
+    ``key`` turns on LoRA dropout."""
     model = nnx.merge(graphdef, params)
     branch = batch.get("branch")
-    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], branch_BxL=branch, attention=attention)
+    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], dropout_key=key, branch_BxL=branch,
+                        attention=attention)  # fmt: skip
     return chunked_token_logprobs(h, model.unembedding_matrix(), batch["tokens"], chunk=chunk, entry_ids_BxLxM=entry_ids,
                                   compute_dtype=model.dtype, rescore=None if branch is None else rejected_start(branch))  # fmt: skip
 
@@ -121,10 +133,18 @@ def _veto_lookup(cfg: Config, veto: Any, batch: Batch) -> tuple[jax.Array, jax.A
 
 def loss_fn(params: Any, state: TrainState, batch: Batch, veto: Any, counts: dict[str, jax.Array], *, cfg: Config,
             graphdef: nnx.GraphDef) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
-    """The objective on one (micro-)batch, normalised by the global ``counts``."""
+    """The objective on one (micro-)batch, normalised by the global ``counts``; ``params`` are the
+    differentiated ones (the adapters with LoRA, merged here with ``state.frozen``)."""
     chunk = cfg.train.logprob_chunk
+    # LoRA dropout: keys from (seed, step), so the state carries no RNG and a resume replays them.
+    key = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step) if cfg.lora.rank and cfg.lora.dropout else None
+    if cfg.loss.type == "trace":
+        from tracealign_jax.realign.step import trace_loss
+
+        return trace_loss(params, state.frozen, batch, key, graphdef=graphdef, rc=cfg.realign, chunk=chunk)
+    policy = model_params(params, state.frozen)
     if cfg.train.objective == "sft":
-        logps, _ = _forward_logps(graphdef, params, batch, chunk, None, cfg.model.attention)
+        logps, _ = _forward_logps(graphdef, policy, batch, chunk, None, cfg.model.attention, key)
         return losses.sft_objective(logps, batch["loss_mask"], counts["tokens"])
     entry_ids = None
     if cfg.loss.cbd_cont_weight:
@@ -132,11 +152,12 @@ def loss_fn(params: Any, state: TrainState, batch: Batch, veto: Any, counts: dic
             raise ValueError("loss.cbd_cont_weight > 0 needs a veto table (loss.cbd_veto_table)")
         entry_ids, pen, ok = _veto_lookup(cfg, veto, batch)
     attention = cfg.model.attention
-    logps, entry_logps = _forward_logps(graphdef, params, batch, chunk, entry_ids, attention)
+    logps, entry_logps = _forward_logps(graphdef, policy, batch, chunk, entry_ids, attention, key)
     if cfg.loss.reference == "precomputed":
         ref = batch["ref_logps"]
     else:
-        ref, ref_entry_logps = _forward_logps(graphdef, state.ref_params, batch, chunk, entry_ids, attention)
+        ref_params = state.ref_params if state.frozen is None else model_params(zero_adapters(params), state.frozen)
+        ref, ref_entry_logps = _forward_logps(graphdef, ref_params, batch, chunk, entry_ids, attention)
     entries = None
     if entry_ids is not None:
         entries = _pair_rows(batch, entry_logps, jax.lax.stop_gradient(ref_entry_logps), pen, ok)[1:]
@@ -167,8 +188,7 @@ def train_step(state: TrainState, batch: Batch, veto: Any, *, cfg: Config,
     if k <= 1:
         (loss, metrics), grads = grad_fn(state.params, state, batch, veto, counts)
     else:
-        rows = next(iter(batch.values())).shape[0]
-        micro = jax.tree.map(lambda x: x.reshape((k, rows // k) + x.shape[1:]), batch)
+        micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
         def body(carry, mb):
             (l, m), g = grad_fn(state.params, state, mb, veto, counts)
