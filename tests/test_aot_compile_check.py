@@ -43,7 +43,8 @@ def test_tiny_config_compiles_for_v5p_and_fits(compiled_tiny_train):
     cfg, _, _, spec, report, compiled = compiled_tiny_train
     assert compiled is not None and report.fits and not report.compiler_refused
     assert report.num_devices == 8 and report.hbm_per_device == 95 * 10**9
-    assert report.tokens == 2 * cfg.train.batch_size * max(cfg.data.buckets)
+    # shared-prompt rows (the default layout): one row per pair of prompt + both responses (64 + 32)
+    assert report.tokens == cfg.train.batch_size * (max(cfg.data.buckets) + cfg.data.max_response_len)
     # FSDP over 4 chips: the step gathers weights and reduce-scatters / all-reduces gradients.
     assert report.costs.collectives["all-gather"].count > 0
     assert report.costs.collective_bytes > 0

@@ -117,8 +117,10 @@ def test_cbd_continuation_term_matches_bruteforce(toy):
     spans = [([10, 11, 12, 13], 7.0), ([12, 13, 14], 3.0), ([150, 160], 2.0), ([14, 15, 16, 17, 18], 11.0)]
     veto = jax.tree.map(jnp.asarray, compile_veto_table(spans, max_span=5, max_entries=4))
     margin, scale = 0.02, 5.0
+    # The brute force reads two-row pairs; the shared-prompt layout's veto contexts and entry log-probs
+    # equal these (tests/test_training_shared_prompt.py).
     cfg = toy_config(path, d / "e", "loss.cbd_cont_weight=0.5", "train.learning_rate=0.0", f"loss.cbd_margin={margin}",
-                     f"loss.cbd_bci_scale={scale}")  # fmt: skip
+                     f"loss.cbd_bci_scale={scale}", "data.pair_layout=separate")  # fmt: skip
     hb = _host_batches(cfg, 1)[0]
     graphdef, state, fn, b_sh = _runner(cfg, MeshConfig(data=1), jax.devices()[:1], veto)
     # a policy that differs from the reference, so the hinge is active for some entries and not others
