@@ -5,7 +5,8 @@ conflicting ones by their alignment impact, re-align with the hybrid objective o
     judge      host-side: pluggable judges (rules YAML, TraceShield provenance), label cache, agreement
     impact     jitted: <g_J, g_i> for every pair by one forward-mode JVP per batch; TRACE weights
     objective  pure loss functions of log-probs: inverted-pair logistic / IPO, dual NPO, token KL
-    step       the jitted TRACE step on LoRA adapters (reference = the base with B = 0)
-    train      ``loss.type: trace``: the loop around ``step`` (checkpoints, metrics, PEFT adapter)
+    step       the TRACE loss on LoRA adapters (reference = the base with B = 0); ``loss.type: trace``
+               trains it through ``training.loop`` / ``training.step`` like every objective
+    data       host-side: each tokenized pair's category and impact weight, from its record
     pipeline   file-to-file stages behind ``tracealign realign triage|impact`` (commands)
 """
