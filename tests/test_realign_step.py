@@ -92,7 +92,7 @@ def test_first_trace_loss_is_the_closed_form_and_only_adapters_move():
     assert history[-1]["rewards/flipped_accuracy"] > 0.5
 
 
-OBJECTIVES = {"trace": ("trace",), "dpo+cbd": ("sigmoid", "loss.cbd_data_weight=0.5", "loss.cbd_bci_scale=5"),
+OBJECTIVES = {"trace": ("trace",), "dpo+cbd": ("sigmoid", "loss.cbd_data_weight=0.5", "loss.cbd_bci_scale=5", "data.pair_layout=separate"),
               "sft": ("sigmoid", "train.objective=sft")}  # fmt: skip
 
 
