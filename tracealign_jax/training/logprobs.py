@@ -22,6 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tracealign_jax import sharding
+
 
 def _shift_to_token_frame(x_BxL: jax.Array) -> jax.Array:
     """Values computed at hidden position s (about token s+1) moved to position s+1; position 0 = 0."""
@@ -59,7 +61,9 @@ def chunked_token_logprobs(
     c = l if chunk <= 0 or chunk >= l else chunk
     n_chunks = -(-l // c)
     pad = n_chunks * c - l
-    w = unembed_DxV.astype(compute_dtype)
+    # Whole on the FSDP axis, in the compute dtype, once for all chunks: an FSDP all-gather. Left sharded on
+    # embed, XLA's TPU partitioner rotates the [B, C, V] chunks through rings of collective-permutes.
+    w = sharding.constrain(unembed_DxV.astype(compute_dtype), (None, "vocab"))
 
     def to_chunks(x: jax.Array) -> jax.Array:
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
