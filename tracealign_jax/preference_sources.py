@@ -21,13 +21,15 @@ Formats (``data.format``; ``auto`` picks one from the columns; ``data.columns`` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from tracealign_jax.atomic_io import sha256_file
 from tracealign_jax.chat import check_messages
@@ -89,13 +91,30 @@ def open_source(cfg: DataConfig, cache_dir: str | None) -> Source:
     return Source(ds, str(path), digest, fmt, tuple(unreadable))
 
 
+@contextlib.contextmanager
+def _quiet_builder() -> Iterator[None]:
+    """Keeps ``datasets``' own error log and split-generation bar off stderr while a file is read: a file it
+    cannot read is our one-line error (or a line-by-line re-read), not its traceback-laden log."""
+    import datasets
+
+    level, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(logging.CRITICAL + 1)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def _load(builder: str, path: Path, cache_dir: str | None) -> Any:
     """``datasets``' packaged ``json`` / ``parquet`` builder on one file; a Parquet file it cannot read is
     a one-line error (JSONL failures are diagnosed line by line in ``_load_jsonl``)."""
     import datasets
     import pyarrow as pa
 
-    with tempfile.TemporaryDirectory() as tmp:  # no cache_dir: build in a temporary cache, keep in memory
+    with tempfile.TemporaryDirectory() as tmp, _quiet_builder():  # no cache_dir: a temporary cache, kept in memory
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir or tmp,
                                          keep_in_memory=cache_dir is None)  # fmt: skip

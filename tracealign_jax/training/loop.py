@@ -129,7 +129,8 @@ def _check_batch_divides(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> None
     ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     rows = batch_rows(cfg)
     if rows % ways:
-        per = "2 rows per pair" if rows == 2 * cfg.train.batch_size else "1 row per pair or example"
+        per = ("1 row per example" if cfg.train.objective == "sft" else
+               f"{rows // cfg.train.batch_size} row{'s' * (rows > cfg.train.batch_size)} per pair ({pair_layout(cfg)} layout)")
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} ({rows} rows, {per}) is not divisible over the "
                           f"batch axes {' x '.join(f'mesh.{a}={mesh.shape[a]}' for a in axes)}: choose a batch whose "
                           f"rows are a multiple of {ways}")
