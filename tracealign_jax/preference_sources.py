@@ -139,7 +139,14 @@ def _load_jsonl(path: Path, columns: dict, cache_dir: str | None) -> tuple[Any, 
         if len(lines) == len(ds) and "Json(" not in repr(ds.features):
             return ds.add_column(LINE, lines), []
     except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError, ValueError):
-        pass
+        return _load_jsonl_by_line(path, columns)
+    return _load_jsonl_by_line(path, columns)
+
+
+def _load_jsonl_by_line(path: Path, columns: dict) -> tuple[Any, list[RecordError]]:
+    """The readable records of a JSONL file, each kept whole as JSON text (``RECORD``), and an error per bad line."""
+    import datasets
+
     rows, errors = [], []
     for line, rec in iter_records(path, yield_errors=True):
         if isinstance(rec, RecordError):
