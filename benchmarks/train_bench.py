@@ -177,24 +177,36 @@ def bench_trl(prompt: int, response: int, steps: int, warmup: int, between) -> l
     return times[warmup:]
 
 
-def padding_report(n: int = 20000, seed: int = 0) -> None:
+def padding_report(n: int = 20000, seed: int = 0, batch_size: int = 16) -> None:
     """Slots computed per pair and the padding fraction of both layouts under bucketing, on a synthetic
     length distribution shaped like public preference sets (log-normal prompt, median 120 tokens; responses
-    median 200, sigma 0.8; truncated at 1024 / 1024; buckets 256 / 512 / 1024 / 2048). No model runs."""
-    from tracealign_jax.training.data import bucket_of, layout_buckets
+    median 200, sigma 0.8; truncated at 1024 / 1024; buckets 256 / 512 / 1024 / 2048), batched as the
+    training loop batches them (``BatchStream``: the same pairs together in both layouts; a shared row
+    pads to the shortest row holding its batch's longest pair). No model runs."""
+    from types import SimpleNamespace
+
+    from tracealign_jax.training.data import assign_buckets, epoch_batches, row_length_of
 
     rng = np.random.default_rng(seed)
     ln = lambda med, sigma: np.clip(np.round(rng.lognormal(np.log(med), sigma, n)), 1, 1024).astype(int)  # noqa: E731
     p, c, r = ln(120, 0.9), ln(200, 0.8), ln(200, 0.8)
+    lengths = {"prompt": p, "chosen": c, "rejected": r}
+    pairs = SimpleNamespace(lengths=lambda field: lengths[field])
     buckets = (256, 512, 1024, 2048)
+    bucket_N = assign_buckets(pairs, buckets)
+    batches = epoch_batches(bucket_N, batch_size, seed, 0)
     unique = p + c + r
-    print(f"\npadding on {n:,} synthetic pairs (prompt median {np.median(p):.0f}, responses {np.median(c):.0f}; buckets {list(buckets)})")
+    print(f"\npadding on {n:,} synthetic pairs in batches of {batch_size} (prompt median {np.median(p):.0f}, "
+          f"responses {np.median(c):.0f}; buckets {list(buckets)})")
     print(f"{'layout':16s} {'slots/pair':>10s} {'padding':>8s} {'slots / unique tokens':>22s}")
     for layout, rows in (("separate", 2), ("shared_prompt", 1)):
-        need = unique if layout == "shared_prompt" else p + np.maximum(c, r)
-        slots = rows * np.asarray([bucket_of(int(x), layout_buckets(buckets, layout, 1024)) for x in need])
-        real = unique + (p if layout == "separate" else 0)  # separate rows hold the prompt twice
-        print(f"{layout:16s} {slots.mean():10.0f} {1 - real.sum() / slots.sum():8.1%} {slots.sum() / unique.sum():22.2f}")
+        slots = real = held = 0
+        for idx in batches:
+            slots += rows * len(idx) * row_length_of(pairs, idx, int(bucket_N[idx[0]]), layout, buckets, 1024)
+            real += int(unique[idx].sum() + (p[idx].sum() if layout == "separate" else 0))  # separate: prompt twice
+            held += int(unique[idx].sum())
+        pairs_seen = sum(len(idx) for idx in batches)
+        print(f"{layout:16s} {slots / pairs_seen:10.0f} {1 - real / slots:8.1%} {slots / held:22.2f}")
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ pair i's prompt + chosen response, row 2i+1 the same prompt + rejected response,
 
 With ``data.pair_layout: shared_prompt`` a pair is ONE row ``[prompt | chosen | rejected | padding]``, so
 the prompt is computed once: every array above is [B, L'] with L' the shortest of ``layout_buckets`` that
-holds prompt + chosen + rejected, ``loss_mask`` / ``bci`` / ``ref_logps`` on both responses, and
+holds the batch's longest prompt + chosen + rejected, ``loss_mask`` / ``bci`` / ``ref_logps`` on both
+responses, and
   branch      int32[B, L']    0 prompt, 1 chosen, 2 rejected, -1 padding
   positions                   0..p-1 on the prompt; p, p+1, ... on chosen AND on rejected (both
                               responses continue from the prompt's end, as in their separate rows)
@@ -58,16 +59,22 @@ def bucket_of(total_len: int, buckets: Sequence[int]) -> int:
                       "(need max bucket >= max_prompt_len + max_response_len)")  # fmt: skip
 
 
-def assign_buckets(pairs: TokenizedPairs, buckets: Sequence[int], sft: bool = False, layout: str = "separate",
-                   max_response_len: int = 0) -> np.ndarray:  # fmt: skip
-    """int64[N]: the row length of each example: the bucket of prompt + longer response (separate, SFT),
-    or the shortest of ``layout_buckets`` holding prompt + chosen + rejected (shared_prompt)."""
-    if layout == "shared_prompt" and not sft:
-        shared = layout_buckets(buckets, layout, max_response_len)
-        total = pairs.lengths("prompt") + pairs.lengths("chosen") + pairs.lengths("rejected")
-        return np.asarray([bucket_of(int(n), shared) for n in total], np.int64)
+def assign_buckets(pairs: TokenizedPairs, buckets: Sequence[int], sft: bool = False) -> np.ndarray:
+    """int64[N]: the bucket of each example, the bucket of prompt + longer response (prompt + response
+    for SFT). Both pair layouts group pairs into batches by it, so the layout never changes which pairs
+    train together (only ``row_length_of`` differs)."""
     resp = pairs.lengths("chosen") if sft else np.maximum(pairs.lengths("chosen"), pairs.lengths("rejected"))
     return np.asarray([bucket_of(int(n), buckets) for n in pairs.lengths("prompt") + resp], np.int64)
+
+
+def row_length_of(pairs: TokenizedPairs, idx_B: np.ndarray, bucket: int, layout: str, buckets: Sequence[int],
+                  max_response_len: int) -> int:  # fmt: skip
+    """The row length a batch of bucket ``bucket`` pads to: the bucket (separate, SFT), or the shortest of
+    ``layout_buckets`` holding the batch's longest prompt + chosen + rejected (shared_prompt)."""
+    if layout != "shared_prompt":
+        return bucket
+    total = pairs.lengths("prompt")[idx_B] + pairs.lengths("chosen")[idx_B] + pairs.lengths("rejected")[idx_B]
+    return bucket_of(int(total.max()), layout_buckets(buckets, layout, max_response_len))
 
 
 def epoch_batches(bucket_N: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -168,8 +175,9 @@ class BatchStream:
 
     Every process builds the same global batches (cheap: token arrays) and the train step takes
     each process's shards from them, so multi-host runs agree on data order by construction.
-    ``layout``: separate | shared_prompt (module docstring); shared rows are bucketed by prompt + both
-    responses (``assign_buckets``), so the two layouts group pairs into batches differently.
+    ``layout``: separate | shared_prompt (module docstring); both layouts yield the same pairs in the
+    same batches (``assign_buckets``), so a run's data order, and its result up to float rounding, do
+    not depend on the layout.
     """
 
     def __init__(self, pairs: TokenizedPairs, cfg: DataConfig, batch_size: int, *, sft: bool = False,
@@ -178,7 +186,7 @@ class BatchStream:
         self.layout = "separate" if sft else layout
         row_length(1, self.layout, 1)  # names a bad layout now, not at the first batch
         self.bci, self.ref_logps = bci, ref_logps
-        self.bucket_N = assign_buckets(pairs, cfg.buckets, sft, self.layout, cfg.max_response_len)
+        self.bucket_N = assign_buckets(pairs, cfg.buckets, sft)
         self.epoch, self.cursor = 0, 0
         self._batches = epoch_batches(self.bucket_N, batch_size, cfg.shuffle_seed, 0)
         if not self._batches:
@@ -204,6 +212,7 @@ class BatchStream:
             self._batches = epoch_batches(self.bucket_N, self.batch_size, self.cfg.shuffle_seed, self.epoch)
         idx = self._batches[self.cursor]
         self.cursor += 1
-        length = int(self.bucket_N[idx[0]])
+        length = row_length_of(self.pairs, idx, int(self.bucket_N[idx[0]]), self.layout, self.cfg.buckets,
+                               self.cfg.max_response_len)  # fmt: skip
         return build_batch(self.pairs, idx, length, sft=self.sft, bci=self.bci, ref_logps=self.ref_logps,
                            layout=self.layout)  # fmt: skip

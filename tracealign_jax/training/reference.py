@@ -25,7 +25,7 @@ from tracealign_jax.config import Config, to_dict
 from tracealign_jax.model import param_shardings
 from tracealign_jax.pairs import TokenizedPairs, check_same_dataset
 from tracealign_jax.response_store import ResponseArrayReader, write_response_arrays
-from tracealign_jax.training.data import assign_buckets, build_batch, split_responses
+from tracealign_jax.training.data import assign_buckets, build_batch, row_length_of, split_responses
 
 
 def reference_key(cfg: Config, pairs: TokenizedPairs) -> str:
@@ -74,12 +74,12 @@ def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, p
 
     fwd = jax.jit(forward, in_shardings=(param_shardings(ref_params, mesh, rules), batch_sh),
                   out_shardings=NamedSharding(mesh, PartitionSpec()))  # fmt: skip
-    bucket_N = assign_buckets(pairs, cfg.data.buckets, layout=layout, max_response_len=cfg.data.max_response_len)
+    bucket_N = assign_buckets(pairs, cfg.data.buckets)
     out: list[list[np.ndarray]] = [[np.zeros(0, np.float32)] * 2 for _ in range(len(pairs))]
     order = np.argsort(bucket_N, kind="stable")
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        length = int(bucket_N[idx].max())
+        length = row_length_of(pairs, idx, int(bucket_N[idx].max()), layout, cfg.data.buckets, cfg.data.max_response_len)
         padded = np.concatenate([idx, np.repeat(idx[-1:], batch_size - len(idx))])
         batch = build_batch(pairs, padded, length, layout=layout)
         dev = to_device_batch({k: batch[k] for k in batch_sh}, batch_sh)
