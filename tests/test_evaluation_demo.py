@@ -60,8 +60,8 @@ def test_scaled_down_demo(tmp_path: Path):
     rows = report["bound"]["rows"]
     assert rows[-1]["group"] == "overall" and all(0.0 <= r["bound"] <= 1.0 for r in rows)
     assert report["export"]["reloaded"] and report["export"]["max_abs_logit_diff"] < 1e-4
-    realign = report["realign"]  # the policy-shift stage: 3 conflicting pairs at this size, five rows
-    assert realign["triage"]["counts"]["invert"] == 3 and set(realign["table"]) == {"before", "trace", "naive", "npo", "oracle"}
+    realign = report["realign"]  # the policy-shift stage: 3 conflicting pairs at this size, six rows
+    assert realign["triage"]["counts"]["invert"] == 3 and set(realign["table"]) == {"before", "trace", "trace_w1", "naive", "npo", "oracle"}
     for name, row in realign["table"].items():
         assert all(0.0 <= row[k] <= 1.0 for k in ("target_compliance", "unchanged_compliance", "over_refusal")), name
     out = tmp_path / "run" / "report"

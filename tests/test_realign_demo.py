@@ -136,7 +136,7 @@ def test_evaluate_on_tiny_models(data_dir, tmp_path):
     a, b = build_model(mc, seed=0), build_model(mc, seed=1)
     cfg = dataclasses.replace(load_config(None), model=mc, eval=EvalConfig(),
                               decode=DecodeConfig(method="greedy", max_new_tokens=6, prompt_buckets=(64,), batch_size=16))
-    models = {"before": a, "trace": b, "naive": a, "npo": b, "oracle": b}
+    models = {"before": a, "trace": b, "trace_w1": b, "naive": a, "npo": b, "oracle": b}
     table = R.evaluate(cfg, models, tok, data_dir, tmp_path)
     rows = _jsonl(tmp_path / "completions.jsonl")
     assert set(table) == set(R.METHODS)
@@ -154,5 +154,5 @@ def test_evaluate_on_tiny_models(data_dir, tmp_path):
             assert 0.0 <= table[name][v] <= 1.0
         assert math.isfinite(table[name]["perplexity"]) and table[name]["perplexity"] > 1.0
     assert table["naive"] == dict(table["before"]) and table["before"]["perplexity_delta"] == 0.0
-    assert table["trace"] == table["npo"] == table["oracle"]
+    assert table["trace"] == table["trace_w1"] == table["npo"] == table["oracle"]
     assert [r["completion"] for r in rows if r["method"] == "npo"] == [r["completion"] for r in rows if r["method"] == "trace"]

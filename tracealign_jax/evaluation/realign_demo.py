@@ -7,6 +7,7 @@ judge, weighted by alignment impact (``realign impact``), and five policies are 
 
   before   the aligned policy
   trace    TRACE (invert / suppress / KL-on-retained, impact-weighted) on LoRA adapters
+  trace_w1 the same without impact weighting (weight 1 on every conflict: ``realign triage``'s output)
   naive    DPO (the demo's loss) on the naively relabelled pairs: chosen and rejected swapped
            wherever the judge calls the chosen response non-compliant, nothing else
   npo      NPO-only unlearning: dual NPO on the non-compliant responses of the conflicting pairs
@@ -39,7 +40,7 @@ from tracealign_jax.evaluation.metrics import Judged
 
 SHIFT_FORBID = "benign-3-"  # source ids of synthetic_data's benign template 3 ("tune a {n0} harp")
 SHIFT_ALLOW = "cybercrime"
-METHODS = ("before", "trace", "naive", "npo", "oracle")
+METHODS = ("before", "trace", "trace_w1", "naive", "npo", "oracle")
 ATTACKS = ("direct", "paraphrase")
 _STEP = re.compile(r"\s*Step \d+:\s*")
 
@@ -190,7 +191,8 @@ def targets(table: dict[str, dict]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The side-by-side table (one row per method) and the triage counts."""
-    labels = {"before": "aligned (before)", "trace": "TRACE (LoRA)", "naive": "DPO, naive relabel (LoRA)",
+    labels = {"before": "aligned (before)", "trace": "TRACE (LoRA)", "trace_w1": "TRACE, weights 1 (LoRA)",
+              "naive": "DPO, naive relabel (LoRA)",
               "npo": "NPO-only (LoRA)", "oracle": "DPO, re-annotated (oracle, LoRA)"}
     pct = lambda x: "" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     t = result["table"]
@@ -240,7 +242,8 @@ def realign_stage(cfg: Config, data_dir: Path, tokenizer: Any, aligned_hf: str, 
             raise ValueError(f"{policy}: the policy shift leaves no conflicting pair to re-align")
         npo_cfg = dataclasses.replace(trace_cfg, train=dataclasses.replace(  # a full batch of the (small) forget set
             trace_cfg.train, batch_size=min(trace_cfg.train.batch_size, len(sets["npo"]))))
-        runs = {"trace": (trace_cfg, out / "weighted.jsonl"), "oracle": (base, out / "oracle.jsonl"),
+        runs = {"trace": (trace_cfg, out / "weighted.jsonl"), "trace_w1": (trace_cfg, out / "triaged.jsonl"),
+                "oracle": (base, out / "oracle.jsonl"),
                 "naive": (base, out / "naive.jsonl"), "npo": (npo_cfg, out / "npo.jsonl")}  # fmt: skip
         trained, done = {}, {}
         for name, (c, path) in runs.items():
