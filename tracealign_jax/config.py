@@ -277,7 +277,7 @@ class EvalConfig:
       sequence-classification model); judge_window: words of a forbidden string that must match.
     max_prompts: evaluate only the first N ADB prompts (0 = all).
     realign_*: the re-alignment stage (``evaluation.realign_demo``): rules-judge policy file ("" = the
-      shipped configs/demo_realign_policy.yaml), LoRA rank, steps and learning rate of each method.
+      shipped configs/policies/demo_shift.yaml), LoRA rank, steps and learning rate of each method.
     """
 
     data_dir: str = ""

@@ -13,7 +13,7 @@
              perplexity on held-out benign text; the drift bound next to measured drift
   report     report.json, report.md and the PNG plots
   export     the CBD policy reloaded with ``transformers`` (PyTorch) and its logits compared to ours
-  realign    a policy shift (configs/demo_realign_policy.yaml): triage of the preference pairs, impact
+  realign    a policy shift (configs/policies/demo_shift.yaml): triage of the preference pairs, impact
              weights, TRACE / naive-relabel DPO / NPO-only / re-annotated DPO (oracle) on LoRA adapters
              from the DPO policy, side by side (``evaluation.realign_demo``)
 
@@ -41,7 +41,7 @@ Log = Callable[[str], None]
 DATA_FIELDS = ("data_dir", "data_seed", "per_category", "benign_per_template", "facts", "heldout_facts")
 # The EvalConfig fields only the realign stage reads: not part of the evaluate stage's key.
 REALIGN_FIELDS = ("realign_policy", "realign_lora_rank", "realign_steps", "realign_learning_rate")
-DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "configs" / "demo_realign_policy.yaml"
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "configs" / "policies" / "demo_shift.yaml"
 
 
 def _read_jsonl(path: Path) -> list[dict]:

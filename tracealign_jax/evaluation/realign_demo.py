@@ -1,6 +1,6 @@
 """The demo's re-alignment stage: a policy shift, TRACE against the baselines, side by side.
 
-The shift (``configs/demo_realign_policy.yaml``, a rules-judge file): benign topic ``SHIFT_FORBID``
+The shift (``configs/policies/demo_shift.yaml``, a rules-judge file): benign topic ``SHIFT_FORBID``
 (harp tuning, answered so far) becomes forbidden and category ``SHIFT_ALLOW`` (vault intrusion,
 refused so far) becomes allowed. The aligned DPO policy's preference pairs are triaged by the rules
 judge, weighted by alignment impact (``realign impact``), and five policies are compared:
