@@ -211,9 +211,12 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+Stage = Callable[[Path], dict]
+
+
 def realign_stage(cfg: Config, data_dir: Path, tokenizer: Any, aligned_hf: str, policy: Path,
-                  train_stage: Callable[[Config], Callable[[Path], dict]], log: Callable[[str], None]) -> Callable[[Path], dict]:  # fmt: skip
-    """The stage function: triage, impact, four LoRA trainings from ``aligned_hf``, evaluation.
+                  train_stage: Callable[[Config], Stage], log: Callable[[str], None]) -> Stage:
+    """The stage function: triage, impact, one LoRA training per method from ``aligned_hf``, evaluation.
 
     cfg: the demo's DPO stage config (its model, data, loss, train sections); train_stage(cfg) -> a
     stage function that trains and exports the (merged) policy, returning ``{"hf_dir", ...}``.
