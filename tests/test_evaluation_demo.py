@@ -18,7 +18,7 @@ SMALL = [
     "eval.sft_steps=120", "eval.sft_batch_size=8", "eval.dpo_steps=40", "train.batch_size=4",
     "decode.max_new_tokens=24", "decode.batch_size=16",
     # 40 DPO steps instead of 120: CBD needs full weight to move a memorized policy in that time
-    "eval.cbd_data_weight=1.0", "eval.cbd_cont_weight=1.0",
+    "eval.cbd_data_weight=1.0", "eval.cbd_cont_weight=1.0", "eval.realign_steps=10",
 ]
 
 
@@ -60,11 +60,15 @@ def test_scaled_down_demo(tmp_path: Path):
     rows = report["bound"]["rows"]
     assert rows[-1]["group"] == "overall" and all(0.0 <= r["bound"] <= 1.0 for r in rows)
     assert report["export"]["reloaded"] and report["export"]["max_abs_logit_diff"] < 1e-4
+    realign = report["realign"]  # the policy-shift stage: 3 conflicting pairs at this size, six rows
+    assert realign["triage"]["counts"]["invert"] == 3 and set(realign["table"]) == {"before", "trace", "trace_w1", "naive", "npo", "oracle"}
+    for name, row in realign["table"].items():
+        assert all(0.0 <= row[k] <= 1.0 for k in ("target_compliance", "unchanged_compliance", "over_refusal")), name
     out = tmp_path / "run" / "report"
     for name in ("report.json", "report.md", "drift_by_defense.png", "bci_histogram.png", "bound_vs_measured.png"):
         assert (out / name).stat().st_size > 0, name
     # a second run skips every finished stage and reports the same numbers
     again = _demo(tmp_path / "run")
     assert set(again["meta"]["cached_stages"]) >= {"data", "tokenizer", "sft", "index", "calibrate", "arrays",
-                                                   "dpo", "cbd", "evaluate", "export"}
+                                                   "dpo", "cbd", "evaluate", "export", "realign"}
     assert again["defenses"] == report["defenses"]

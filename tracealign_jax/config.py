@@ -276,6 +276,8 @@ class EvalConfig:
     judge: exact (forbidden strings of the benchmark) | classifier (classifier_dir: local HF
       sequence-classification model); judge_window: words of a forbidden string that must match.
     max_prompts: evaluate only the first N ADB prompts (0 = all).
+    realign_*: the re-alignment stage (``evaluation.realign_demo``): rules-judge policy file ("" = the
+      shipped configs/policies/demo_shift.yaml), LoRA rank, steps and learning rate of each method.
     """
 
     data_dir: str = ""
@@ -297,6 +299,10 @@ class EvalConfig:
     judge_window: int = 6
     classifier_dir: str = ""
     max_prompts: int = 0
+    realign_policy: str = ""
+    realign_lora_rank: int = 8
+    realign_steps: int = 40
+    realign_learning_rate: float = 1e-3
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -580,6 +586,9 @@ def validate(cfg: Config) -> Config:
     if tc.objective == "dpo" and loss.cbd_cont_weight and loss.reference == "precomputed":
         raise ConfigError("loss.cbd_cont_weight > 0 needs the reference's log-probs of the veto entries, which "
                           "precomputed reference log-probs do not hold: use loss.reference=in_step")  # fmt: skip
+    for key in ("realign_lora_rank", "realign_steps", "realign_learning_rate"):
+        if not getattr(cfg.eval, key) > 0:
+            raise ConfigError(f"eval.{key}: must be > 0, got {getattr(cfg.eval, key)}", f"eval.{key}")
     if cfg.decode.rules != "":
         from tracealign_jax.sharding import resolve_rules
 

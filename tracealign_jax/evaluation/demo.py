@@ -13,6 +13,9 @@
              perplexity on held-out benign text; the drift bound next to measured drift
   report     report.json, report.md and the PNG plots
   export     the CBD policy reloaded with ``transformers`` (PyTorch) and its logits compared to ours
+  realign    a policy shift (configs/policies/demo_shift.yaml): triage of the preference pairs, impact
+             weights, TRACE / naive-relabel DPO / NPO-only / re-annotated DPO (oracle) on LoRA adapters
+             from the DPO policy, side by side (``evaluation.realign_demo``)
 
 Stage keys hash the config sections each stage reads (``stages.StageRunner``), so a second run
 skips what is finished and a changed setting re-runs only what depends on it.
@@ -36,6 +39,9 @@ Log = Callable[[str], None]
 # The EvalConfig fields the data stage reads (its cache key): changing a training or defense
 # setting must not regenerate the data and retrain everything downstream of it.
 DATA_FIELDS = ("data_dir", "data_seed", "per_category", "benign_per_template", "facts", "heldout_facts")
+# The EvalConfig fields only the realign stage reads: not part of the evaluate stage's key.
+REALIGN_FIELDS = ("realign_policy", "realign_lora_rank", "realign_steps", "realign_learning_rate")
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "configs" / "policies" / "demo_shift.yaml"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -99,7 +105,15 @@ def _train_stage(cfg: Config, tok_dir: str, hf_out_name: str = "hf") -> Callable
         t0 = time.perf_counter()
         result = train(c, show_progress=True)
         seconds = time.perf_counter() - t0
-        save_hf(result.state.params, model_arch(c.model), out / hf_out_name, tokenizer_dir=tok_dir, progress=False)
+        policy = result.state.params
+        if c.lora.rank:  # adapters only in the state: fold them into the frozen base
+            from flax import nnx
+
+            from tracealign_jax.hf_io import flat_params
+            from tracealign_jax.model.lora import merge_adapter
+
+            policy = merge_adapter(flat_params(nnx.merge(result.graphdef, result.state.params, result.state.frozen)), c.lora)
+        save_hf(policy, model_arch(c.model), out / hf_out_name, tokenizer_dir=tok_dir, progress=False)
         last = result.history[-1] if result.history else {}
         return {"hf_dir": str(out / hf_out_name), "train_seconds": seconds, "steps": result.steps_run,
                 "final_metrics": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
@@ -161,7 +175,8 @@ def run_demo(cfg: Config, out_dir: str | Path, *, force: bool = False, log: Log 
     decode_cfg = dataclasses.replace(cfg.decode, tau=cal["tau"]) if cfg.decode.tau <= 0 else cfg.decode
     eval_cfg = dataclasses.replace(cfg, decode=decode_cfg)
     ev_key, evaluation = runner.run(
-        "evaluate", {"decode": to_dict(decode_cfg), "eval": to_dict(ev), "prov": prov},
+        "evaluate", {"decode": to_dict(decode_cfg), "eval": {k: v for k, v in to_dict(ev).items() if k not in REALIGN_FIELDS},
+                     "prov": prov},
         (dpo_key, cbd_key, arr_key, cal_key),
         pipeline.evaluate_stage(eval_cfg, data_dir, tokenizer, idx["dir"], cal, arrays,
                                 {"dpo": dpo["hf_dir"], "cbd": cbd["hf_dir"]}, log))
@@ -178,6 +193,7 @@ def run_demo(cfg: Config, out_dir: str | Path, *, force: bool = False, log: Log 
     })
     _, exported = runner.run("export", {}, (cbd_key,), pipeline.export_stage(cbd["hf_dir"], tokenizer, data_dir, log))
     report["export"] = exported
+    report["realign"] = _realign(runner, cfg, eval_cfg, dpo_cfg, data_dir, tokenizer, tok_dir, dpo_key, dpo["hf_dir"], log)
     report["meta"]["stage_seconds"] = {k: round(v, 1) for k, v in runner.timings.items()}
     report["meta"]["cached_stages"] = runner.skipped
     report["meta"]["wall_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -185,5 +201,26 @@ def run_demo(cfg: Config, out_dir: str | Path, *, force: bool = False, log: Log 
 
     write_report(report, Path(out_dir) / "report")
     log("\n" + main_table(report))
+    log("\nre-alignment (policy shift, held-out prompts):\n" + report["realign"]["markdown"])
     log(f"\nreport: {Path(out_dir) / 'report' / 'report.md'}  (wall {report['meta']['wall_seconds']:.0f} s)")
     return report
+
+
+def _realign(runner: StageRunner, cfg: Config, eval_cfg: Config, dpo_cfg: Config, data_dir: Path, tokenizer: Any,
+             tok_dir: str, dpo_key: str, aligned_hf: str, log: Log) -> dict:
+    """The realign stage (cached): keyed by the policy file's judge config and the settings it trains with."""
+    from tracealign_jax.evaluation.realign_demo import realign_stage
+    from tracealign_jax.realign.judge import RulesJudge
+
+    ev = cfg.eval
+    policy = Path(ev.realign_policy) if ev.realign_policy else DEFAULT_POLICY
+    if not policy.is_file():
+        raise FileNotFoundError(f"eval.realign_policy: {policy} not found")
+    stage_cfg = dataclasses.replace(dpo_cfg, decode=eval_cfg.decode)
+    settings = {"policy": RulesJudge.from_yaml(policy).config(), "decode": to_dict(eval_cfg.decode),
+                "eval": {k: getattr(ev, k) for k in REALIGN_FIELDS[1:] + ("judge_window",)},
+                "realign": to_dict(cfg.realign), "train": to_dict(dpo_cfg.train), "loss": to_dict(dpo_cfg.loss)}
+    _, result = runner.run("realign", settings, (dpo_key,),
+                           realign_stage(stage_cfg, data_dir, tokenizer, aligned_hf, policy,
+                                         lambda c: _train_stage(c, tok_dir), log))  # fmt: skip
+    return result

@@ -137,6 +137,8 @@ def to_markdown(report: dict[str, Any]) -> str:
                            _fmt(r.get("corpus_rate"), "pct"), _fmt(r["measured"], "pct"),
                            _fmt(r.get("estimate"), "pct"), _fmt(r.get("estimate_error"), "signed"),
                            _fmt(r.get("auroc_estimate"), "num"), str(r["n"])] for r in bound_rows]), ""]
+    if report.get("realign"):  # the demo's realign stage (evaluation.realign_demo renders its table)
+        parts += ["## Re-alignment after a policy shift (TRACE vs baselines)", "", report["realign"]["markdown"]]
     meta = report.get("meta") or {}
     if meta:
         parts += ["## Run", ""] + [f"- **{k}**: {v}" for k, v in meta.items()] + [""]
