@@ -24,9 +24,10 @@ ARCH = ModelArch.from_hf_dict(dict(
 L = 16
 
 
-def make_batch(categories, seed=0):
-    """Training-layout rows 2i / 2i+1 = y_w / y_l of pair i: random prompts and responses, right-padded."""
-    rows = random_pair_rows(len(categories), L, seed, vocab=64, prompt_len=(2, 6), response_len=(3, 8))
+def make_batch(categories, seed=0, layout="separate", length=L):
+    """Training-layout rows (separate: 2i / 2i+1 = y_w / y_l of pair i; or shared-prompt rows) of random
+    prompts and responses, right-padded."""
+    rows = random_pair_rows(len(categories), length, seed, vocab=64, prompt_len=(2, 6), response_len=(3, 8), layout=layout)
     return {**{k: jnp.asarray(v) for k, v in rows.items()}, "category": jnp.asarray(categories, jnp.int32)}
 
 
@@ -52,6 +53,27 @@ def test_jvp_scores_equal_explicit_per_example_gradients(model, invert_loss):
     assert np.all(np.abs(slow[conf]) > 1e-3) and np.all(fast[~conf] == 0) and np.all(slow[~conf] == 0)
     assert (slow[conf] > 0).any() and (slow[conf] < 0).any()  # max(0, .) clips something
     np.testing.assert_allclose(fast, slow, rtol=1e-4)
+
+
+def test_shared_rows_and_response_only_unembedding_give_the_same_scores(model):
+    """The production path (prompt computed once, logits only on response tokens) against the explicit
+    per-pair gradients of the two-row layout with every position unembedded."""
+    graphdef, params = model
+    sep, shared = make_batch(CATS_A, seed=7), make_batch(CATS_A, seed=7, layout="shared_prompt", length=22)
+    assert shared["tokens"].shape == (6, 22) and int(shared["valid"].sum()) < int(sep["valid"].sum())
+    kw = dict(graphdef=graphdef, beta=0.3, invert_loss="logistic")
+    g_sep = impact.gold_gradient(graphdef, params, [sep], beta=0.3)
+    g_shared = impact.gold_gradient(graphdef, params, [shared], beta=0.3, response_len=14)
+    for a, b in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_sep)):  # float32 rounding on entries ~0.1
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    want = np.asarray(impact.explicit_conflict_scores(params, sep, g_sep, **kw))
+    for batch, response_len in ((sep, 7), (shared, 14), (shared, 0)):
+        got = np.asarray(impact.conflict_scores(params, batch, g_sep, **kw, response_len=response_len))
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(impact.explicit_conflict_scores(params, shared, g_sep, **kw, response_len=14)),
+                               want, rtol=1e-4)  # fmt: skip
+    with pytest.raises(ValueError, match="response_len=13"):  # a row of 14 response tokens would be cut
+        impact.impact_scores(graphdef, params, [shared], beta=0.3, response_len=13)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")

@@ -15,9 +15,12 @@ At theta_ref the reference log-probs equal the policy's, so the log-ratio is wri
 ``logp(theta) - stop_gradient(logp(theta))``: value 0, derivative that of logp, one forward pass for
 both models. This is exact only AT theta_ref, which is the only point these functions evaluate.
 
-Batches: the training layout (``training.data.build_batch``): tokens / positions / valid /
-loss_mask [2B, L] with rows 2i = y_w, 2i+1 = y_l as stored, plus ``category`` int32 [B] from
-``realign.triage`` and PAD = -1 for filler pairs, which count nowhere.
+Batches: a training layout (``training.data.build_batch``): tokens / positions / valid / loss_mask
+either [2B, L] with rows 2i = y_w, 2i+1 = y_l as stored (separate), or [B, L] shared-prompt rows
+``[prompt | y_w | y_l]`` with ``branch`` (the prompt computed once), plus ``category`` int32 [B] from
+``realign.triage`` and PAD = -1 for filler pairs, which count nowhere. ``response_len`` > 0 (static:
+at least the most response tokens of any row) unembeds only the response tokens
+(``logprobs.response_token_logprobs``); 0 unembeds every position, as training does.
 """
 
 from __future__ import annotations
@@ -32,33 +35,48 @@ from flax import nnx
 
 from tracealign_jax.realign.objective import InvertLoss, dual_npo_losses, invert_losses
 from tracealign_jax.realign.triage import INVERT, RETAIN, SUPPRESS
-from tracealign_jax.training.logprobs import chunked_token_logprobs
+from tracealign_jax.training.logprobs import chunked_token_logprobs, predecessor_slots, rejected_start, response_token_logprobs
 
 PAD = -1
 Batch = dict[str, jax.Array]
 
 
-def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0) -> jax.Array:
-    """Per-row log pi(response | prompt), summed over ``loss_mask`` tokens: float32[2B] (nats)."""
+def pair_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0,
+               response_len: int = 0) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """(log pi(y_w | x), log pi(y_l | x)) of every pair, summed over response tokens: float32[B] each (nats)."""
     model = nnx.merge(graphdef, params)
-    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"])
-    logps, _ = chunked_token_logprobs(h, model.unembedding_matrix(), batch["tokens"], chunk=chunk,
-                                      compute_dtype=model.dtype)  # fmt: skip
-    return jnp.sum(logps * batch["loss_mask"].astype(jnp.float32), axis=-1)
+    branch = batch.get("branch")
+    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], branch_BxL=branch)
+    tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
+    rows, length = tokens.shape
+    if response_len:
+        pred = predecessor_slots(branch) if branch is not None else jnp.broadcast_to(jnp.arange(length) - 1, (rows, length))
+        logps, slots = response_token_logprobs(h, model.unembedding_matrix(), tokens, mask, pred.astype(jnp.int32),
+                                               response_len, model.dtype)  # fmt: skip
+        which = None if branch is None else jnp.take_along_axis(branch, slots, axis=1)
+    else:
+        logps, _ = chunked_token_logprobs(h, model.unembedding_matrix(), tokens, chunk=chunk, compute_dtype=model.dtype,
+                                          rescore=None if branch is None else rejected_start(branch))  # fmt: skip
+        logps, which = logps * mask, branch
+    if which is None:  # separate rows: 2i = y_w, 2i+1 = y_l
+        per_row = jnp.sum(logps, axis=-1).reshape(-1, 2)
+        return per_row[:, 0], per_row[:, 1]
+    return jnp.sum(jnp.where(which == 1, logps, 0.0), -1), jnp.sum(jnp.where(which == 2, logps, 0.0), -1)
 
 
-def _ratios(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int) -> tuple[jax.Array, jax.Array]:
-    seq = sequence_logps(graphdef, params, batch, chunk)
-    ratio = (seq - jax.lax.stop_gradient(seq)).reshape(-1, 2)  # 0 at theta_ref, d logp elsewhere
-    return ratio[:, 0], ratio[:, 1]
+def _ratios(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int, response_len: int) -> tuple[jax.Array, jax.Array]:
+    w, l = pair_logps(graphdef, params, batch, chunk, response_len)
+    # 0 at theta_ref, d logp elsewhere
+    return w - jax.lax.stop_gradient(w), l - jax.lax.stop_gradient(l)
 
 
-def gold_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, beta: float, chunk: int = 0) -> jax.Array:
+def gold_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, beta: float, chunk: int = 0,
+                response_len: int = 0) -> jax.Array:  # fmt: skip
     """Per-pair logistic preference loss of the gold set at theta_ref: float32[B], 0 for non-gold pairs.
 
     Retained pairs count as stored (y_w over y_l), inverted pairs flipped (y_l over y_w).
     """
-    rw, rl = _ratios(graphdef, params, batch, chunk)
+    rw, rl = _ratios(graphdef, params, batch, chunk, response_len)
     cat = batch["category"]
     margin = jnp.where(cat == INVERT, rl - rw, rw - rl)
     gold = (cat == RETAIN) | (cat == INVERT)
@@ -66,9 +84,9 @@ def gold_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, beta: floa
 
 
 def conflict_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, beta: float, invert_loss: InvertLoss = "logistic",
-                    chunk: int = 0) -> jax.Array:  # fmt: skip
+                    chunk: int = 0, response_len: int = 0) -> jax.Array:  # fmt: skip
     """Per-pair TRACE term of each conflicting pair at theta_ref: float32[B], 0 for retained / PAD pairs."""
-    rw, rl = _ratios(graphdef, params, batch, chunk)
+    rw, rl = _ratios(graphdef, params, batch, chunk, response_len)
     cat = batch["category"]
     inv = invert_losses(rw, rl, beta=beta, kind=invert_loss)
     sup = dual_npo_losses(rw, rl, beta=beta)
@@ -92,38 +110,40 @@ def explicit_scores(loss_vec: Callable[[Any, Batch], jax.Array], params: Any, ba
 def per_pair_gradients(loss_vec: Callable[[Any, Batch], jax.Array], params: Any, batch: Batch) -> Any:
     """Every pair's gradient, stacked on a leading [B] axis of each parameter (``vmap(grad)``)."""
     b = batch["category"].shape[0]
-    per_pair = {k: (v.reshape((b, 2) + v.shape[1:]) if k != "category" else v.reshape(b, 1)) for k, v in batch.items()}
+    rows = batch["tokens"].shape[0] // b  # 2 (separate) or 1 (shared prompt)
+    per_pair = {k: (v.reshape((b, rows) + v.shape[1:]) if k != "category" else v.reshape(b, 1)) for k, v in batch.items()}
     return jax.vmap(jax.grad(lambda p, pair: loss_vec(p, pair)[0]), in_axes=(None, 0))(params, per_pair)
 
 
-_STATIC = ("graphdef", "beta", "invert_loss", "chunk")
+_STATIC = ("graphdef", "beta", "invert_loss", "chunk", "response_len")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def gold_grad_sum(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, beta: float, invert_loss: InvertLoss = "logistic",
-                  chunk: int = 0) -> Any:  # fmt: skip
+                  chunk: int = 0, response_len: int = 0) -> Any:  # fmt: skip
     """Gradient of the SUM of the batch's gold losses (jitted once per shape)."""
     del invert_loss  # the gold loss is always logistic; the argument keeps one static signature
-    return jax.grad(lambda p: jnp.sum(gold_losses(graphdef, p, batch, beta=beta, chunk=chunk)))(params)
+    return jax.grad(lambda p: jnp.sum(gold_losses(graphdef, p, batch, beta=beta, chunk=chunk, response_len=response_len)))(params)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def conflict_scores(params: Any, batch: Batch, direction: Any, *, graphdef: nnx.GraphDef, beta: float,
-                    invert_loss: InvertLoss = "logistic", chunk: int = 0) -> jax.Array:  # fmt: skip
+                    invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0) -> jax.Array:  # fmt: skip
     """[<g_i, direction>]_i of the conflict terms by one JVP (jitted): float32[B], 0 for retained / PAD."""
-    fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk)  # noqa: E731
+    fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk, response_len=response_len)  # noqa: E731
     return jvp_scores(fn, params, batch, direction)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def explicit_conflict_scores(params: Any, batch: Batch, direction: Any, *, graphdef: nnx.GraphDef, beta: float,
-                             invert_loss: InvertLoss = "logistic", chunk: int = 0) -> jax.Array:  # fmt: skip
+                             invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0) -> jax.Array:  # fmt: skip
     """``conflict_scores`` through materialised per-pair gradients (``vmap(grad)``): the reference."""
-    fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk)  # noqa: E731
+    fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk, response_len=response_len)  # noqa: E731
     return explicit_scores(fn, params, batch, direction)
 
 
-def gold_gradient(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], *, beta: float, chunk: int = 0) -> Any:
+def gold_gradient(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], *, beta: float, chunk: int = 0,
+                  response_len: int = 0) -> Any:  # fmt: skip
     """g_J = d/dtheta of (sum of gold losses over every batch) / (number of gold pairs), at ``params``.
 
     One jitted ``grad`` per batch, accumulated (float32), so the gold set can be any size.
@@ -132,11 +152,19 @@ def gold_gradient(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch],
     for b in batches:
         cat = np.asarray(b["category"])
         n_gold += int(np.sum((cat == RETAIN) | (cat == INVERT)))
-        g = gold_grad_sum(params, b, graphdef=graphdef, beta=beta, chunk=chunk)
+        check_response_len(b, response_len)
+        g = gold_grad_sum(params, b, graphdef=graphdef, beta=beta, chunk=chunk, response_len=response_len)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     if total is None or n_gold == 0:
         raise ValueError("impact: the gold set (retained + inverted pairs) is empty")
     return jax.tree.map(lambda x: x / n_gold, total)
+
+
+def check_response_len(batch: Batch, response_len: int) -> None:
+    """Refuses a batch with a row of more response tokens than ``response_len`` (> 0) slots would score."""
+    most = int(np.asarray(batch["loss_mask"] > 0).sum(axis=1).max()) if response_len else 0
+    if most > response_len:
+        raise ValueError(f"impact: a row holds {most} response tokens, more than response_len={response_len}")
 
 
 def impact_weights(scores_N: np.ndarray, category_N: np.ndarray, gamma: float = 1.0) -> dict[str, np.ndarray]:
@@ -163,15 +191,16 @@ def impact_weights(scores_N: np.ndarray, category_N: np.ndarray, gamma: float = 
 
 
 def impact_scores(graphdef: nnx.GraphDef, params: Any, batches: list[Batch], *, beta: float = 0.3,
-                  invert_loss: InvertLoss = "logistic", chunk: int = 0) -> np.ndarray:  # fmt: skip
+                  invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0) -> np.ndarray:  # fmt: skip
     """<g_J, g_i> for every pair of ``batches`` (in order, PAD pairs dropped): float32[N].
 
     Two passes over the batches with one compile each (fixed batch shape): accumulate g_J, then one
     jitted JVP per batch. Peak memory: one batch's forward + tangent, plus g_J (one parameter copy).
     """
-    g_j = gold_gradient(graphdef, params, batches, beta=beta, chunk=chunk)
+    g_j = gold_gradient(graphdef, params, batches, beta=beta, chunk=chunk, response_len=response_len)
     out = []
     for b in batches:
-        s = np.asarray(conflict_scores(params, b, g_j, graphdef=graphdef, beta=beta, invert_loss=invert_loss, chunk=chunk))
+        s = np.asarray(conflict_scores(params, b, g_j, graphdef=graphdef, beta=beta, invert_loss=invert_loss, chunk=chunk,
+                                       response_len=response_len))  # fmt: skip
         out.append(s[np.asarray(b["category"]) != PAD])
     return np.concatenate(out) if out else np.zeros(0, np.float32)

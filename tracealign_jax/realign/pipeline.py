@@ -87,7 +87,8 @@ def _categories(path: Path, lines: np.ndarray) -> np.ndarray:
 def run_impact(cfg: Any, pairs_path: str | Path, out_path: str | Path, plot_path: str | Path | None = None,
                model: Any = None) -> dict[str, Any]:  # fmt: skip
     """Impact scores and weights of every pair of a triaged file at the reference model ``cfg.model``
-    (or ``model``); fixed batches of ``cfg.realign.impact_batch_size`` pairs at one padded length."""
+    (or ``model``); fixed batches of ``cfg.realign.impact_batch_size`` pairs at one padded length, in
+    the ``data.pair_layout`` rows (shared_prompt: the prompt computed once), logits on response tokens only."""
     import dataclasses
 
     import jax
@@ -95,7 +96,7 @@ def run_impact(cfg: Any, pairs_path: str | Path, out_path: str | Path, plot_path
 
     from tracealign_jax.realign import impact
     from tracealign_jax.pairs import load_pairs
-    from tracealign_jax.training.data import assign_buckets, build_batch
+    from tracealign_jax.training.data import assign_buckets, build_batch, row_length_of
 
     pairs_path = Path(pairs_path)
     rc = cfg.realign
@@ -104,18 +105,21 @@ def run_impact(cfg: Any, pairs_path: str | Path, out_path: str | Path, plot_path
     if model is None:
         model = _reference_model(cfg)
     graphdef, params = nnx.split(model)
-    length = int(assign_buckets(pairs, cfg.data.buckets).max())
-    bs, n = rc.impact_batch_size, len(pairs)
+    bs, n, layout = rc.impact_batch_size, len(pairs), cfg.data.pair_layout
+    length = row_length_of(pairs, np.arange(n), int(assign_buckets(pairs, cfg.data.buckets).max()), layout,
+                           cfg.data.buckets, cfg.data.max_response_len)  # fmt: skip
+    chosen, rejected = pairs.lengths("chosen"), pairs.lengths("rejected")
+    response_len = int((chosen + rejected if layout == "shared_prompt" else np.maximum(chosen, rejected)).max())
     batches = []
     for s in range(0, n, bs):
         idx = np.arange(s, min(s + bs, n))
         padded = np.concatenate([idx, np.repeat(idx[-1:], bs - len(idx))])
-        host = build_batch(pairs, padded, length)
-        b = {k: jax.numpy.asarray(host[k]) for k in ("tokens", "positions", "valid", "loss_mask")}
+        host = build_batch(pairs, padded, length, layout=layout)
+        b = {k: jax.numpy.asarray(host[k]) for k in ("tokens", "positions", "valid", "loss_mask", "branch") if k in host}
         b["category"] = jax.numpy.asarray(np.concatenate([cats[idx], np.full(bs - len(idx), impact.PAD)]), jax.numpy.int32)
         batches.append(b)
     scores = impact.impact_scores(graphdef, params, batches, beta=rc.beta, invert_loss=rc.invert_loss,
-                                  chunk=cfg.train.logprob_chunk)  # fmt: skip
+                                  response_len=response_len)  # fmt: skip
     w = impact.impact_weights(scores, cats, gamma=rc.gamma)
     by_line = {int(line): i for i, line in enumerate(pairs.arrays["line"])}
     out = []

@@ -105,6 +105,29 @@ def chunked_token_logprobs(
     return token_logps, entry_logps
 
 
+def response_token_logprobs(h_BxLxD: jax.Array, unembed_DxV: jax.Array, tokens_BxL: jax.Array, mask_BxL: jax.Array,
+                            pred_BxL: jax.Array, size: int, compute_dtype: jnp.dtype = jnp.float32
+                            ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """Log-probs of the masked (response) tokens only: the unembedding runs on ``size`` slots per row
+    instead of all L, so prompt positions, whose logits no loss reads, cost nothing.
+
+    mask_BxL: tokens to score (> 0); pred_BxL int32: the hidden slot scoring each token (``slot - 1``, or
+    ``predecessor_slots`` for shared-prompt rows); size: slots kept per row, at least the most masked
+    tokens of any row (the caller checks: tokens past ``size`` would be dropped). Returns
+    ``(logps_BxS float32 nats, 0 on unused slots; slot_BxS int32: the token slot of each)``, masked
+    tokens first, in row order.
+    """
+    on_BxL = mask_BxL > 0
+    slot_BxS = jnp.argsort(jnp.where(on_BxL, 0, 1).astype(jnp.int32), axis=1, stable=True)[:, :size].astype(jnp.int32)
+    used_BxS = jnp.take_along_axis(on_BxL, slot_BxS, axis=1)
+    src_BxS = jnp.maximum(jnp.take_along_axis(pred_BxL, slot_BxS, axis=1), 0)
+    h_BxSxD = jnp.take_along_axis(h_BxLxD, src_BxS[..., None], axis=1)
+    w = sharding.constrain(unembed_DxV.astype(compute_dtype), (None, "vocab"))
+    logits = jnp.einsum("bsd,dv->bsv", h_BxSxD.astype(compute_dtype), w, preferred_element_type=jnp.float32)
+    tgt = jnp.take_along_axis(logits, jnp.take_along_axis(tokens_BxL, slot_BxS, axis=1)[..., None], axis=-1)[..., 0]
+    return jnp.where(used_BxS, tgt - jax.nn.logsumexp(logits, axis=-1), 0.0), slot_BxS
+
+
 def veto_contexts(tokens_BxL: jax.Array, context_len: int, prev_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """For every position t, the ``context_len`` tokens before it, right-aligned: ``[B, L, C]`` int32.
 
