@@ -2,10 +2,11 @@
 
     python tests/_multihost_worker.py INDEX_DIR OUT_DIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
-Runs the per-token BCI precompute, the veto-table build and ``save_hf`` of a model sharded over every
-process's devices. Writes ``OUT_DIR/p<process>.npz`` (what this process got back: the full results),
+Runs the per-token BCI precompute, the veto-table build, ``save_hf`` of a model sharded over every
+process's devices and the reference log-prob precompute of ``OUT_DIR/../prefs.jsonl`` (token ids)
+with that model. Writes ``OUT_DIR/p<process>.npz`` (what this process got back: the full results),
 ``OUT_DIR/p<process>.json`` (how many items this process scored itself) and, from process 0,
-``OUT_DIR/hf`` (the exported checkpoint).
+``OUT_DIR/hf`` (the exported checkpoint) and ``OUT_DIR/ref`` (the reference store).
 """
 
 from __future__ import annotations
@@ -82,6 +83,19 @@ def main() -> None:
     leaves = jax.tree.leaves(state.params)
     assert any(not x.is_fully_addressable for x in leaves) == (jax.process_count() > 1)
     save_hf(state.params, model_arch(cfg.model), out / "hf", max_shard_bytes=40_000, progress=False)
+
+    from tracealign_jax.pairs import load_pairs
+    from tracealign_jax.training.reference import precompute_reference
+
+    ref_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml", TINY + [
+        f"data.train_path={out.parent / 'prefs.jsonl'}", f"data.ref_logps_path={out / 'ref'}",
+        f"data.cache_dir={out / f'cache{me}'}", "loss.reference=precomputed"])  # fmt: skip
+    pairs = load_pairs(ref_cfg.data)
+    graphdef, _ = init_train_state(ref_cfg, mesh, sharding.resolve_rules(ref_cfg.mesh.rules))
+    reader = precompute_reference(ref_cfg, graphdef, state.params, pairs, mesh, sharding.resolve_rules(ref_cfg.mesh.rules),
+                                  batch_size=8)  # fmt: skip
+    chosen, rejected = reader.read(np.arange(len(pairs)))
+    np.savez(out / f"ref{me}.npz", **{f"ref_{i}_{j}": a for i, pair in enumerate(zip(chosen, rejected)) for j, a in enumerate(pair)})
 
 
 if __name__ == "__main__":

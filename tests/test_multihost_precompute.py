@@ -1,7 +1,8 @@
 """Two real processes (gloo, 4 simulated devices each) == one process with 8 devices, for the host-side
-precomputes split over processes (per-token BCI, veto table) and for ``save_hf`` of a model whose weights
-are sharded across both processes: every process gets back exactly the single-process results, each
-scored only its share, and the exported safetensors are byte-identical."""
+precomputes split over processes (per-token BCI, veto table), for ``save_hf`` of a model whose weights
+are sharded across both processes, and for the reference log-prob precompute run by both processes'
+devices on that model: every process gets back exactly the single-process results, each scored only
+its share, and the exported safetensors are byte-identical."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def _finish(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_two_processes_precompute_and_export_what_one_does(tmp_path):
     index_dir = build(tmp_path)[2].path
+    rng = np.random.default_rng(0)  # 12 pairs of token ids for the reference precompute (shared by all runs)
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps({f"{k}_ids": rng.integers(3, 64, int(rng.integers(2, 12))).tolist()
+                                                              for k in ("prompt", "chosen", "rejected")}) + "\n" for _ in range(12)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -50,6 +54,12 @@ def test_two_processes_precompute_and_export_what_one_does(tmp_path):
         assert sorted(got.files) == sorted(want.files)
         for k in want.files:
             assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), (i, k)
+    want_ref = np.load(tmp_path / "single" / "ref0.npz")
+    assert len(want_ref.files) == 24 and all(want_ref[k].size and np.all(want_ref[k] < 0) for k in want_ref.files)
+    for i in range(2):
+        got = np.load(tmp_path / "multi" / f"ref{i}.npz")
+        for k in want_ref.files:
+            np.testing.assert_allclose(got[k], want_ref[k], rtol=0, atol=1e-6, err_msg=f"process {i} {k}")
     # Each process scored its share, and together exactly what one process scored.
     one = json.loads((tmp_path / "single" / "p0.json").read_text())
     two = [json.loads((tmp_path / "multi" / f"p{i}.json").read_text()) for i in range(2)]
