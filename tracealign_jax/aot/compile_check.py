@@ -258,6 +258,29 @@ def check_step(
     return report, compiled
 
 
+def compiled_input_shardings(compiled: Any, abstract_args: Any) -> Any:
+    """``compiled.input_shardings``, also where jax 0.10 does not count the constants a Pallas kernel
+    (splash attention's mask tables) hoists into leading arguments and raises "Too many leaves for
+    PyTreeDef". Then the constants are the executable's first ``k`` inputs, ``k`` = (highest kept input
+    + 1) - argument leaves (the last argument, a batch field, is always used); arguments XLA dropped get
+    None, as jax does. The result is checked leaf by leaf against ``abstract_args``' shapes."""
+    try:
+        return compiled.input_shardings
+    except ValueError:
+        pass
+    ex, n = compiled._executable, compiled.in_tree.num_leaves
+    kept = sorted(ex._kept_var_idx)
+    k = kept[-1] + 1 - n
+    by_input = dict(zip(kept, ex._in_shardings))
+    avals = dict(zip(kept, ex.in_avals))
+    leaves = jax.tree.leaves(abstract_args)
+    for i, leaf in enumerate(leaves):
+        if k + i in avals and tuple(avals[k + i].shape) != tuple(leaf.shape):
+            raise ValueError(f"compiled inputs do not line up with the arguments at leaf {i}: "
+                             f"{avals[k + i].shape} vs {leaf.shape}")  # fmt: skip
+    return jax.tree_util.tree_unflatten(compiled.in_tree, [by_input.get(k + i) for i in range(n)])
+
+
 def sharding_mismatches(declared: Any, actual: Any, abstract: Any) -> list[str]:
     """Paths where the compiled input sharding differs from the declared one ([] when all match).
 
@@ -293,7 +316,7 @@ def run_checks(
             devices_per_chip=devices_per_chip, headroom=headroom,
         )
         if spec.declared is not None and compiled is not None:
-            compiled_first = compiled.input_shardings[0][0]
+            compiled_first = compiled_input_shardings(compiled, spec.args)[0][0]
             bad = sharding_mismatches(spec.declared, spec.select(compiled_first), spec.select(spec.args[0]))
             if bad:
                 raise ShardingMismatch(f"[{spec.name}] compiled shardings differ from the config's: " + "; ".join(bad[:5]))
