@@ -109,7 +109,7 @@ def test_table_and_config_comment_round_trip(compiled_tiny_train, tmp_path):
     _, _, _, _, report, _ = compiled_tiny_train
     config_copy = tmp_path / "tiny.yaml"
     shutil.copy(TINY, config_copy)
-    rows = [pod_table.Row(config_copy, report)]
+    rows = [pod_table.Row(config_copy, report, "2026-11-25, jax 0.10.2")]  # a row compiled on another day
     md = tmp_path / "README.md"
     md.write_text("# title\n\nintro\n")
     for _ in range(2):  # idempotent: the marked block is replaced, not appended again
@@ -117,8 +117,9 @@ def test_table_and_config_comment_round_trip(compiled_tiny_train, tmp_path):
         pod_table.update_config_comments(rows)
     text = md.read_text()
     assert text.count("<!-- b -->") == 1 and "| `tiny.yaml` | train[ref=precomputed] | v5p:2x2x2 (8) |" in text
+    assert text.rstrip().endswith("| 2026-11-25, jax 0.10.2 |\n<!-- e -->")
     cfg_text = config_copy.read_text()
-    assert cfg_text.count(pod_table.COMMENT_BEGIN) == 1 and "fits" in cfg_text
+    assert cfg_text.count(pod_table.COMMENT_BEGIN) == 1 and "fits" in cfg_text and "(compiled 2026-11-25, jax 0.10.2)" in cfg_text
     assert load_config(config_copy) == load_config(TINY)
     # Saved reports rebuild the identical table without recompiling.
     pod_table.write_json(rows, tmp_path / "rows.json")

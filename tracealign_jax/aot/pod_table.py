@@ -35,10 +35,12 @@ COMMENT_END = "# <<< compile-check results"
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One compiled step of one config file."""
+    """One compiled step of one config file; ``measured``: when and with which jax it was compiled (a
+    table rebuilt with ``--from-json`` may mix rows of several days)."""
 
     config: Path
     report: StepReport
+    measured: str = ""
 
 
 def pod_configs(configs_dir: str | Path) -> list[Path]:
@@ -79,19 +81,20 @@ def check_config(
     if echo:
         echo(f"== {path} on {topology}: mesh {dict(mesh.shape)}, {len(devices)} devices")
     specs = step_specs.build_specs(cfg, mesh, rules, steps=tuple(steps), references=tuple(references))
+    when = _provenance()
 
     def show(report: StepReport) -> None:
         if echo:
             for line in report.summary_lines():
                 echo(line)
         if on_row:
-            on_row(Row(path, report))
+            on_row(Row(path, report, when))
 
     reports = run_checks(
         specs, topology=topology, chip=chip, num_devices=len(devices),
         devices_per_chip=per_chip, headroom=headroom, on_report=show,
     )
-    return [Row(path, r) for r in reports]
+    return [Row(path, r, when) for r in reports]
 
 
 def _gb(n: float) -> str:
@@ -107,8 +110,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
     head = (
         "| config | step | topology (chips) | HBM/chip used / avail (GB) | fits (headroom) | "
         f"model FLOPs/step | compiled matmul FLOPs/step | collective bytes/step/chip | step @{TARGET_MFU:.0%} MFU | "
-        "roofline step (bound) | decode ICI bytes/token/chip | compile (s) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "roofline step (bound) | decode ICI bytes/token/chip | compile (s) | compiled |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for row in rows:
@@ -121,7 +124,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
             f"{r.costs.matmul_flops * r.num_devices:.2e} | {r.costs.collective_bytes / 2**30:.2f} GiB "
             f"({r.costs.collective_count} ops) | {_ms(r.step_seconds_at_target_mfu)} | "
             f"{f'{_ms(r.roofline_seconds)} ({r.bound})' if r.costs.hbm_bytes else 'not measured'} | "
-            f"{hlo_report.human_bytes(r.collective_bytes_per_token) if r.generated_tokens else '-'} | {r.compile_seconds:.0f} |"
+            f"{hlo_report.human_bytes(r.collective_bytes_per_token) if r.generated_tokens else '-'} | {r.compile_seconds:.0f} | {row.measured or '?'} |"
         )
     return "\n".join(lines)
 
@@ -133,7 +136,7 @@ def _provenance() -> str:
 def write_markdown_table(rows: Sequence[Row], path: str | Path, begin: str, end: str) -> None:
     """Replaces the text between ``begin`` and ``end`` in ``path`` (appends the block if absent)."""
     path = Path(path)
-    block = f"{begin}\n_Measured {_provenance()}._\n\n{markdown_table(rows)}\n{end}"
+    block = f"{begin}\n_Table written {_provenance()}; each row's compile date in its last column._\n\n{markdown_table(rows)}\n{end}"
     text = path.read_text() if path.exists() else ""
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
@@ -142,11 +145,11 @@ def write_markdown_table(rows: Sequence[Row], path: str | Path, begin: str, end:
 
 def comment_lines(rows: Sequence[Row]) -> list[str]:
     """The per-config comment block (one line per compiled step)."""
-    lines = [COMMENT_BEGIN, f"# measured {_provenance()}:"]
+    lines = [COMMENT_BEGIN]
     for row in rows:
         r = row.report
         lines.append(
-            f"#   {r.name} on {r.topology}: HBM {_gb(r.memory.used_bytes)} / {_gb(r.hbm_per_device)} GB per chip "
+            f"#   {r.name} on {r.topology} (compiled {row.measured or '?'}): HBM {_gb(r.memory.used_bytes)} / {_gb(r.hbm_per_device)} GB per chip "
             f"({'fits' if r.fits else 'DOES NOT FIT'}, {100 * r.headroom:.0f}% headroom), "
             f"{r.model_flops:.2e} model FLOPs/step, {r.costs.collective_bytes / 2**30:.2f} GiB collectives/step/chip, "
             f"compile {r.compile_seconds:.0f} s"
@@ -187,6 +190,7 @@ def row_to_dict(row: Row) -> dict:
         "hbm_bandwidth_per_device": r.hbm_bandwidth_per_device, "ici_bandwidth_per_device": r.ici_bandwidth_per_device,
         "chip_source": r.chip_source, "expected_collectives": r.expected_collectives,
         "generated_tokens": r.generated_tokens, "roofline_seconds": r.roofline_terms, "bound": r.bound,
+        "measured": row.measured,
     }  # fmt: skip
 
 
@@ -210,7 +214,7 @@ def row_from_dict(d: dict) -> Row:
         ici_bandwidth_per_device=d.get("ici_bandwidth_per_device"), chip_source=d.get("chip_source", ""),
         expected_collectives=d.get("expected_collectives", {}), generated_tokens=d.get("generated_tokens", 0),
     )  # fmt: skip
-    return Row(Path(d["config"]), report)
+    return Row(Path(d["config"]), report, d.get("measured", ""))
 
 
 def write_json(rows: Sequence[Row], path: str | Path) -> None:
