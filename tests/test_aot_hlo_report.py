@@ -91,6 +91,27 @@ def test_scanned_layers_weighted_by_trip_count(v5p8):
     assert compiled.cost_analysis()["flops"] < costs.matmul_flops / 2
 
 
+def test_hbm_bytes_count_one_layer_per_scan_step_and_in_place_updates_once(v5p8):
+    # A layer scan reads one [K, K] slice of the [L, K, K] stack per iteration, not the whole stack L times.
+    layers, m, k = 8, 256, 1024
+    x = _sds((m, k), jnp.bfloat16, v5p8, P("fsdp", None))
+    w = _sds((layers, k, k), jnp.bfloat16, v5p8, P())
+
+    def forward(w_LxKxK, x_MxK):
+        return jax.lax.scan(lambda h, w_KxK: (jnp.tanh(h @ w_KxK), None), x_MxK, w_LxKxK)[0]
+
+    stack = layers * k * k * 2  # 16 MiB; counting the whole stack per iteration gave 8x that
+    hbm = hlo_report.hlo_costs(jax.jit(forward).lower(w, x).compile().as_text()).hbm_bytes
+    assert stack <= hbm <= 1.25 * stack, (hbm, stack)  # + the [32, 1024] activation shard's reads and writes
+    # A KV-cache-style write of one row into a donated [4096, 1024] f32 buffer: the row, not the buffer.
+    cache = _sds((4096, 1024), jnp.float32, v5p8, P())
+    row = _sds((1, 1024), jnp.float32, v5p8, P())
+    idx = _sds((), jnp.int32, v5p8, P())
+    write = jax.jit(lambda c, r, i: jax.lax.dynamic_update_slice(c, r, (i, 0)), donate_argnums=0)
+    hbm = hlo_report.hlo_costs(write.lower(cache, row, idx).compile().as_text()).hbm_bytes
+    assert hbm <= 4 * 1024 * 4 + 64, hbm  # row read + row written (+ the index), far below 2 x 16 MiB
+
+
 def test_all_gather_bytes_are_the_gathered_array(v5p8):
     x = _sds((1024, 512), jnp.float32, v5p8, P("fsdp", None))
     replicated = NamedSharding(v5p8, P())

@@ -141,8 +141,9 @@ class HloCosts:
     matmul_flops: 2 x multiply-adds of every dot/convolution (elementwise work not included).
     unknown_trip_loops: while loops whose trip count could not be read (counted once).
     hbm_bytes: bytes read and written by the top-level instructions (fusions, dots, copies,
-      collectives: operands + results; what a fusion keeps on chip is not counted), XLA's
-      "bytes accessed" with loop bodies weighted by their trip count.
+      collectives: operands + results; what a fusion keeps on chip is not counted; an operand that
+      is only sliced counts the slice, a buffer updated in place the update), XLA's "bytes
+      accessed" with loop bodies weighted by their trip count.
     sources: (kind, emitting op) -> CollectiveStats, the op being the JAX op_name metadata of the
       collective (its source location's function path, e.g. ``jit(step)/.../dot_general``).
     """
@@ -394,10 +395,74 @@ def _fused_computations(comps: dict[str, list[Instr]]) -> set[str]:
     return inner
 
 
-def _operand_bytes(instr: Instr, shapes: dict[str, str]) -> float:
-    """Bytes of an instruction's operands (by name, looked up in its computation)."""
-    args = instr.rest.split("), ")[0]
-    return sum(shape_bytes(shapes[n]) for n in re.findall(r"%([\w.\-]+)", args) if n in shapes)
+def _operands(instr: Instr) -> list[str]:
+    """Names of an instruction's operands, in order."""
+    return re.findall(r"%([\w.\-]+)", instr.rest.split("), ")[0])
+
+
+def _callee(instr: Instr) -> str | None:
+    return next((c for role, c in _CALLEE_RE.findall(instr.rest) if role == "calls"), None)
+
+
+def _in_place_update(instrs: list[Instr]) -> Instr | None:
+    """The computation's root when it is a dynamic-update-slice of its own parameter (written in place)."""
+    root = instrs[-1] if instrs else None  # HLO text prints the ROOT last
+    if root is None or root.op != "dynamic-update-slice":
+        return None
+    params = {i.name for i in instrs if i.op == "parameter"}
+    return root if _operands(root)[0] in params else None
+
+
+def _param_read_bytes(comps: dict[str, list[Instr]], comp: str, index: int) -> float | None:
+    """Bytes a fused computation reads of its parameter ``index`` when it only slices it (a scanned
+    layer's weights out of the [L, ...] stack, a KV-cache row) or updates it in place; None = all of it."""
+    instrs = comps.get(comp, [])
+    param = next((i for i in instrs if i.op == "parameter" and i.rest.startswith(f"{index})")), None)
+    if param is None:
+        return None
+    total = 0.0
+    for user in instrs:
+        ops = _operands(user)
+        if param.name not in ops:
+            continue
+        if ops.count(param.name) > 1:
+            return None
+        at = ops.index(param.name)
+        if user.op in ("dynamic-slice", "slice", "gather") and at == 0:
+            total += shape_bytes(user.type_str)
+        elif user.op == "dynamic-update-slice" and at == 0 and user is _in_place_update(instrs):
+            continue  # the rest of the buffer is neither read nor written
+        elif user.op == "fusion" and (callee := _callee(user)) is not None:
+            inner = _param_read_bytes(comps, callee, at)
+            if inner is None:
+                return None
+            total += inner
+        else:
+            return None
+    return total
+
+
+def _traffic_bytes(instr: Instr, shapes: dict[str, str], comps: dict[str, list[Instr]]) -> float:
+    """HBM bytes one top-level instruction reads and writes: its operands and result, except that a
+    sliced operand counts only the slice (XLA's own utilization rule: a layer scan reads one layer of
+    the stacked weights per iteration) and a buffer updated in place counts only the update."""
+    ops = _operands(instr)
+    reads = [shape_bytes(shapes[n]) if n in shapes else 0.0 for n in ops]
+    written = shape_bytes(instr.type_str)
+    if instr.op in ("dynamic-slice", "slice") and reads:
+        reads[0] = written
+    elif instr.op == "dynamic-update-slice" and len(reads) > 1:
+        reads[0], written = 0.0, reads[1]
+    elif instr.op == "fusion" and (callee := _callee(instr)) in comps:
+        for k in range(len(reads)):
+            sliced = _param_read_bytes(comps, callee, k)
+            if sliced is not None:
+                reads[k] = min(reads[k], sliced)
+        root = _in_place_update(comps[callee])
+        if root is not None:
+            inner = {i.name: i.type_str for i in comps[callee]}
+            written = shape_bytes(inner.get(_operands(root)[1], instr.type_str))
+    return written + sum(reads)
 
 
 def short_op_name(op_name: str) -> str:
@@ -423,7 +488,7 @@ def hlo_costs(hlo_text: str) -> HloCosts:
         shapes = {i.name: i.type_str for i in instrs}
         for instr in instrs:
             if name not in fused and instr.op not in _NO_TRAFFIC:
-                hbm += runs * (shape_bytes(instr.type_str) + _operand_bytes(instr, shapes))
+                hbm += runs * _traffic_bytes(instr, shapes, comps)
             if instr.op in ("dot", "convolution"):
                 flops += runs * _matmul_flops(instr, shapes)
                 continue
