@@ -266,8 +266,9 @@ def compiled_input_shardings(compiled: Any, abstract_args: Any) -> Any:
     None, as jax does. The result is checked leaf by leaf against ``abstract_args``' shapes."""
     try:
         return compiled.input_shardings
-    except ValueError:
-        pass
+    except ValueError as err:
+        if "Too many leaves" not in str(err):
+            raise
     ex, n = compiled._executable, compiled.in_tree.num_leaves
     kept = sorted(ex._kept_var_idx)
     k = kept[-1] + 1 - n
