@@ -67,7 +67,9 @@ def test_lora_training_resumes_exactly_and_writes_the_peft_adapter(loss, tmp_pat
     assert set(saved["params"]) == {"lora"} and saved.get("frozen") is None and saved.get("ref_params") is None
     n_adapter = sum(x.size for x in jax.tree.leaves(rest.state.params))
     n_base = sum(x.size for x in jax.tree.leaves(rest.state.frozen))
-    state_bytes = sum(p.stat().st_size for p in (ckpt_dir / "4" / "state").rglob("*") if p.is_file())
+    # bytes of the arrays the checkpoint declares, not of its files: the OCDBT files vary with how
+    # orbax batched the async writes (0.14-0.16 MB on an idle machine, 0.60 MB in one loaded CI run)
+    state_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(saved))
     assert state_bytes < 4 * n_base  # adapter + Adam moments only: below one float32 copy of the base
     assert n_adapter < n_base / 4
 
