@@ -52,6 +52,7 @@ class StepSpec:
     model_flops: float
     declared: Any = None
     select: Callable[[Any], Any] = lambda tree: tree
+    frozen: Callable[[Any], Any] | None = None  # first argument -> frozen weights (a LoRA base): gathered, no gradient
     notes: str = ""
     weight_passes: int = 0  # times the step needs every weight whole (forward, backward, each decode step)
     reduces_grads: bool = False  # the step reduce-scatters one gradient per FSDP-sharded weight
@@ -71,6 +72,20 @@ def fsdp_expectation(abstract_params: Any, declared: Any, weight_passes: int, re
             n = named.mesh.shape["fsdp"]
             gathered += (n - 1) / n * leaf.size * (itemsize or leaf.dtype.itemsize)
     return {"all-gather": weight_passes * gathered, "reduce-scatter": gathered if reduces_grads else 0.0}
+
+
+def expected_collectives(spec: StepSpec) -> dict[str, float]:
+    """``fsdp_expectation`` of the step's trained weights plus the all-gathers of its frozen ones."""
+    if spec.declared is None:
+        return {}
+    out = fsdp_expectation(spec.select(spec.args[0]), spec.declared, spec.weight_passes, spec.reduces_grads,
+                           spec.compute_itemsize)  # fmt: skip
+    if spec.frozen is not None:
+        frozen = spec.frozen(spec.args[0])
+        base = fsdp_expectation(frozen, jax.tree.map(lambda x: x.sharding, frozen), spec.weight_passes, False,
+                                spec.compute_itemsize)  # fmt: skip
+        out["all-gather"] += base["all-gather"]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,11 +263,7 @@ def check_step(
         hbm_bandwidth_per_device=chip.hbm_bandwidth / devices_per_chip,
         ici_bandwidth_per_device=chip.ici_bandwidth / devices_per_chip if chip.ici_bandwidth else None,
         chip_source=chip.source,
-        expected_collectives=(
-            fsdp_expectation(spec.select(spec.args[0]), spec.declared, spec.weight_passes, spec.reduces_grads,
-                             spec.compute_itemsize)
-            if spec.declared is not None else {}
-        ),
+        expected_collectives=expected_collectives(spec),
         generated_tokens=spec.generated_tokens,
     )
     return report, compiled

@@ -75,6 +75,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
         name="train[trace+lora]" if trace else f"train[ref={reference}]", jitted=fn, args=(abs_state, abs_batch, veto if uses_veto else None), tokens=tokens,
         model_flops=flops, declared=param_shardings(abs_params, mesh, rules),
         select=lambda state: state.params, notes=notes, reduces_grads=True,
+        frozen=(lambda state: state.frozen) if cfg.lora.rank else None,
         weight_passes=2 + ref_forward,  # fwd, bwd (+ reference fwd)
         compute_itemsize=jnp.dtype(cfg.model.dtype).itemsize,
     )  # fmt: skip
