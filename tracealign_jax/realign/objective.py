@@ -29,8 +29,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from tracealign_jax import sharding
 from tracealign_jax.realign.triage import INVERT, RETAIN, SUPPRESS
+from tracealign_jax.training.logprobs import gathered_unembedding
 
 Metrics = dict[str, jax.Array]
 InvertLoss = Literal["logistic", "ipo"]
@@ -84,11 +84,8 @@ def chunked_token_kl(h_policy_BxLxD: jax.Array, unembed_policy_DxV: jax.Array, h
     c = l if chunk <= 0 or chunk >= l else chunk
     n_chunks = -(-l // c)
     pad = n_chunks * c - l
-    # Whole on the FSDP axis in the compute dtype, once for all chunks (as ``training.logprobs``): left
-    # sharded on embed, XLA re-gathers the head inside every rematerialized chunk (34 GiB per step per
-    # chip on Llama-3.1-8B TRACE+LoRA, v5e-8) and rotates the logits through collective-permutes.
-    wp = sharding.constrain(unembed_policy_DxV.astype(compute_dtype), (None, "vocab"))
-    wr = sharding.constrain(jax.lax.stop_gradient(unembed_ref_DxV).astype(compute_dtype), (None, "vocab"))
+    wp = gathered_unembedding(unembed_policy_DxV, compute_dtype)
+    wr = gathered_unembedding(jax.lax.stop_gradient(unembed_ref_DxV), compute_dtype)
 
     def to_chunks(x: jax.Array) -> jax.Array:
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
