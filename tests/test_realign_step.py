@@ -92,6 +92,21 @@ def test_first_trace_loss_is_the_closed_form_and_only_adapters_move():
     assert history[-1]["rewards/flipped_accuracy"] > 0.5
 
 
+def test_trace_step_runs_the_configured_attention_kernel(monkeypatch):
+    """``model.attention`` reaches both TRACE forwards (it was ignored: always einsum) and the fused XLA
+    kernel gives the einsum path's losses."""
+    from tracealign_jax.model import attention
+
+    seen, real = [], attention.resolve
+    monkeypatch.setattr(attention, "resolve", lambda impl: seen.append(impl) or real(impl))
+    _, fused = run(config("trace", "model.attention=xla"), one_device(), 2)
+    assert seen and set(seen) == {"xla"}
+    _, reference = run(config("trace"), one_device(), 2)
+    for a, b in zip(reference, fused):
+        for k in ("loss/total", "loss/kl", "grad_norm"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-7, err_msg=k)
+
+
 OBJECTIVES = {"trace": ("trace",), "dpo+cbd": ("sigmoid", "loss.cbd_data_weight=0.5", "loss.cbd_bci_scale=5", "data.pair_layout=separate"),
               "sft": ("sigmoid", "train.objective=sft")}  # fmt: skip
 

@@ -29,18 +29,19 @@ from tracealign_jax.training.state import model_params, zero_adapters
 Batch = dict[str, jax.Array]
 
 
-def _hidden(graphdef: nnx.GraphDef, params: Any, batch: Batch, key: jax.Array | None):
+def _hidden(graphdef: nnx.GraphDef, params: Any, batch: Batch, key: jax.Array | None, attention: str):
     model = nnx.merge(graphdef, params)
-    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], dropout_key=key)
+    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], dropout_key=key, attention=attention)
     return h, model.unembedding_matrix(), model.dtype
 
 
 def trace_loss(adapter: Any, base: Any, batch: Batch, key: jax.Array | None, *, graphdef: nnx.GraphDef,
-               rc: RealignConfig, chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
-    """The TRACE objective of ``base`` + ``adapter`` against ``base`` (the reference) on one batch."""
-    h_ref, w_ref, dtype = _hidden(graphdef, model_params(zero_adapters(adapter), base), batch, None)
+               rc: RealignConfig, chunk: int = 0, attention: str = "einsum") -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
+    """The TRACE objective of ``base`` + ``adapter`` against ``base`` (the reference) on one batch;
+    ``attention``: the ``model.attention`` kernel of both forwards."""
+    h_ref, w_ref, dtype = _hidden(graphdef, model_params(zero_adapters(adapter), base), batch, None, attention)
     h_ref, w_ref = jax.lax.stop_gradient(h_ref), jax.lax.stop_gradient(w_ref)
-    h, w, _ = _hidden(graphdef, model_params(adapter, base), batch, key)
+    h, w, _ = _hidden(graphdef, model_params(adapter, base), batch, key, attention)
     tok = batch["tokens"]
     logps, _ = chunked_token_logprobs(h, w, tok, chunk=chunk, compute_dtype=dtype)
     ref_logps, _ = chunked_token_logprobs(h_ref, w_ref, tok, chunk=chunk, compute_dtype=dtype)

@@ -141,7 +141,8 @@ def loss_fn(params: Any, state: TrainState, batch: Batch, veto: Any, counts: dic
     if cfg.loss.type == "trace":
         from tracealign_jax.realign.step import trace_loss
 
-        return trace_loss(params, state.frozen, batch, key, graphdef=graphdef, rc=cfg.realign, chunk=chunk)
+        return trace_loss(params, state.frozen, batch, key, graphdef=graphdef, rc=cfg.realign, chunk=chunk,
+                          attention=cfg.model.attention)
     policy = model_params(params, state.frozen)
     if cfg.train.objective == "sft":
         logps, _ = _forward_logps(graphdef, policy, batch, chunk, None, cfg.model.attention, key)
