@@ -25,6 +25,10 @@ def test_matches_a_hand_count():
     assert train_step_flops(ARCH, 6, 10, ref_forward=False) == 6 * 3 * 3456
     # LoRA (frozen base): forward + activation backward = 2 forwards, plus the base's reference forward.
     assert train_step_flops(ARCH, 6, 10, ref_forward=True, frozen_base=True) == 6 * 3 * 3456
+    # Logits for 2 of the 6 tokens only (the responses): 4 tokens skip the unembedding, 2 x 8 x 32 = 512
+    # FLOPs per forward, in each of the step's 4 (full) or 3 (LoRA) forward-equivalents.
+    assert train_step_flops(ARCH, 6, 10, ref_forward=True, unembedded=2) == 6 * 4 * 3456 - 4 * 4 * 512
+    assert train_step_flops(ARCH, 6, 10, ref_forward=True, frozen_base=True, unembedded=2) == 6 * 3 * 3456 - 3 * 4 * 512
 
 
 def test_tied_embeddings_still_count_the_unembedding_once():

@@ -110,25 +110,41 @@ def test_token_kl_matches_numpy_with_fd_gradient():
 
 
 @pytest.mark.parametrize("chunk", [0, 3])
-def test_chunked_token_kl_matches_full_vocabulary_numpy(chunk):
+@pytest.mark.parametrize("size", [0, 4])
+def test_trace_token_terms_match_full_vocabulary_numpy(chunk, size):
+    """Both models' token log-probs and KL(ref || policy) from one logits block each, on every slot
+    (size 0) or the masked tokens only (4 slots per row), against NumPy; gradients by finite differences."""
+    from tracealign_jax.training.logprobs import scored_slots
+
     rng = np.random.default_rng(3)
     b, l, d, v = 2, 7, 5, 9
     hp, hr = rng.normal(size=(b, l, d)), rng.normal(size=(b, l, d))
     wp, wr = rng.normal(size=(d, v)), rng.normal(size=(d, v))
+    tok = rng.integers(0, v, size=(b, l))
+    mask = np.zeros((b, l))
+    mask[0, 3:7], mask[1, 5:7] = 1, 1
+    keep = np.pad(np.ones((b, l - 1)), ((0, 0), (1, 0))) * (mask if size else 1)  # scored slots, token frame
 
-    def np_kl(hp_):
+    def np_terms(hp_):
         lp, lr = np_log_softmax(hp_ @ wp), np_log_softmax(hr @ wr)
         kl = np.sum(np.exp(lr) * (lr - lp), axis=-1)
-        return np.pad(kl[:, :-1], ((0, 0), (1, 0)))  # token frame
+        at = lambda x: np.take_along_axis(x[:, :-1], tok[:, 1:, None], -1)[..., 0]  # noqa: E731
+        shift = lambda x: np.pad(x, ((0, 0), (1, 0))) * keep  # noqa: E731
+        return shift(at(lp)), shift(at(lr)), shift(kl[:, :-1])
+
+    scored = scored_slots(jnp.asarray(tok, jnp.int32), None, jnp.asarray(mask, jnp.float32), size)
 
     def ours(hp_):
-        return objective.chunked_token_kl(hp_, jnp.asarray(wp, jnp.float32), jnp.asarray(hr, jnp.float32),
-                                          jnp.asarray(wr, jnp.float32), chunk=chunk)  # fmt: skip
+        return objective.trace_token_terms(hp_, jnp.asarray(wp, jnp.float32), jnp.asarray(hr, jnp.float32),
+                                           jnp.asarray(wr, jnp.float32), jnp.asarray(tok, jnp.int32), scored, chunk=chunk)  # fmt: skip
 
-    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(hp, jnp.float32))), np_kl(hp), rtol=1e-5, atol=1e-6)
-    coef = rng.normal(size=(b, l))
-    g = jax.grad(lambda h: jnp.sum(ours(h) * coef))(jnp.asarray(hp, jnp.float32))
-    np.testing.assert_allclose(np.asarray(g), fd_grad(lambda h: np.sum(np_kl(h) * coef), hp), rtol=1e-4, atol=1e-5)
+    for got, want in zip(ours(jnp.asarray(hp, jnp.float32)), np_terms(hp)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    coef = rng.normal(size=(3, b, l))
+    proj = lambda terms: sum(jnp.sum(t * c) for t, c in zip(terms, coef))  # noqa: E731
+    g = jax.grad(lambda h: proj(ours(h)))(jnp.asarray(hp, jnp.float32))
+    fd = fd_grad(lambda h: sum(np.sum(t * c) for t, c in zip(np_terms(h), coef)), hp)
+    np.testing.assert_allclose(np.asarray(g), fd, rtol=1e-4, atol=1e-5)
 
 
 def test_global_counts_make_halves_add_up():

@@ -11,7 +11,7 @@ import pytest
 
 from tracealign_jax.config import LossConfig
 from tracealign_jax.training import losses
-from tracealign_jax.training.logprobs import chunked_token_logprobs, veto_contexts
+from tracealign_jax.training.logprobs import scored_slots, token_logprobs, veto_contexts
 
 
 def np_logsig(x):
@@ -180,27 +180,37 @@ def test_token_normalisation_accumulates_exactly():
 
 
 @pytest.mark.parametrize("chunk", [0, 3, 4])
-def test_chunked_logprobs_match_full_log_softmax(chunk):
+@pytest.mark.parametrize("size", [0, 5])
+def test_token_logprobs_match_full_log_softmax(chunk, size):
+    """Every slot (size 0) or the masked tokens only in 5 slots per row: the log-softmax of the full
+    logits at the scored tokens (0 elsewhere), entries too, and the gradients of their masked sum."""
     rng = np.random.default_rng(5)
     b, l, d, v, e = 2, 10, 6, 11, 3
     h = jnp.asarray(rng.normal(size=(b, l, d)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
     tok = jnp.asarray(rng.integers(0, v, size=(b, l)), jnp.int32)
     ent = jnp.asarray(rng.integers(0, v, size=(b, l, e)), jnp.int32)
-    lp, elp = chunked_token_logprobs(h, w, tok, chunk=chunk, entry_ids_BxLxM=ent)
+    mask = np.zeros((b, l), np.float32)
+    mask[0, 4:9], mask[1, 6:10] = 1, 1  # 5 and 4 response tokens
+    scored = scored_slots(tok, None, jnp.asarray(mask), size)
+    lp, elp = token_logprobs(h, w, tok, scored, chunk=chunk, entry_ids_BxLxM=ent)
     full = np.asarray(jax.nn.log_softmax(h @ w, axis=-1), float)
     want = np.zeros((b, l))
     want_e = np.zeros((b, l, e))
     for i in range(b):
         for t in range(1, l):
-            want[i, t] = full[i, t - 1, int(tok[i, t])]
-            want_e[i, t] = full[i, t - 1, np.asarray(ent[i, t])]
+            if size == 0 or mask[i, t]:
+                want[i, t] = full[i, t - 1, int(tok[i, t])]
+                want_e[i, t] = full[i, t - 1, np.asarray(ent[i, t])]
     np.testing.assert_allclose(np.asarray(lp), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(elp), want_e, rtol=1e-5, atol=1e-5)
-    # Gradients through the rematerialized scan equal those of the full computation.
-    g = jax.grad(lambda h_: chunked_token_logprobs(h_, w, tok, chunk=chunk)[0].sum())(h)
-    g_full = jax.grad(lambda h_: jnp.take_along_axis(jax.nn.log_softmax(h_ @ w)[:, :-1], tok[:, 1:, None], -1).sum())(h)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(g_full), rtol=1e-4, atol=1e-5)
+    # Gradients through the gather, the rematerialized scan and the scatter equal the full computation's.
+    m = jnp.asarray(mask)
+    g = jax.grad(lambda h_, w_: (token_logprobs(h_, w_, tok, scored, chunk=chunk)[0] * m).sum(), argnums=(0, 1))(h, w)
+    g_full = jax.grad(lambda h_, w_: (jnp.take_along_axis(jax.nn.log_softmax(h_ @ w_)[:, :-1], tok[:, 1:, None], -1)[..., 0]
+                                      * m[:, 1:]).sum(), argnums=(0, 1))(h, w)  # fmt: skip
+    for a, want_g in zip(g, g_full):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(want_g), rtol=1e-4, atol=1e-5)
 
 
 def test_veto_contexts():

@@ -176,3 +176,51 @@ def test_both_layouts_train_the_same_pairs_together(setup):
         assert sh["tokens"].shape[1] >= total[sh["index"]].max()
         lengths.add((sep["tokens"].shape[1], sh["tokens"].shape[1]))
     assert (16, 32) in lengths  # a bucket-16 batch in shared rows of 32: the row grows, the batch stays
+
+@pytest.mark.parametrize("lay", ["separate", "shared_prompt"])
+def test_response_only_logits_equal_every_slot(setup, lay):
+    """The train step unembeds only the response tokens (``step.response_slots``: 16 of 32 slots per
+    separate row, 32 of 48 per shared row): log-probs, CBD (b) entry log-probs, the DPO+CBD (a) loss and
+    its gradients equal those from unembedding every slot (``data.max_response_len`` past the row)."""
+    cfgs, graphdef, state, _, batches, _, _ = setup
+    from tracealign_jax.training.step import response_slots
+
+    cfg, batch = cfgs[lay], batches[lay]
+    every = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_response_len=1000))
+    slots = response_slots(cfg)
+    assert slots == (32 if lay == "shared_prompt" else 16) < batch["tokens"].shape[1] <= response_slots(every)
+    rng = np.random.default_rng(4)
+    dev = {**_dev(cfg, batch), "bci": jnp.asarray(np.where(batch["loss_mask"] > 0, rng.exponential(2.0, batch["loss_mask"].shape), 0), jnp.float32)}
+    ent = jnp.asarray(rng.integers(0, 512, size=batch["tokens"].shape + (3,)), jnp.int32)
+    resp = batch["loss_mask"] > 0
+    (lp, elp), (lp_all, elp_all) = (jax.jit(lambda p, b, e, s=s: _forward_logps(graphdef, p, b, 8, e, response_slots=s))(state.params, dev, ent)
+                                    for s in (slots, response_slots(every)))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(lp)[resp], np.asarray(lp_all)[resp], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(elp)[resp], np.asarray(elp_all)[resp], atol=1e-5, rtol=0)
+    assert not np.asarray(lp)[~resp].any() and np.asarray(lp_all)[~resp].any()  # prompt logits: never computed
+    leaves, tree = jax.tree.flatten(state.params)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    policy = jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    mask = _pair_rows(dev)[0]
+    counts = {"pairs": jnp.float32(len(IDX)), "tokens": jnp.sum(mask), "chosen_tokens": jnp.sum(mask[0::2])}
+    got = []
+    for c in (cfg, every):
+        f = jax.jit(jax.value_and_grad(lambda p, b, n, c=c: loss_fn(p, state, b, None, n, cfg=c, graphdef=graphdef), has_aux=True))
+        (loss, metrics), grads = f(policy, dev, counts)
+        got.append((float(loss), jax.tree.leaves(grads)))
+    assert got[0][0] == pytest.approx(got[1][0], abs=1e-6)
+    for a, b in zip(got[0][1], got[1][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    assert max(float(jnp.max(jnp.abs(a))) for a in got[0][1]) > 1e-3
+
+
+def test_a_response_longer_than_the_scored_slots_is_refused(setup):
+    cfgs, _, _, pairs, _, _, _ = setup
+    from tracealign_jax.config import ConfigError
+    from tracealign_jax.training.data import BatchStream
+
+    longest = int(max(pairs.lengths("chosen").max(), pairs.lengths("rejected").max()))
+    short = dataclasses.replace(cfgs["separate"].data, max_response_len=longest - 1)
+    with pytest.raises(ConfigError, match=rf"{longest} tokens, more than data.max_response_len={longest - 1}"):
+        BatchStream(pairs, short, 2)
+    BatchStream(pairs, dataclasses.replace(short, max_response_len=longest), 2)

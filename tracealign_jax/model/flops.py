@@ -27,12 +27,17 @@ def flops_per_token(arch: ModelArch, context_len: int, *, train: bool) -> float:
     return 3.0 * forward if train else forward
 
 
-def train_step_flops(arch: ModelArch, tokens: int, seq_len: int, *, ref_forward: bool, frozen_base: bool = False) -> float:
+def train_step_flops(arch: ModelArch, tokens: int, seq_len: int, *, ref_forward: bool, frozen_base: bool = False,
+                     unembedded: int | None = None) -> float:  # fmt: skip
     """FLOPs of one DPO/SFT step over ``tokens`` tokens padded to ``seq_len``: policy forward + backward,
     plus a reference forward when the frozen reference runs in the step. ``frozen_base`` (LoRA): the
     backward computes activation gradients only (2 forwards in all; the rank-r adapter matmuls are
-    not counted)."""
-    per = 2.0 * flops_per_token(arch, seq_len, train=False) if frozen_base else flops_per_token(arch, seq_len, train=True)
+    not counted). ``unembedded``: the token slots whose logits are computed (default all; the train
+    step computes them for response slots only, ``training.step.response_slots``)."""
+    passes = 2.0 if frozen_base else 3.0
+    per = passes * flops_per_token(arch, seq_len, train=False)
     if ref_forward:
+        passes += 1.0
         per += flops_per_token(arch, seq_len, train=False)
-    return per * tokens
+    skipped = 0 if unembedded is None else tokens - unembedded
+    return per * tokens - passes * 2.0 * arch.hidden_size * arch.vocab_size * skipped

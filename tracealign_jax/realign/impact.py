@@ -20,7 +20,7 @@ either [2B, L] with rows 2i = y_w, 2i+1 = y_l as stored (separate), or [B, L] sh
 ``[prompt | y_w | y_l]`` with ``branch`` (the prompt computed once), plus ``category`` int32 [B] from
 ``realign.triage`` and PAD = -1 for filler pairs, which count nowhere. ``response_len`` > 0 (static:
 at least the most response tokens of any row) unembeds only the response tokens
-(``logprobs.response_token_logprobs``); 0 unembeds every position, as training does.
+(``logprobs.scored_slots``); 0 unembeds every position.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from flax import nnx
 
 from tracealign_jax.realign.objective import InvertLoss, dual_npo_losses, invert_losses
 from tracealign_jax.realign.triage import INVERT, RETAIN, SUPPRESS
-from tracealign_jax.training.logprobs import chunked_token_logprobs, predecessor_slots, rejected_start, response_token_logprobs
+from tracealign_jax.training.logprobs import scored_slots, token_logprobs
 
 PAD = -1
 Batch = dict[str, jax.Array]
@@ -48,20 +48,13 @@ def pair_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0
     branch = batch.get("branch")
     h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], branch_BxL=branch)
     tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
-    rows, length = tokens.shape
-    if response_len:
-        pred = predecessor_slots(branch) if branch is not None else jnp.broadcast_to(jnp.arange(length) - 1, (rows, length))
-        logps, slots = response_token_logprobs(h, model.unembedding_matrix(), tokens, mask, pred.astype(jnp.int32),
-                                               response_len, model.dtype)  # fmt: skip
-        which = None if branch is None else jnp.take_along_axis(branch, slots, axis=1)
-    else:
-        logps, _ = chunked_token_logprobs(h, model.unembedding_matrix(), tokens, chunk=chunk, compute_dtype=model.dtype,
-                                          rescore=None if branch is None else rejected_start(branch))  # fmt: skip
-        logps, which = logps * mask, branch
-    if which is None:  # separate rows: 2i = y_w, 2i+1 = y_l
+    scored = scored_slots(tokens, branch, mask, response_len)
+    logps, _ = token_logprobs(h, model.unembedding_matrix(), tokens, scored, chunk=chunk, compute_dtype=model.dtype)
+    logps = logps * mask
+    if branch is None:  # separate rows: 2i = y_w, 2i+1 = y_l
         per_row = jnp.sum(logps, axis=-1).reshape(-1, 2)
         return per_row[:, 0], per_row[:, 1]
-    return jnp.sum(jnp.where(which == 1, logps, 0.0), -1), jnp.sum(jnp.where(which == 2, logps, 0.0), -1)
+    return jnp.sum(jnp.where(branch == 1, logps, 0.0), -1), jnp.sum(jnp.where(branch == 2, logps, 0.0), -1)
 
 
 def _ratios(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int, response_len: int) -> tuple[jax.Array, jax.Array]:

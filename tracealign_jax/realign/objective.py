@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from tracealign_jax.realign.triage import INVERT, RETAIN, SUPPRESS
-from tracealign_jax.training.logprobs import gathered_unembedding
+from tracealign_jax.training.logprobs import ScoredSlots, chunk_scan, gather_slots, gathered_unembedding, scatter_slots
 
 Metrics = dict[str, jax.Array]
 InvertLoss = Literal["logistic", "ipo"]
@@ -70,39 +70,32 @@ def token_kl(ref_logp_BxLxV: jax.Array, policy_logp_BxLxV: jax.Array) -> jax.Arr
     return jnp.sum(jnp.exp(ref) * (ref - policy_logp_BxLxV.astype(jnp.float32)), axis=-1)
 
 
-def chunked_token_kl(h_policy_BxLxD: jax.Array, unembed_policy_DxV: jax.Array, h_ref_BxLxD: jax.Array,
-                     unembed_ref_DxV: jax.Array, *, chunk: int = 0,
-                     compute_dtype: jnp.dtype = jnp.float32) -> jax.Array:  # fmt: skip
-    """KL(pi_ref || pi_theta) of the next-token distributions, in the token frame: float32[B, L] (nats).
+def trace_token_terms(h_policy_BxLxD: jax.Array, unembed_policy_DxV: jax.Array, h_ref_BxLxD: jax.Array,
+                      unembed_ref_DxV: jax.Array, tokens_BxL: jax.Array, scored: ScoredSlots, *, chunk: int = 0,
+                      compute_dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """The policy's and the reference's token log-probs and KL(pi_ref || pi_theta), from ONE logits block
+    of each model per chunk: three float32[B, L] arrays (nats) in the token frame, 0 where not scored.
 
-    ``kl_BxL[:, t]`` compares the two models' distributions over token t given tokens[:t] (the
-    distribution that scores token t, as in ``training.logprobs``); position 0 gets 0. Sequence
-    chunks under a rematerialized ``lax.scan`` hold one [B, chunk, V] block of each model's logits
-    at a time. The reference side is a constant.
+    ``kl_BxL[:, t]`` compares the two models' distributions over token t given its prefix (the
+    distribution that scores token t, as in ``training.logprobs``); ``scored`` (``scored_slots``)
+    picks the tokens, e.g. the responses only. Sequence chunks under a rematerialized ``lax.scan``
+    hold one [B, chunk, V] block of each model's logits at a time. The reference side is a constant.
     """
-    b, l, _ = h_policy_BxLxD.shape
-    c = l if chunk <= 0 or chunk >= l else chunk
-    n_chunks = -(-l // c)
-    pad = n_chunks * c - l
     wp = gathered_unembedding(unembed_policy_DxV, compute_dtype)
     wr = gathered_unembedding(jax.lax.stop_gradient(unembed_ref_DxV), compute_dtype)
 
-    def to_chunks(x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-        return jnp.moveaxis(x.reshape(b, n_chunks, c, x.shape[-1]), 1, 0)
-
-    @jax.checkpoint
-    def block(hp: jax.Array, hr: jax.Array) -> jax.Array:
+    def block(hp: jax.Array, hr: jax.Array, tgt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         lp = jax.nn.log_softmax(jnp.einsum("bcd,dv->bcv", hp.astype(compute_dtype), wp,
                                            preferred_element_type=jnp.float32), axis=-1)  # fmt: skip
         lr = jax.nn.log_softmax(jnp.einsum("bcd,dv->bcv", hr.astype(compute_dtype), wr,
                                            preferred_element_type=jnp.float32), axis=-1)  # fmt: skip
-        return token_kl(lr, lp)
+        at = lambda x: jnp.take_along_axis(x, tgt[..., None], axis=-1)[..., 0]  # noqa: E731
+        return at(lp), at(lr), token_kl(lr, lp)
 
-    hr_all = jax.lax.stop_gradient(h_ref_BxLxD)
-    _, kl = jax.lax.scan(lambda carry, x: (carry, block(*x)), None, (to_chunks(h_policy_BxLxD), to_chunks(hr_all)))
-    kl = jnp.moveaxis(kl, 0, 1).reshape(b, n_chunks * c)[:, :l]
-    return jnp.pad(kl[:, :-1], ((0, 0), (1, 0)))  # hidden s predicts token s+1
+    src = scored.hidden_BxS
+    out = chunk_scan(block, (gather_slots(h_policy_BxLxD, src), gather_slots(jax.lax.stop_gradient(h_ref_BxLxD), src),
+                             gather_slots(tokens_BxL, scored.token_BxS)), chunk)  # fmt: skip
+    return tuple(scatter_slots(x, scored, tokens_BxL.shape[1]) for x in out)
 
 
 def trace_objective(
@@ -122,7 +115,7 @@ def trace_objective(
     """The TRACE loss on B pairs held as 2B interleaved rows (2i = y_w, 2i+1 = y_l, as stored).
 
     policy_seq_2B / ref_seq_2B: sequence log-probs (nats, summed over response tokens); kl_2BxL:
-    per-token KL(pi_ref || pi_theta) (``chunked_token_kl``), counted where loss_mask_2BxL is 1 and
+    per-token KL(pi_ref || pi_theta) (``trace_token_terms``), counted where loss_mask_2BxL is 1 and
     the pair is retained; category_B int32 (RETAIN / INVERT / SUPPRESS); weight_B float32 impact
     weights (mean 1 over conflicts, see the module docstring; ignored for retained pairs).
     Returns ``(loss, metrics)``: loss/{invert,suppress,kl,total}, pairs/{retain,invert,suppress},

@@ -5,8 +5,9 @@ the policy is the frozen base plus LoRA adapters; the reference is the base itse
 with the adapters zeroed, which is the base bit for bit: ``model.lora``), so no reference copy of
 the weights exists. Per batch:
 
-  policy / reference hidden states -> sequence log-probs (``training.logprobs``) and the token KL
-  (``objective.chunked_token_kl``) -> ``objective.trace_objective``.
+  policy / reference hidden states -> token log-probs of both models and their token KL on the
+  response tokens, from one logits block per model (``objective.trace_token_terms``) ->
+  ``objective.trace_objective``.
 
 Batch: the training layout (``training.data.build_batch``: tokens / positions / valid / loss_mask
 [2B, L], rows 2i / 2i+1 = y_w / y_l as stored) plus ``category`` int32 [B] and ``weight`` float32 [B]
@@ -22,8 +23,8 @@ import jax
 from flax import nnx
 
 from tracealign_jax.config import RealignConfig
-from tracealign_jax.realign.objective import chunked_token_kl, trace_objective
-from tracealign_jax.training.logprobs import chunked_token_logprobs
+from tracealign_jax.realign.objective import trace_objective, trace_token_terms
+from tracealign_jax.training.logprobs import scored_slots
 from tracealign_jax.training.state import model_params, zero_adapters
 
 Batch = dict[str, jax.Array]
@@ -36,19 +37,16 @@ def _hidden(graphdef: nnx.GraphDef, params: Any, batch: Batch, key: jax.Array | 
 
 
 def trace_loss(adapter: Any, base: Any, batch: Batch, key: jax.Array | None, *, graphdef: nnx.GraphDef,
-               rc: RealignConfig, chunk: int = 0, attention: str = "einsum") -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
+               rc: RealignConfig, chunk: int = 0, attention: str = "einsum",
+               response_slots: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
     """The TRACE objective of ``base`` + ``adapter`` against ``base`` (the reference) on one batch;
-    ``attention``: the ``model.attention`` kernel of both forwards."""
+    ``attention``: the ``model.attention`` kernel of both forwards; ``response_slots``: log-prob slots
+    per row (the response tokens; 0 scores every token)."""
     h_ref, w_ref, dtype = _hidden(graphdef, model_params(zero_adapters(adapter), base), batch, None, attention)
-    h_ref, w_ref = jax.lax.stop_gradient(h_ref), jax.lax.stop_gradient(w_ref)
     h, w, _ = _hidden(graphdef, model_params(adapter, base), batch, key, attention)
     tok = batch["tokens"]
-    logps, _ = chunked_token_logprobs(h, w, tok, chunk=chunk, compute_dtype=dtype)
-    ref_logps, _ = chunked_token_logprobs(h_ref, w_ref, tok, chunk=chunk, compute_dtype=dtype)
     mask = batch["loss_mask"].astype(jax.numpy.float32)
-    if rc.alpha_kl:
-        kl = chunked_token_kl(h, w, h_ref, w_ref, chunk=chunk, compute_dtype=dtype)
-    else:
-        kl = jax.numpy.zeros_like(mask)
+    scored = scored_slots(tok, None, mask, response_slots)
+    logps, ref_logps, kl = trace_token_terms(h, w, h_ref, w_ref, tok, scored, chunk=chunk, compute_dtype=dtype)
     return trace_objective((logps * mask).sum(-1), (ref_logps * mask).sum(-1), kl, mask, batch["category"],
                            batch["weight"], beta=rc.beta, alpha_kl=rc.alpha_kl, invert_loss=rc.invert_loss)  # fmt: skip

@@ -4,7 +4,7 @@ Public API::
 
     train(cfg) -> TrainResult                       the loop (data, step, metrics, checkpoints, resume)
     losses.dpo_objective / preference_loss / sft_objective / cbd_data_loss / cbd_continuation_loss
-    chunked_token_logprobs(h_BxLxD, unembed_DxV, tokens_BxL, chunk=..., entry_ids_BxLxM=...)
+    token_logprobs(h_BxLxD, unembed_DxV, tokens_BxL, scored_slots(tokens_BxL, branch, loss_mask, size), chunk=...)
     TrainState, init_train_state(cfg, mesh, rules) -> (graphdef, state), abstract_train_state(cfg, mesh, rules)
     make_train_step(cfg, graphdef, mesh, rules, state_shardings) -> jitted train_step(state, batch, veto)
     train_step_fn_and_shardings(cfg, mesh, rules, bucket_len) -> (jitted step, abstract state, abstract batch)
@@ -19,7 +19,7 @@ from typing import Any
 
 _HOMES = {
     "Checkpointer": "checkpoint", "BatchStream": "data", "build_batch": "data",
-    "chunked_token_logprobs": "logprobs", "NonFiniteLossError": "loop", "TrainResult": "loop", "train": "loop",
+    "scored_slots": "logprobs", "token_logprobs": "logprobs", "NonFiniteLossError": "loop", "TrainResult": "loop", "train": "loop",
     "TrainState": "state", "abstract_train_state": "state", "init_train_state": "state", "make_optimizer": "state",
     "abstract_batch": "step", "make_train_step": "step", "train_step": "step", "train_step_fn_and_shardings": "step",
 }  # fmt: skip

@@ -77,6 +77,18 @@ def row_length_of(pairs: TokenizedPairs, idx_B: np.ndarray, bucket: int, layout:
     return bucket_of(int(total.max()), layout_buckets(buckets, layout, max_response_len))
 
 
+def check_response_lengths(pairs: TokenizedPairs, max_response_len: int, sft: bool = False) -> None:
+    """Refuses responses longer than ``data.max_response_len``: the train step scores at most that many
+    tokens per response (``training.step.response_slots``). ``pairs.load_pairs`` truncates to it, so
+    this names pairs built some other way."""
+    for field in ("chosen",) if sft else ("chosen", "rejected"):
+        lengths = pairs.lengths(field)
+        if len(lengths) and int(lengths.max()) > max_response_len:
+            i = int(np.argmax(lengths))
+            raise ConfigError(f"data: pair {i}'s {field} response has {int(lengths[i])} tokens, more than "
+                              f"data.max_response_len={max_response_len} (the log-probs score at most that many)")  # fmt: skip
+
+
 def epoch_batches(bucket_N: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """The batches of one epoch: example indices, each batch from one bucket, deterministic in (seed, epoch).
 
@@ -185,6 +197,7 @@ class BatchStream:
         self.pairs, self.cfg, self.batch_size, self.sft = pairs, cfg, batch_size, sft
         self.layout = "separate" if sft else layout
         row_length(1, self.layout, 1)  # names a bad layout now, not at the first batch
+        check_response_lengths(pairs, cfg.max_response_len, sft)
         self.bci, self.ref_logps = bci, ref_logps
         self.bucket_N = assign_buckets(pairs, cfg.buckets, sft)
         self.epoch, self.cursor = 0, 0

@@ -1,23 +1,25 @@
-"""Per-token log-probabilities in sequence chunks, so the [B, L, V] logits never exist at once.
+"""Per-token log-probabilities of the scored tokens only, in sequence chunks, so [B, L, V] logits never exist.
 
-Alignment: ``token_logps_BxL[:, t] = log p(tokens[t] | tokens[:t])`` (nats); position 0 has no
-prefix and gets 0 (it is never a response token). The logits that score token t come from the final
-hidden state at t-1; all arrays here are returned in the token frame (already shifted).
+Alignment: ``token_logps_BxL[:, t] = log p(tokens[t] | its prefix)`` (nats), in the token frame. The
+logits that score token t come from the final hidden state of its predecessor slot: t-1, or for
+shared-prompt pair rows ``[prompt | chosen | rejected]`` (``training.data``) the prompt's last slot
+for the first rejected token (``predecessor_slots``). A slot with no predecessor (position 0) gets 0.
 
-Memory: the loop over sequence chunks is a ``lax.scan`` whose body is rematerialized
+Which tokens: ``scored_slots`` picks them. Every slot (``size`` 0), or only the loss-masked (response)
+tokens, ``size`` static slots per row: the unembedding then runs on ``size`` positions per row instead
+of L, so a pair row of prompt 512 + responses 2 x 128 computes 256 logit vectors, not 768. Unscored
+slots read 0 (no loss reads them: every objective masks by ``loss_mask``).
+
+Memory: the loop over chunks of the scored slots is a ``lax.scan`` whose body is rematerialized
 (``jax.checkpoint``), so forward and backward hold one ``[B, chunk, V]`` logits block at a time
-(float32) instead of ``[B, L, V]``. With tensor parallelism the vocabulary axis of the unembedding
-is sharded, so each device holds ``[B, chunk, V / tensor]``: vocabulary chunking comes from the mesh.
-CBD term (b) needs the policy's log-prob of a few sparse veto tokens per position; they are gathered
-from the same logits block, which costs M extra gathers per position and no extra matmul.
-
-Shared-prompt pair rows ``[prompt | chosen | rejected]`` (``training.data``): every token is scored by
-the slot before it except the first rejected one, scored by the prompt's last hidden state. Callers
-pass ``rescore`` = (that hidden slot, that token slot) per row (``rejected_start``); the one extra
-[B, D] x [D, V] product replaces the shifted value there.
+(float32). With tensor parallelism the vocabulary axis of the unembedding is sharded, so each device
+holds ``[B, chunk, V / tensor]``. CBD term (b) needs the policy's log-prob of a few sparse veto tokens
+per position; they are gathered from the same logits block (M gathers per position, no extra matmul).
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +27,69 @@ import jax.numpy as jnp
 from tracealign_jax import sharding
 
 
-def _shift_to_token_frame(x_BxL: jax.Array) -> jax.Array:
-    """Values computed at hidden position s (about token s+1) moved to position s+1; position 0 = 0."""
-    pad = [(0, 0)] * x_BxL.ndim
-    pad[1] = (1, 0)
-    return jnp.pad(x_BxL[:, :-1], pad)
+class ScoredSlots(NamedTuple):
+    """Which tokens a log-prob pass scores, and with which hidden state: [B, S] each (``scored_slots``)."""
+
+    token_BxS: jax.Array | None  # int32 slot of each scored token; None: every slot, in order (S = L)
+    hidden_BxS: jax.Array  # int32 slot of the hidden state whose logits score it
+    used_BxS: jax.Array  # bool; False on filler slots, which read 0 and get no gradient
+
+
+def scored_slots(tokens_BxL: jax.Array, branch_BxL: jax.Array | None = None, mask_BxL: jax.Array | None = None,
+                 size: int = 0) -> ScoredSlots:  # fmt: skip
+    """The slots to score: every slot (``size`` <= 0, ``size`` >= L or no mask), or the ``mask_BxL`` > 0
+    tokens only, in row order, in ``size`` slots per row. ``size`` must be at least the most masked
+    tokens of any row (the callers check it on the host: ``training.data.check_response_lengths``);
+    tokens past it would not be scored. ``branch_BxL``: shared-prompt rows (``predecessor_slots``)."""
+    b, l = tokens_BxL.shape
+    pred_BxL = predecessor_slots(branch_BxL) if branch_BxL is not None else jnp.broadcast_to(
+        jnp.arange(l, dtype=jnp.int32) - 1, (b, l))  # fmt: skip
+    if mask_BxL is None or size <= 0 or size >= l:
+        return ScoredSlots(None, jnp.maximum(pred_BxL, 0), pred_BxL >= 0)
+    on_BxL = (mask_BxL > 0) & (pred_BxL >= 0)
+    token_BxS = jnp.argsort(jnp.where(on_BxL, 0, 1).astype(jnp.int32), axis=1, stable=True)[:, :size].astype(jnp.int32)
+    return ScoredSlots(token_BxS, jnp.maximum(gather_slots(pred_BxL, token_BxS), 0), gather_slots(on_BxL, token_BxS))
+
+
+def gather_slots(x_BxL: jax.Array, slots_BxS: jax.Array | None) -> jax.Array:
+    """``x[b, slots[b, s], ...]``: [B, S, ...] (x itself when ``slots`` is None)."""
+    if slots_BxS is None:
+        return x_BxL
+    return jnp.take_along_axis(x_BxL, slots_BxS.reshape(slots_BxS.shape + (1,) * (x_BxL.ndim - 2)), axis=1)
+
+
+def scatter_slots(values_BxS: jax.Array, scored: ScoredSlots, length: int) -> jax.Array:
+    """Scored values back to their token slots: [B, L, ...], 0 on unscored slots (row by row, so a
+    batch-sharded array stays local)."""
+    used = scored.used_BxS.reshape(scored.used_BxS.shape + (1,) * (values_BxS.ndim - 2))
+    values_BxS = jnp.where(used, values_BxS, 0.0)
+    if scored.token_BxS is None:
+        return values_BxS
+    put = lambda v, s: jnp.zeros((length,) + v.shape[1:], v.dtype).at[s].set(v, unique_indices=True)  # noqa: E731
+    return jax.vmap(put)(values_BxS, scored.token_BxS)
+
+
+def chunk_scan(block: Callable[..., Any], xs: tuple[jax.Array | None, ...], chunk: int) -> Any:
+    """``block(*xs)`` over sequence chunks of the [B, S, ...] arrays ``xs`` (None passes through):
+    ``chunk`` positions at a time (0: all S at once; S padded up to a multiple) under a rematerialized
+    ``lax.scan``; outputs re-assembled to [B, S, ...]."""
+    b, s = next(x for x in xs if x is not None).shape[:2]
+    c = s if chunk <= 0 or chunk >= s else chunk
+    n_chunks = -(-s // c)
+    body = jax.checkpoint(block)
+    if n_chunks == 1:
+        return body(*xs)
+    pad = n_chunks * c - s
+
+    def to_chunks(x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((b, n_chunks, c) + x.shape[2:]), 1, 0)
+
+    def from_chunks(x: jax.Array) -> jax.Array:
+        return jnp.moveaxis(x, 0, 1).reshape((b, n_chunks * c) + x.shape[3:])[:, :s]
+
+    _, out = jax.lax.scan(lambda carry, x: (carry, body(*x)), None, tuple(None if x is None else to_chunks(x) for x in xs))
+    return jax.tree.map(from_chunks, out)
 
 
 def gathered_unembedding(unembed_DxV: jax.Array, compute_dtype: jnp.dtype) -> jax.Array:
@@ -43,98 +103,33 @@ def gathered_unembedding(unembed_DxV: jax.Array, compute_dtype: jnp.dtype) -> ja
     return sharding.constrain(unembed_DxV.astype(compute_dtype), (None, "vocab"))
 
 
-def chunked_token_logprobs(
-    h_BxLxD: jax.Array,
-    unembed_DxV: jax.Array,
-    tokens_BxL: jax.Array,
-    *,
-    chunk: int = 0,
-    entry_ids_BxLxM: jax.Array | None = None,
-    compute_dtype: jnp.dtype = jnp.float32,
-    rescore: tuple[jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Log-probs of each token and (optionally) of veto-entry tokens, from final hidden states.
+def token_logprobs(h_BxLxD: jax.Array, unembed_DxV: jax.Array, tokens_BxL: jax.Array, scored: ScoredSlots, *,
+                   chunk: int = 0, entry_ids_BxLxM: jax.Array | None = None,
+                   compute_dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array | None]:  # fmt: skip
+    """Log-probs of the scored tokens and (optionally) of veto-entry tokens, from final hidden states.
 
     h_BxLxD: hidden states after the final norm; unembed_DxV: the output projection (tied or not);
-    tokens_BxL int32. chunk: sequence positions per logits block (0 = all L at once; L is padded up
-    to a multiple). entry_ids_BxLxM int32: token ids whose log-prob is wanted at each position, in
-    the token frame (entry e at position t is a candidate for token t). The matmul runs in
-    ``compute_dtype`` with float32 accumulation; log-softmax is float32. rescore: (hidden slot int32[B],
-    token slot int32[B]): that token of each row is scored by that hidden state instead of the one before.
-    Returns ``(token_logps_BxL float32, entry_logps_BxLxM float32 | None)``.
+    tokens_BxL int32; scored: ``scored_slots``. chunk: scored positions per logits block (0 = all at
+    once). entry_ids_BxLxM int32: token ids whose log-prob is wanted at each position, in the token
+    frame (entry e at position t is a candidate for token t). The matmul runs in ``compute_dtype``
+    with float32 accumulation; log-softmax is float32. Returns ``(token_logps_BxL float32,
+    entry_logps_BxLxM float32 | None)``, 0 where not scored.
     """
-    b, l, d = h_BxLxD.shape
-    next_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))  # target of hidden s is token s+1
-    entries = None
-    if entry_ids_BxLxM is not None:
-        # Entries for token t are scored by hidden t-1: move them to the hidden frame.
-        entries = jnp.pad(entry_ids_BxLxM[:, 1:], ((0, 0), (0, 1), (0, 0)))
-    c = l if chunk <= 0 or chunk >= l else chunk
-    n_chunks = -(-l // c)
-    pad = n_chunks * c - l
     w = gathered_unembedding(unembed_DxV, compute_dtype)
 
-    def to_chunks(x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape((b, n_chunks, c) + x.shape[2:])
-        return jnp.moveaxis(x, 1, 0)
-
-    @jax.checkpoint
     def block(h_BxCxD: jax.Array, tgt_BxC: jax.Array, ent_BxCxM: jax.Array | None):
         logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(compute_dtype), w, preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, tgt_BxC[..., None], axis=-1)[..., 0] - lse
         if ent_BxCxM is None:
             return tgt, None
-        ent = jnp.take_along_axis(logits, ent_BxCxM, axis=-1) - lse[..., None]
-        return tgt, ent
+        return tgt, jnp.take_along_axis(logits, ent_BxCxM, axis=-1) - lse[..., None]
 
-    xs = (to_chunks(h_BxLxD), to_chunks(next_BxL), None if entries is None else to_chunks(entries))
-    if n_chunks == 1:
-        tgt, ent = block(xs[0][0], xs[1][0], None if entries is None else xs[2][0])
-        tgt, ent = tgt[None], None if ent is None else ent[None]
-    else:
-        _, (tgt, ent) = jax.lax.scan(lambda carry, x: (carry, block(*x)), None, xs)
-
-    def from_chunks(x: jax.Array) -> jax.Array:
-        x = jnp.moveaxis(x, 0, 1)
-        return x.reshape((b, n_chunks * c) + x.shape[3:])[:, :l]
-
-    token_logps = _shift_to_token_frame(from_chunks(tgt))
-    entry_logps = None if ent is None else _shift_to_token_frame(from_chunks(ent))
-    if rescore is not None:
-        src_B, dst_B = rescore
-        at = lambda x, i: jnp.take_along_axis(x, i.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
-        one_tgt, one_ent = block(at(h_BxLxD, src_B), at(tokens_BxL, dst_B),
-                                 None if entry_ids_BxLxM is None else at(entry_ids_BxLxM, dst_B))  # fmt: skip
-        here = (jnp.arange(l)[None] == dst_B[:, None])
-        token_logps = jnp.where(here, one_tgt, token_logps)
-        if entry_logps is not None:
-            entry_logps = jnp.where(here[..., None], one_ent, entry_logps)
-    return token_logps, entry_logps
-
-
-def response_token_logprobs(h_BxLxD: jax.Array, unembed_DxV: jax.Array, tokens_BxL: jax.Array, mask_BxL: jax.Array,
-                            pred_BxL: jax.Array, size: int, compute_dtype: jnp.dtype = jnp.float32
-                            ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """Log-probs of the masked (response) tokens only: the unembedding runs on ``size`` slots per row
-    instead of all L, so prompt positions, whose logits no loss reads, cost nothing.
-
-    mask_BxL: tokens to score (> 0); pred_BxL int32: the hidden slot scoring each token (``slot - 1``, or
-    ``predecessor_slots`` for shared-prompt rows); size: slots kept per row, at least the most masked
-    tokens of any row (the caller checks: tokens past ``size`` would be dropped). Returns
-    ``(logps_BxS float32 nats, 0 on unused slots; slot_BxS int32: the token slot of each)``, masked
-    tokens first, in row order.
-    """
-    on_BxL = mask_BxL > 0
-    slot_BxS = jnp.argsort(jnp.where(on_BxL, 0, 1).astype(jnp.int32), axis=1, stable=True)[:, :size].astype(jnp.int32)
-    used_BxS = jnp.take_along_axis(on_BxL, slot_BxS, axis=1)
-    src_BxS = jnp.maximum(jnp.take_along_axis(pred_BxL, slot_BxS, axis=1), 0)
-    h_BxSxD = jnp.take_along_axis(h_BxLxD, src_BxS[..., None], axis=1)
-    w = gathered_unembedding(unembed_DxV, compute_dtype)
-    logits = jnp.einsum("bsd,dv->bsv", h_BxSxD.astype(compute_dtype), w, preferred_element_type=jnp.float32)
-    tgt = jnp.take_along_axis(logits, jnp.take_along_axis(tokens_BxL, slot_BxS, axis=1)[..., None], axis=-1)[..., 0]
-    return jnp.where(used_BxS, tgt - jax.nn.logsumexp(logits, axis=-1), 0.0), slot_BxS
+    ents = None if entry_ids_BxLxM is None else gather_slots(entry_ids_BxLxM, scored.token_BxS)
+    tgt, ent = chunk_scan(block, (gather_slots(h_BxLxD, scored.hidden_BxS), gather_slots(tokens_BxL, scored.token_BxS),
+                                  ents), chunk)  # fmt: skip
+    length = tokens_BxL.shape[1]
+    return scatter_slots(tgt, scored, length), None if ent is None else scatter_slots(ent, scored, length)
 
 
 def veto_contexts(tokens_BxL: jax.Array, context_len: int, prev_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:

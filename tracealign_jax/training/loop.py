@@ -38,7 +38,7 @@ from tracealign_jax.training.state import (
     model_params,
     state_shardings,
 )
-from tracealign_jax.training.step import batch_fields, batch_rows, batch_shardings, make_train_step, pair_layout
+from tracealign_jax.training.step import batch_fields, batch_rows, batch_shardings, make_train_step, pair_layout, response_slots
 
 
 class NonFiniteLossError(RuntimeError):
@@ -238,7 +238,8 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         m["tokens_per_s"] = valid_tokens / dt
         if cfg.train.peak_flops_per_device > 0:
             ref_forward = cfg.loss.type == "trace" or (not sft and cfg.loss.reference == "in_step")
-            flops = train_step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=ref_forward, frozen_base=cfg.lora.rank > 0)
+            flops = train_step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=ref_forward, frozen_base=cfg.lora.rank > 0,
+                                     unembedded=shape[0] * min(shape[1], response_slots(cfg)))  # fmt: skip
             m["mfu"] = flops / dt / (cfg.train.peak_flops_per_device * jax.device_count())
         history.append(dict(m, step=n))
         if n % max(cfg.train.log_every, 1) == 0 or n == end:

@@ -62,15 +62,18 @@ def precompute_reference(cfg: Config, graphdef: nnx.GraphDef, ref_params: Any, p
     batch rows over the batch axes, the [rows, L] log-probs replicated so every process can read them.
     """
     from tracealign_jax.training.loop import to_device_batch
-    from tracealign_jax.training.step import BATCH_AXES, _forward_logps, pair_layout
+    from tracealign_jax.training.data import check_response_lengths
+    from tracealign_jax.training.step import BATCH_AXES, _forward_logps, pair_layout, response_slots
 
     layout = pair_layout(cfg)
     rows = sharding.named_sharding(mesh, rules, BATCH_AXES)
-    batch_sh = {k: rows for k in ("tokens", "positions", "valid") + (("branch",) if layout == "shared_prompt" else ())}
+    batch_sh = {k: rows for k in ("tokens", "positions", "valid", "loss_mask") + (("branch",) if layout == "shared_prompt" else ())}
+    check_response_lengths(pairs, cfg.data.max_response_len)
 
     def forward(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
         with sharding.use_mesh(mesh, rules):
-            return _forward_logps(graphdef, params, batch, cfg.train.logprob_chunk, None, cfg.model.attention)[0]
+            return _forward_logps(graphdef, params, batch, cfg.train.logprob_chunk, None, cfg.model.attention, None,
+                                  response_slots(cfg))[0]  # fmt: skip
 
     fwd = jax.jit(forward, in_shardings=(param_shardings(ref_params, mesh, rules), batch_sh),
                   out_shardings=NamedSharding(mesh, PartitionSpec()))  # fmt: skip

@@ -1,7 +1,7 @@
 """The train step: ``train_step(state, batch, veto) -> (state, metrics)``, pure, jitted once per bucket shape.
 
 One path for every configuration: merge the NNX graph with the state's parameters, run the decoder
-to final hidden states, compute per-token log-probs in chunks (``logprobs``), get reference log-probs
+to final hidden states, compute per-token log-probs of the response tokens in chunks (``logprobs``), get reference log-probs
 (frozen copy behind ``stop_gradient``, or precomputed in the batch), apply the objective
 (``losses``), clip + AdamW. With LoRA the differentiated ``params`` are the adapters and the
 base is ``state.frozen``; the reference is that base (``state.model_params`` / ``zero_adapters``).
@@ -33,7 +33,7 @@ from tracealign_jax import sharding
 from tracealign_jax.config import Config
 from tracealign_jax.training import losses
 from tracealign_jax.training.data import row_length
-from tracealign_jax.training.logprobs import chunked_token_logprobs, predecessor_slots, rejected_start, veto_contexts
+from tracealign_jax.training.logprobs import predecessor_slots, scored_slots, token_logprobs, veto_contexts
 from tracealign_jax.training.state import (
     TrainState,
     abstract_train_state,
@@ -95,16 +95,25 @@ def abstract_batch(cfg: Config, mesh: Mesh, rules: sharding.Rules, bucket_len: i
             for k, dt in batch_fields(cfg).items()}  # fmt: skip
 
 
+def response_slots(cfg: Config) -> int:
+    """Log-prob slots per batch row: the response tokens a row can hold (``data.max_response_len``,
+    twice for shared-prompt pair rows). Prompt tokens are never scored, so their logits are never
+    computed (``logprobs.scored_slots``; every slot when this is at least the row length)."""
+    return cfg.data.max_response_len * (2 if pair_layout(cfg) == "shared_prompt" else 1)
+
+
 def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int, entry_ids: jax.Array | None,
-                   attention: str = "einsum", key: jax.Array | None = None):  # fmt: skip
-    """Per-token log-probs (and veto-entry log-probs) of the batch rows, in the batch's own layout;
-    ``key`` turns on LoRA dropout."""
+                   attention: str = "einsum", key: jax.Array | None = None, response_slots: int = 0):  # fmt: skip
+    """Per-token log-probs (and veto-entry log-probs) of the batch rows, in the batch's own layout, on
+    the loss-masked tokens in ``response_slots`` slots per row (0: every token); ``key`` turns on LoRA
+    dropout."""
     model = nnx.merge(graphdef, params)
     branch = batch.get("branch")
     h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], dropout_key=key, branch_BxL=branch,
                         attention=attention)  # fmt: skip
-    return chunked_token_logprobs(h, model.unembedding_matrix(), batch["tokens"], chunk=chunk, entry_ids_BxLxM=entry_ids,
-                                  compute_dtype=model.dtype, rescore=None if branch is None else rejected_start(branch))  # fmt: skip
+    scored = scored_slots(batch["tokens"], branch, batch.get("loss_mask"), response_slots)
+    return token_logprobs(h, model.unembedding_matrix(), batch["tokens"], scored, chunk=chunk, entry_ids_BxLxM=entry_ids,
+                          compute_dtype=model.dtype)  # fmt: skip
 
 
 def _pair_rows(batch: Batch, *xs: Any) -> tuple[Any, ...]:
@@ -142,23 +151,23 @@ def loss_fn(params: Any, state: TrainState, batch: Batch, veto: Any, counts: dic
         from tracealign_jax.realign.step import trace_loss
 
         return trace_loss(params, state.frozen, batch, key, graphdef=graphdef, rc=cfg.realign, chunk=chunk,
-                          attention=cfg.model.attention)
+                          attention=cfg.model.attention, response_slots=response_slots(cfg))
     policy = model_params(params, state.frozen)
     if cfg.train.objective == "sft":
-        logps, _ = _forward_logps(graphdef, policy, batch, chunk, None, cfg.model.attention, key)
+        logps, _ = _forward_logps(graphdef, policy, batch, chunk, None, cfg.model.attention, key, response_slots(cfg))
         return losses.sft_objective(logps, batch["loss_mask"], counts["tokens"])
     entry_ids = None
     if cfg.loss.cbd_cont_weight:
         if veto is None:
             raise ValueError("loss.cbd_cont_weight > 0 needs a veto table (loss.cbd_veto_table)")
         entry_ids, pen, ok = _veto_lookup(cfg, veto, batch)
-    attention = cfg.model.attention
-    logps, entry_logps = _forward_logps(graphdef, policy, batch, chunk, entry_ids, attention, key)
+    attention, slots = cfg.model.attention, response_slots(cfg)
+    logps, entry_logps = _forward_logps(graphdef, policy, batch, chunk, entry_ids, attention, key, slots)
     if cfg.loss.reference == "precomputed":
         ref = batch["ref_logps"]
     else:
         ref_params = state.ref_params if state.frozen is None else model_params(zero_adapters(params), state.frozen)
-        ref, ref_entry_logps = _forward_logps(graphdef, ref_params, batch, chunk, entry_ids, attention)
+        ref, ref_entry_logps = _forward_logps(graphdef, ref_params, batch, chunk, entry_ids, attention, None, slots)
     entries = None
     if entry_ids is not None:
         entries = _pair_rows(batch, entry_logps, jax.lax.stop_gradient(ref_entry_logps), pen, ok)[1:]
