@@ -19,4 +19,8 @@ The boundary. ``tracealign_jax.index`` is host-side NumPy/numba. Nothing that ru
 arrays that ``tracealign_jax.provenance`` prepared ahead of time.
 """
 
+from tracealign_jax.platform_env import cpu_xla_defaults
+
 __version__ = "0.1.0"
+
+cpu_xla_defaults()  # XLA CPU flags, read when JAX starts its CPU backend (platform_env)
