@@ -60,10 +60,10 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     fn, abs_state, abs_batch = train_step_fn_and_shardings(cfg, mesh, rules, bucket)
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     arch = model_arch(cfg.model)
-    tokens = batch_rows(cfg) * batch_length(cfg, bucket)
+    length = batch_length(cfg, bucket)
+    tokens = batch_rows(cfg) * length
     trace = cfg.loss.type == "trace"
     ref_forward = trace or (cfg.train.objective == "dpo" and reference == "in_step")
-    length = batch_length(cfg, bucket)
     flops = train_step_flops(arch, tokens, length, ref_forward=ref_forward, frozen_base=cfg.lora.rank > 0,
                              unembedded=batch_rows(cfg) * min(length, response_slots(cfg)))  # fmt: skip
     notes = f"bucket {bucket}, {batch_rows(cfg)} rows, micro_batches {cfg.train.micro_batches}, remat {cfg.model.remat}"
