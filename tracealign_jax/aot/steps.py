@@ -48,7 +48,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     (with LoRA: only the adapters differentiated and in the optimizer, the frozen base in the state)."""
     from tracealign_jax.model import model_arch, param_shardings
     from tracealign_jax.training.state import graphdef_and_abstract_params
-    from tracealign_jax.training.step import batch_length, batch_rows, response_slots, train_step_fn_and_shardings
+    from tracealign_jax.training.step import batch_length, batch_rows, train_step_fn_and_shardings, unembedded_tokens
 
     # CBD term (b) needs the reference's log-probs of the veto entries, so it runs with in_step only;
     # the BCI scale is a constant folded into the program (any positive value compiles the same step).
@@ -65,7 +65,7 @@ def train_spec(cfg: Config, mesh: Mesh, rules: sharding.Rules, reference: str, v
     trace = cfg.loss.type == "trace"
     ref_forward = trace or (cfg.train.objective == "dpo" and reference == "in_step")
     flops = train_step_flops(arch, tokens, length, ref_forward=ref_forward, frozen_base=cfg.lora.rank > 0,
-                             unembedded=batch_rows(cfg) * min(length, response_slots(cfg)))  # fmt: skip
+                             unembedded=unembedded_tokens(cfg, batch_rows(cfg), length))  # fmt: skip
     notes = f"bucket {bucket}, {batch_rows(cfg)} rows, micro_batches {cfg.train.micro_batches}, remat {cfg.model.remat}"
     if cfg.lora.rank:
         n_adapter = sum(x.size for x in jax.tree.leaves(abs_params))

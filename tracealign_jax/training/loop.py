@@ -38,7 +38,7 @@ from tracealign_jax.training.state import (
     model_params,
     state_shardings,
 )
-from tracealign_jax.training.step import batch_fields, batch_rows, batch_shardings, make_train_step, pair_layout, response_slots
+from tracealign_jax.training.step import batch_fields, batch_rows, batch_shardings, make_train_step, pair_layout, unembedded_tokens
 
 
 class NonFiniteLossError(RuntimeError):
@@ -239,7 +239,7 @@ def train(cfg: Config, *, pairs: TokenizedPairs | None = None, stop_after: int |
         if cfg.train.peak_flops_per_device > 0:
             ref_forward = cfg.loss.type == "trace" or (not sft and cfg.loss.reference == "in_step")
             flops = train_step_flops(arch, shape[0] * shape[1], shape[1], ref_forward=ref_forward, frozen_base=cfg.lora.rank > 0,
-                                     unembedded=shape[0] * min(shape[1], response_slots(cfg)))  # fmt: skip
+                                     unembedded=unembedded_tokens(cfg, *shape))  # fmt: skip
             m["mfu"] = flops / dt / (cfg.train.peak_flops_per_device * jax.device_count())
         history.append(dict(m, step=n))
         if n % max(cfg.train.log_every, 1) == 0 or n == end:

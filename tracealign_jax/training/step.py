@@ -102,6 +102,11 @@ def response_slots(cfg: Config) -> int:
     return cfg.data.max_response_len * (2 if pair_layout(cfg) == "shared_prompt" else 1)
 
 
+def unembedded_tokens(cfg: Config, rows: int, length: int) -> int:
+    """Token slots a step over ``rows`` rows of ``length`` sends through the LM head (for the FLOPs count)."""
+    return rows * min(length, response_slots(cfg))
+
+
 def _forward_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int, entry_ids: jax.Array | None,
                    attention: str = "einsum", key: jax.Array | None = None, response_slots: int = 0):  # fmt: skip
     """Per-token log-probs (and veto-entry log-probs) of the batch rows, in the batch's own layout, on
