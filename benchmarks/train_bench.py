@@ -16,14 +16,17 @@ included); "GFLOP/step" is XLA's own cost analysis of the compiled step (``--no-
 
     .venv/bin/python benchmarks/train_bench.py [--steps 10] [--settings 512+128 64+64] [--no-trl]
     .venv/bin/python benchmarks/train_bench.py --padding   # padding fraction of both layouts, no model
+    .venv/bin/python benchmarks/train_bench.py --profile --steps 3   # op time per model part of our steps
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -57,8 +60,19 @@ def host_batch(prompt: int, response: int, layout: str) -> dict[str, np.ndarray]
     return batch
 
 
-def make_ours(prompt: int, response: int, layout: str, cbd: bool, cost: bool):
-    """(one synchronous step of our jitted DPO or DPO+CBD step, tokens computed per pair, XLA GFLOP/step)."""
+@dataclasses.dataclass(frozen=True)
+class OurStep:
+    """One of our jitted steps, ready to run: ``run()`` takes one synchronous step; ``compile()`` returns
+    the executable ``run`` calls (for its HLO); tokens computed per pair; XLA's GFLOP/step (or nan)."""
+
+    run: Callable[[], None]
+    compile: Callable[[], Any]
+    tokens_per_pair: float
+    gflop: float
+
+
+def make_ours(prompt: int, response: int, layout: str, cbd: bool, cost: bool) -> OurStep:
+    """Our jitted DPO or DPO+CBD step on ``host_batch`` (``OurStep``)."""
     import jax
     import jax.numpy as jnp
 
@@ -100,7 +114,7 @@ def make_ours(prompt: int, response: int, layout: str, cbd: bool, cost: bool):
         box[0], m = fn(box[0], batch, veto)
         jax.block_until_ready((box[0].params, m))
 
-    return one, hb["tokens"].size / PAIRS, gflop
+    return OurStep(one, lambda: fn.lower(box[0], batch, veto).compile(), hb["tokens"].size / PAIRS, gflop)
 
 
 def timed(fn) -> tuple[float, float]:
@@ -118,13 +132,13 @@ def ours_rows(prompt: int, response: int, warmup: int, cost: bool):
     """Compiled, warmed-up steps of ROWS; a function timing one step of each; their per-row timings."""
     runs = [make_ours(prompt, response, layout, cbd, cost) for _, layout, cbd in ROWS]
     for _ in range(warmup):
-        for one, _, _ in runs:
-            one()
+        for run in runs:
+            run.run()
     times: list[list[tuple[float, float]]] = [[] for _ in ROWS]
 
     def one_each() -> None:
-        for (one, _, _), t in zip(runs, times):
-            t.append(timed(one))
+        for run, t in zip(runs, times):
+            t.append(timed(run.run))
 
     return one_each, times, runs
 
@@ -209,6 +223,21 @@ def padding_report(n: int = 20000, seed: int = 0, batch_size: int = 16) -> None:
         print(f"{layout:16s} {slots / pairs_seen:10.0f} {1 - real / slots:8.1%} {slots / held:22.2f}")
 
 
+def profile_report(prompt: int, response: int, warmup: int, steps: int) -> None:
+    """Op time of each of our ROWS per model part, forward + backward (``tracealign_jax.step_profile``)."""
+    from tracealign_jax.step_profile import markdown_table, profile_call
+
+    profiles = {}
+    for name, layout, cbd in ROWS:
+        run = make_ours(prompt, response, layout, cbd, cost=False)
+        for _ in range(max(warmup, 1)):
+            run.run()
+        profiles[name.removeprefix("ours ")] = profile_call(run.compile(), run.run, calls=steps)
+    print(f"\nwhere the time goes: prompt {prompt} + response {response}, {PAIRS} pairs/step, op time per step "
+          f"over {steps} profiled steps (ops overlap on the CPU's threads, so the sum exceeds the wall time)")
+    print(markdown_table(profiles))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
@@ -217,9 +246,14 @@ def main() -> None:
     ap.add_argument("--no-trl", action="store_true", help="skip TRL even if it imports")
     ap.add_argument("--no-cost", action="store_true", help="skip XLA's cost analysis (one more compile per row)")
     ap.add_argument("--padding", action="store_true", help="only the padding table (no model)")
+    ap.add_argument("--profile", action="store_true", help="only where our steps' time goes, per model part (no TRL)")
     args = ap.parse_args()
     if args.padding:
         padding_report()
+        return
+    if args.profile:
+        for setting in args.settings:
+            profile_report(*(int(x) for x in setting.split("+")), args.warmup, args.steps)
         return
     med = lambda ts, k: statistics.median(t[k] for t in ts)  # noqa: E731
     for setting in args.settings:
@@ -233,7 +267,7 @@ def main() -> None:
                 note = f"TRL is not importable here ({err}): the unshared row stands in as the baseline."
         while len(times[0]) < args.steps:
             one_each()
-        rows = [(name, med(t, 0), med(t, 1), per, gflop) for (name, _, _), t, (_, per, gflop) in zip(ROWS, times, runs)]
+        rows = [(name, med(t, 0), med(t, 1), run.tokens_per_pair, run.gflop) for (name, _, _), t, run in zip(ROWS, times, runs)]
         if trl is not None:
             rows.append(("TRL DPOTrainer (torch, no grad. checkpoint.)", med(trl, 0), med(trl, 1), 2.0 * (prompt + response),
                          float("nan")))  # fmt: skip

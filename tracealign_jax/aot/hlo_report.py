@@ -477,7 +477,7 @@ def hlo_costs(hlo_text: str) -> HloCosts:
     comps, entry = parse_computations(hlo_text)
     counts, unknown = execution_counts(comps, entry)
     fused = _fused_computations(comps)
-    op_names = _op_names(hlo_text)
+    names = op_names(hlo_text)
     flops = hbm = 0.0
     stats: dict[str, list[float]] = {kind: [0, 0.0, 0.0] for kind in COLLECTIVES}
     sources: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
@@ -496,7 +496,7 @@ def hlo_costs(hlo_text: str) -> HloCosts:
             if kind:
                 moved = runs * _collective_result_bytes(instr, kind)
                 sent = wire_bytes(kind, moved, _group_size(instr))
-                source = sources[(kind, short_op_name(op_names.get(instr.name, "(no op_name)")))]
+                source = sources[(kind, short_op_name(names.get(instr.name, "(no op_name)")))]
                 for acc in (stats[kind], source):
                     acc[0] += runs
                     acc[1] += moved
@@ -518,7 +518,7 @@ class Buffer:
     source: str
 
 
-def _op_names(hlo_text: str) -> dict[str, str]:
+def op_names(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> the JAX op_name in its metadata (argument paths for parameters)."""
     out = {}
     for match in re.finditer(r"%([\w.\-]+) = [^\n]*?metadata=\{[^}]*?op_name=\"([^\"]+)\"", hlo_text):
@@ -567,7 +567,7 @@ def largest_buffers(dump_dir: str | Path, top: int = 8) -> list[Buffer]:
         return []
     prefix = assignment.name[: -len("-buffer-assignment.txt")]
     hlo_path = assignment.parent / f"{prefix}.txt"
-    names = _op_names(hlo_path.read_text()) if hlo_path.exists() else {}
+    names = op_names(hlo_path.read_text()) if hlo_path.exists() else {}
     buffers = [_to_buffer(a, names) for a in allocs if a["kind"] != "skip"]
     return sorted(buffers, key=lambda b: -b.bytes)[:top]
 

@@ -49,8 +49,9 @@ def rope_angles(positions_BxL: jax.Array, arch: ModelArch) -> tuple[jax.Array, j
 
 def apply_rope(x_BxLxNxE: jax.Array, cos_BxLxE: jax.Array, sin_BxLxE: jax.Array) -> jax.Array:
     """Rotates q or k (N = heads or kv heads) in x's dtype, as HF does after casting cos/sin."""
-    cos = cos_BxLxE[:, :, None, :].astype(x_BxLxNxE.dtype)
-    sin = sin_BxLxE[:, :, None, :].astype(x_BxLxNxE.dtype)
-    half = x_BxLxNxE.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BxLxNxE[..., half:], x_BxLxNxE[..., :half]], axis=-1)
-    return x_BxLxNxE * cos + rotated * sin
+    with jax.named_scope("rope"):
+        cos = cos_BxLxE[:, :, None, :].astype(x_BxLxNxE.dtype)
+        sin = sin_BxLxE[:, :, None, :].astype(x_BxLxNxE.dtype)
+        half = x_BxLxNxE.shape[-1] // 2
+        rotated = jnp.concatenate([-x_BxLxNxE[..., half:], x_BxLxNxE[..., :half]], axis=-1)
+        return x_BxLxNxE * cos + rotated * sin

@@ -75,9 +75,10 @@ def _param(key: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...], kind: 
 
 def rms_norm(x_BxLxD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
     """HF LlamaRMSNorm: normalize in float32, cast back, then scale by the weight."""
-    x32 = x_BxLxD.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight_D.astype(x_BxLxD.dtype) * normed.astype(x_BxLxD.dtype)
+    with jax.named_scope("norm"):
+        x32 = x_BxLxD.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        return weight_D.astype(x_BxLxD.dtype) * normed.astype(x_BxLxD.dtype)
 
 
 class DecoderLayers(nnx.Module):
@@ -132,34 +133,39 @@ def _decoder_layer(
         key = None if key is None else jax.random.fold_in(key, _LORA_SALT[name])
         return y + lora_delta(x, arrays[f"{name}_a"], arrays[f"{name}_b"], n_in, cfg, dtype, key)
 
+    # Named scopes (``step_profile.PARTS``) say which part each op of a profile belongs to.
     x = rms_norm(h_BxLxD, p["attn_norm"], arch.rms_norm_eps)
-    q = proj(x, "wq", 1)
-    k = proj(x, "wk", 1)
-    v = proj(x, "wv", 1)
-    if arch.attention_bias:
-        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    with jax.named_scope("attention_proj"):
+        q = proj(x, "wq", 1)
+        k = proj(x, "wk", 1)
+        v = proj(x, "wv", 1)
+        if arch.attention_bias:
+            q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     q = sharding.constrain(apply_rope(q, *cos_sin), ("batch", "length", "heads", "head_dim"))
     k = sharding.constrain(apply_rope(k, *cos_sin), ("batch", "length", "kv_heads", "head_dim"))
     v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     new_kv = None
-    if kv is not None:
-        k_all, v_all, layer, index = kv
-        start = (0, layer, index, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[:, None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[:, None].astype(v_all.dtype), start)
-        new_kv = (k_all, v_all)
-        k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=1, keepdims=False).astype(dtype)
-        v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=1, keepdims=False).astype(dtype)
-    attn = attend(q, k, v)
-    out = proj(attn, "wo", 2)
-    if arch.attention_out_bias:
-        out = out + w["bo"]
+    with jax.named_scope("attention"):
+        if kv is not None:
+            k_all, v_all, layer, index = kv
+            start = (0, layer, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[:, None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[:, None].astype(v_all.dtype), start)
+            new_kv = (k_all, v_all)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, axis=1, keepdims=False).astype(dtype)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, axis=1, keepdims=False).astype(dtype)
+        attn = attend(q, k, v)
+    with jax.named_scope("attention_proj"):
+        out = proj(attn, "wo", 2)
+        if arch.attention_out_bias:
+            out = out + w["bo"]
     h_BxLxD = sharding.constrain(h_BxLxD + out, ACT)
 
     x = rms_norm(h_BxLxD, p["mlp_norm"], arch.rms_norm_eps)
-    gate = sharding.constrain(proj(x, "w_gate", 1), ("batch", "length", "mlp"))
-    up = sharding.constrain(proj(x, "w_up", 1), ("batch", "length", "mlp"))
-    down = proj(jax.nn.silu(gate) * up, "w_down", 1)
+    with jax.named_scope("mlp"):
+        gate = sharding.constrain(proj(x, "w_gate", 1), ("batch", "length", "mlp"))
+        up = sharding.constrain(proj(x, "w_up", 1), ("batch", "length", "mlp"))
+        down = proj(jax.nn.silu(gate) * up, "w_down", 1)
     return sharding.constrain(h_BxLxD + down, ACT), new_kv
 
 
@@ -248,14 +254,17 @@ class Transformer(nnx.Module):
         # FSDP-style: all-gather the table, then gather rows locally into a batch-sharded result.
         # Gathering from the (vocab, embed)-sharded table makes XLA's SPMD partitioner fall back to
         # replicating the lookup output ("involuntary full rematerialization").
-        table_VxD = sharding.constrain(self.embed[...].astype(self.dtype), (None, None))  # gathered in compute dtype
-        h = jnp.take(table_VxD, tokens_BxL, axis=0)
-        h = sharding.constrain(h, ACT)
-        cos_sin = rope_angles(positions_BxL, arch)
+        with jax.named_scope("embed"):
+            table_VxD = sharding.constrain(self.embed[...].astype(self.dtype), (None, None))  # gathered in compute dtype
+            h = jnp.take(table_VxD, tokens_BxL, axis=0)
+            h = sharding.constrain(h, ACT)
+        with jax.named_scope("rope"):
+            cos_sin = rope_angles(positions_BxL, arch)
 
         window = arch.sliding_window
         if cache is None:
-            attend = self_attention_fn(valid_BxL, window, attention, branch_BxL, positions_BxL)
+            with jax.named_scope("attention"):  # the mask (or the kernels' views), built once for every layer
+                attend = self_attention_fn(valid_BxL, window, attention, branch_BxL, positions_BxL)
             carry = (h, None, None)
         else:
             if branch_BxL is not None:
@@ -281,7 +290,8 @@ class Transformer(nnx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
         xs = (self.layers.arrays(), jnp.arange(arch.num_hidden_layers, dtype=jnp.int32), lora_xs, keys)
-        (h, k_all, v_all), _ = jax.lax.scan(body, carry, xs, unroll=not self.scan_layers)
+        with jax.named_scope("layers"):  # what no finer part claims: per-layer weight slices, residual adds
+            (h, k_all, v_all), _ = jax.lax.scan(body, carry, xs, unroll=not self.scan_layers)
 
         if cache is not None:
             cache = KVCache(k=k_all, v=v_all, valid_BxS=valid_BxS, index=cache.index + l).constrain()

@@ -81,6 +81,14 @@ def trace_token_terms(h_policy_BxLxD: jax.Array, unembed_policy_DxV: jax.Array, 
     picks the tokens, e.g. the responses only. Sequence chunks under a rematerialized ``lax.scan``
     hold one [B, chunk, V] block of each model's logits at a time. The reference side is a constant.
     """
+    with jax.named_scope("logprobs"):
+        return _trace_token_terms(h_policy_BxLxD, unembed_policy_DxV, h_ref_BxLxD, unembed_ref_DxV, tokens_BxL, scored,
+                                  chunk, compute_dtype)  # fmt: skip
+
+
+def _trace_token_terms(h_policy_BxLxD: jax.Array, unembed_policy_DxV: jax.Array, h_ref_BxLxD: jax.Array,
+                       unembed_ref_DxV: jax.Array, tokens_BxL: jax.Array, scored: ScoredSlots, chunk: int,
+                       compute_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     wp = gathered_unembedding(unembed_policy_DxV, compute_dtype)
     wr = gathered_unembedding(jax.lax.stop_gradient(unembed_ref_DxV), compute_dtype)
 

@@ -42,11 +42,13 @@ def trace_loss(adapter: Any, base: Any, batch: Batch, key: jax.Array | None, *, 
     """The TRACE objective of ``base`` + ``adapter`` against ``base`` (the reference) on one batch;
     ``attention``: the ``model.attention`` kernel of both forwards; ``response_slots``: log-prob slots
     per row (the response tokens; 0 scores every token)."""
-    h_ref, w_ref, dtype = _hidden(graphdef, model_params(zero_adapters(adapter), base), batch, None, attention)
+    with jax.named_scope("reference"):
+        h_ref, w_ref, dtype = _hidden(graphdef, model_params(zero_adapters(adapter), base), batch, None, attention)
     h, w, _ = _hidden(graphdef, model_params(adapter, base), batch, key, attention)
     tok = batch["tokens"]
     mask = batch["loss_mask"].astype(jax.numpy.float32)
     scored = scored_slots(tok, None, mask, response_slots)
     logps, ref_logps, kl = trace_token_terms(h, w, h_ref, w_ref, tok, scored, chunk=chunk, compute_dtype=dtype)
-    return trace_objective((logps * mask).sum(-1), (ref_logps * mask).sum(-1), kl, mask, batch["category"],
-                           batch["weight"], beta=rc.beta, alpha_kl=rc.alpha_kl, invert_loss=rc.invert_loss)  # fmt: skip
+    with jax.named_scope("loss"):
+        return trace_objective((logps * mask).sum(-1), (ref_logps * mask).sum(-1), kl, mask, batch["category"],
+                               batch["weight"], beta=rc.beta, alpha_kl=rc.alpha_kl, invert_loss=rc.invert_loss)  # fmt: skip

@@ -115,6 +115,12 @@ def token_logprobs(h_BxLxD: jax.Array, unembed_DxV: jax.Array, tokens_BxL: jax.A
     with float32 accumulation; log-softmax is float32. Returns ``(token_logps_BxL float32,
     entry_logps_BxLxM float32 | None)``, 0 where not scored.
     """
+    with jax.named_scope("logprobs"):
+        return _token_logprobs(h_BxLxD, unembed_DxV, tokens_BxL, scored, chunk, entry_ids_BxLxM, compute_dtype)
+
+
+def _token_logprobs(h_BxLxD: jax.Array, unembed_DxV: jax.Array, tokens_BxL: jax.Array, scored: ScoredSlots, chunk: int,
+                    entry_ids_BxLxM: jax.Array | None, compute_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array | None]:  # fmt: skip
     w = gathered_unembedding(unembed_DxV, compute_dtype)
 
     def block(h_BxCxD: jax.Array, tgt_BxC: jax.Array, ent_BxCxM: jax.Array | None):

@@ -160,25 +160,29 @@ def loss_fn(params: Any, state: TrainState, batch: Batch, veto: Any, counts: dic
     policy = model_params(params, state.frozen)
     if cfg.train.objective == "sft":
         logps, _ = _forward_logps(graphdef, policy, batch, chunk, None, cfg.model.attention, key, response_slots(cfg))
-        return losses.sft_objective(logps, batch["loss_mask"], counts["tokens"])
+        with jax.named_scope("loss"):
+            return losses.sft_objective(logps, batch["loss_mask"], counts["tokens"])
     entry_ids = None
     if cfg.loss.cbd_cont_weight:
         if veto is None:
             raise ValueError("loss.cbd_cont_weight > 0 needs a veto table (loss.cbd_veto_table)")
-        entry_ids, pen, ok = _veto_lookup(cfg, veto, batch)
+        with jax.named_scope("veto"):
+            entry_ids, pen, ok = _veto_lookup(cfg, veto, batch)
     attention, slots = cfg.model.attention, response_slots(cfg)
     logps, entry_logps = _forward_logps(graphdef, policy, batch, chunk, entry_ids, attention, key, slots)
     if cfg.loss.reference == "precomputed":
         ref = batch["ref_logps"]
     else:
         ref_params = state.ref_params if state.frozen is None else model_params(zero_adapters(params), state.frozen)
-        ref, ref_entry_logps = _forward_logps(graphdef, ref_params, batch, chunk, entry_ids, attention, None, slots)
+        with jax.named_scope("reference"):
+            ref, ref_entry_logps = _forward_logps(graphdef, ref_params, batch, chunk, entry_ids, attention, None, slots)
     entries = None
     if entry_ids is not None:
         entries = _pair_rows(batch, entry_logps, jax.lax.stop_gradient(ref_entry_logps), pen, ok)[1:]
-    mask, logps, ref, bci = _pair_rows(batch, logps, jax.lax.stop_gradient(ref), batch["bci"])
-    return losses.dpo_objective(cfg.loss, logps, ref, mask, bci, entries,
-                                counts["pairs"], counts["tokens"], counts["chosen_tokens"])  # fmt: skip
+    with jax.named_scope("loss"):
+        mask, logps, ref, bci = _pair_rows(batch, logps, jax.lax.stop_gradient(ref), batch["bci"])
+        return losses.dpo_objective(cfg.loss, logps, ref, mask, bci, entries,
+                                    counts["pairs"], counts["tokens"], counts["chosen_tokens"])  # fmt: skip
 
 
 def _counts(cfg: Config, batch: Batch) -> dict[str, jax.Array]:
@@ -213,19 +217,20 @@ def train_step(state: TrainState, batch: Batch, veto: Any, *, cfg: Config,
         shapes = jax.eval_shape(grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro), veto, counts)
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
         (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micro)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = make_optimizer(cfg.train).update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    bad = (~finite).astype(jnp.int32)
-    new_state = state.replace(
-        step=state.step + finite.astype(jnp.int32),
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
-        nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
-        nonfinite_total=state.nonfinite_total + bad,
-    )
+    with jax.named_scope("optimizer"):
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = make_optimizer(cfg.train).update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        bad = (~finite).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
+            nonfinite_total=state.nonfinite_total + bad,
+        )
     metrics = dict(metrics)
     metrics.update(
         {"grad_norm": grad_norm, "lr": make_schedule(cfg.train)(state.step), "tokens": jnp.sum(batch["valid"].astype(jnp.float32)),
