@@ -1,8 +1,8 @@
 """Impact scores <g_J, g_i>: ours (one forward-mode JVP) vs explicit per-example gradients (vmap(grad)).
 
 Same run for every row: a random Llama (default 4 layers, hidden 256, MLP 688, 8 heads, 4 KV heads,
-vocab 32,000 as Llama-2's), fp32, CPU; every pair a conflict (half inverted, half suppressed); g_J from
-one retained batch. For each length setting (prompt + response tokens) and pair count N, three
+vocab 32,000 as Llama-2's), fp32, CPU, one ``--attention`` for every function (default auto: blocked
+on CPU); every pair a conflict (half inverted, half suppressed); g_J from one retained batch. For each length setting (prompt + response tokens) and pair count N, three
 functions score the same N pairs in one batch:
 
   explicit   ``vmap(grad)`` of the per-pair loss: every g_i materialised, then dotted with g_J; rows
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--attention", default="auto", help="model.attention of every function (auto: blocked on CPU)")
     args = ap.parse_args()
 
     import jax
@@ -79,16 +80,16 @@ def main() -> None:
     ))  # fmt: skip
     graphdef, params = nnx.split(init_model(arch, seed=0, scan_layers=False))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    kw = dict(graphdef=graphdef, beta=0.3, invert_loss="logistic")
+    kw = dict(graphdef=graphdef, beta=0.3, invert_loss="logistic", attention=args.attention)
     print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {n_params / 1e6:.2f} M parameters; "
-          f"backend {jax.default_backend()}, {jax.device_count()} device(s)")
+          f"attention {args.attention}; backend {jax.default_backend()}, {jax.device_count()} device(s)")
     print("| prompt+response | pairs | explicit vmap(grad) ms / MiB | jvp, same rows ms / MiB | ours ms / MiB "
           "| ours vs explicit: speed / memory | jvp vs explicit: speed | max abs diff / max abs score |")
     print("|---|---|---|---|---|---|---|---|")
     for setting in args.settings:
         prompt, response = (int(x) for x in setting.split("+"))
         gold = pair_batches(8, prompt, response, args.vocab, [RETAIN] * 8, seed=99)["separate"]
-        g_j = impact.gold_gradient(graphdef, params, [gold], beta=0.3)
+        g_j = impact.gold_gradient(graphdef, params, [gold], beta=0.3, attention=args.attention)
         for n in args.pairs:
             cats = [INVERT if i % 2 == 0 else SUPPRESS for i in range(n)]
             b = pair_batches(n, prompt, response, args.vocab, cats, seed=n)

@@ -1,7 +1,9 @@
 """DPO train-step throughput: shared-prompt pair rows vs separate rows vs TRL DPOTrainer, and DPO+CBD vs DPO.
 
 Same model for all rows: random tiny Llama (4 layers, hidden 256, MLP 688, 8 heads, 4 KV heads, vocab
-512), 8 pairs per step, fp32, CPU, reference model in memory (in-step forward), ``scan_layers: false``.
+512), 8 pairs per step, fp32, CPU, reference model in memory (in-step forward), ``scan_layers: false``,
+``model.attention: auto`` (the pod configs' setting: ``blocked`` on CPU, as TRL's SDPA skips the keys
+after each query block too).
 Two length settings (``--settings``): prompt 512 + response 128 (sharing the prompt saves 40% of the
 tokens) and prompt 64 + response 64 (25%). Per setting, measured interleaved (one step of each row per
 round, so load changes on a shared machine hit all rows alike):
@@ -92,7 +94,7 @@ def make_ours(prompt: int, response: int, layout: str, cbd: bool, cost: bool) ->
                  for _ in range(2000)]  # fmt: skip
         veto = jax.tree.map(jnp.asarray, compile_veto_table(spans, max_span=8, max_entries=16))
         loss.update(cbd_data_weight=0.1, cbd_cont_weight=0.1, cbd_margin=1.0, cbd_bci_scale=20.0)
-    cfg = from_dict(Config, {"model": {"arch": ARCH, "scan_layers": False}, "mesh": {"data": 1}, "loss": loss,
+    cfg = from_dict(Config, {"model": {"arch": ARCH, "scan_layers": False, "attention": "auto"}, "mesh": {"data": 1}, "loss": loss,
                              "data": {"pair_layout": layout, "max_prompt_len": prompt, "max_response_len": response,
                                       "buckets": [prompt + response]},
                              "train": {"batch_size": PAIRS, "learning_rate": 1e-5, "steps": 1000}})  # fmt: skip

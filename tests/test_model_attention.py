@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tracealign_jax.model import attention
 from tracealign_jax.model.attention import causal_attention, resolve, self_attention_fn, two_pass_attention
 
 B, H, G, E = 2, 4, 2, 16
@@ -32,14 +33,29 @@ def _values_and_grads(impl: str, q, k, v, valid, window):
     return [out, *jax.grad(f, argnums=(0, 1, 2))(q, k, v)]
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_xla_equals_einsum(window):
+@pytest.mark.parametrize("impl,window", [("xla", None), ("xla", 5), ("blocked", None), ("blocked", 5), ("blocked", 12)])
+def test_implementation_equals_einsum(impl, window, monkeypatch):
+    """blocked with 7-query blocks over 24 slots: uneven blocks, windows shorter and longer than a block."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 7)
     q, k, v = _qkv(24)
     valid = jnp.arange(24)[None] < jnp.array([[17], [24]])  # padding at the end of row 0
     want = _values_and_grads("einsum", q, k, v, valid, window)
-    got = _values_and_grads("xla", q, k, v, valid, window)
+    got = _values_and_grads(impl, q, k, v, valid, window)
     for a, b in zip(want, got):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+
+
+def test_blocked_skips_the_keys_after_each_block():
+    """The blocked path's compiled score tensors hold the lower block triangle only: 24 queries in blocks
+    of 8 see 8 + 16 + 24 keys, so the largest scores block is [.., 8, 24], and none is [.., 24, 24]."""
+    q, k, v = _qkv(24)
+    valid = jnp.ones((B, 24), bool)
+    fn = jax.jit(lambda q, k, v: attention.blocked_attention(q, k, v, attention.attention_mask(
+        jnp.arange(24), jnp.arange(24), valid, None), block=8))  # fmt: skip
+    hlo = fn.lower(q, k, v).compile().as_text()
+    r = H // G
+    assert f"f32[{B},{G},{r * 8},24]" in hlo and f"f32[{B},{G},{r * 8},8]" in hlo
+    assert f"f32[{B},{G},{r * 24},24]" not in hlo
 
 
 @pytest.mark.slow
@@ -76,10 +92,12 @@ def _brute_force(q, k, v, valid, branch, positions, window):
 
 
 @pytest.mark.parametrize("impl,window,two_pass", [("einsum", None, False), ("einsum", 4, False), ("xla", 4, False),
+                                                  ("blocked", None, False), ("blocked", 4, False),
                                                   ("einsum", 4, True), ("xla", None, True)])  # fmt: skip
-def test_shared_prompt_attention_matches_brute_force(impl, window, two_pass):
-    """The pair mask (einsum / xla) and the two causal passes the kernels run (here with einsum / xla
-    inside) against the brute force."""
+def test_shared_prompt_attention_matches_brute_force(impl, window, two_pass, monkeypatch):
+    """The pair mask (einsum / blocked in 6-query blocks / xla) and the two causal passes the kernels run
+    (here with einsum / xla inside) against the brute force."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 6)
     length = 20
     # row 0: prompt 5, chosen 6, rejected 4, padding 5; row 1: prompt 3, chosen 2, rejected 9, padding 6
     spans = [(5, 6, 4), (3, 2, 9)]
@@ -101,7 +119,7 @@ def test_shared_prompt_attention_matches_brute_force(impl, window, two_pass):
 
 
 def test_resolve_names_the_choice():
-    assert resolve("auto") == "einsum"  # CPU: the reference (cudnn on GPU, splash on TPU)
+    assert resolve("auto") == "blocked"  # CPU (cudnn on GPU, splash on TPU)
     assert resolve("xla") == "xla"
     with pytest.raises(ValueError, match="model.attention must be one of"):
         resolve("flash")

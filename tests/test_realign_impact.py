@@ -55,9 +55,13 @@ def test_jvp_scores_equal_explicit_per_example_gradients(model, invert_loss):
     np.testing.assert_allclose(fast, slow, rtol=1e-4)
 
 
-def test_shared_rows_and_response_only_unembedding_give_the_same_scores(model):
-    """The production path (prompt computed once, logits only on response tokens) against the explicit
-    per-pair gradients of the two-row layout with every position unembedded."""
+def test_shared_rows_and_response_only_unembedding_give_the_same_scores(model, monkeypatch):
+    """The production path (prompt computed once, logits only on response tokens; also with blocked
+    attention in 8-query blocks) against the explicit per-pair gradients of the two-row layout with
+    every position unembedded."""
+    from tracealign_jax.model import attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 8)
     graphdef, params = model
     sep, shared = make_batch(CATS_A, seed=7), make_batch(CATS_A, seed=7, layout="shared_prompt", length=22)
     assert shared["tokens"].shape == (6, 22) and int(shared["valid"].sum()) < int(sep["valid"].sum())
@@ -67,8 +71,8 @@ def test_shared_rows_and_response_only_unembedding_give_the_same_scores(model):
     for a, b in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_sep)):  # float32 rounding on entries ~0.1
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     want = np.asarray(impact.explicit_conflict_scores(params, sep, g_sep, **kw))
-    for batch, response_len in ((sep, 7), (shared, 14), (shared, 0)):
-        got = np.asarray(impact.conflict_scores(params, batch, g_sep, **kw, response_len=response_len))
+    for batch, response_len, attn in ((sep, 7, "einsum"), (shared, 14, "einsum"), (shared, 0, "einsum"), (shared, 14, "blocked")):
+        got = np.asarray(impact.conflict_scores(params, batch, g_sep, **kw, response_len=response_len, attention=attn))
         np.testing.assert_allclose(got, want, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(impact.explicit_conflict_scores(params, shared, g_sep, **kw, response_len=14)),
                                want, rtol=1e-4)  # fmt: skip

@@ -41,9 +41,11 @@ class ModelConfig:
     scan_layers: run the decoder layers as one ``lax.scan`` (compile time independent of depth; the
       default) or unrolled (compile time grows with depth; no stacked residual buffers, a little
       faster for shallow models). Parameters and checkpoints are the same either way.
-    attention: training/scoring attention kernel: einsum (reference, materialised scores) | xla
-      (jax.nn.dot_product_attention) | cudnn (GPU flash) | splash (TPU Pallas) | auto (cudnn on GPU,
-      splash on TPU, einsum elsewhere); see ``model.attention``. Decoding always uses einsum.
+    attention: training/scoring attention kernel: einsum (reference, materialised scores) | blocked
+      (the reference per 128-query block, skipping the keys after the block: the fastest on CPU for
+      long rows) | xla (jax.nn.dot_product_attention) | cudnn (GPU flash) | splash (TPU Pallas) |
+      auto (cudnn on GPU, splash on TPU, blocked elsewhere); see ``model.attention``. Decoding always
+      uses einsum.
     """
 
     hf_dir: str = ""
@@ -52,7 +54,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
     scan_layers: bool = True
-    attention: Literal["auto", "einsum", "xla", "cudnn", "splash"] = "einsum"
+    attention: Literal["auto", "einsum", "blocked", "xla", "cudnn", "splash"] = "einsum"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -244,7 +244,7 @@ class Transformer(nnx.Module):
         branch_BxL int32 (no cache): the shared-prompt pair layout ``[prompt | chosen | rejected]``
         (0 / 1 / 2), where rejected tokens see the prompt and not the chosen response, and their
         positions continue from the prompt's end (``model.attention.self_attention_fn``).
-        attention: the cache-free implementation (``model.attention``: auto | einsum | xla | cudnn |
+        attention: the cache-free implementation (``model.attention``: auto | einsum | blocked | xla | cudnn |
         splash; see ``model.attention``); with a cache it is always the einsum reference.
         """
         arch = self.arch

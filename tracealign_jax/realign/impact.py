@@ -20,7 +20,8 @@ either [2B, L] with rows 2i = y_w, 2i+1 = y_l as stored (separate), or [B, L] sh
 ``[prompt | y_w | y_l]`` with ``branch`` (the prompt computed once), plus ``category`` int32 [B] from
 ``realign.triage`` and PAD = -1 for filler pairs, which count nowhere. ``response_len`` > 0 (static:
 at least the most response tokens of any row) unembeds only the response tokens
-(``logprobs.scored_slots``); 0 unembeds every position.
+(``logprobs.scored_slots``); 0 unembeds every position. ``attention``: the ``model.attention``
+implementation of the forward (static).
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ PAD = -1
 Batch = dict[str, jax.Array]
 
 
-def pair_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0,
-               response_len: int = 0) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+def pair_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0, response_len: int = 0,
+               attention: str = "einsum") -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """(log pi(y_w | x), log pi(y_l | x)) of every pair, summed over response tokens: float32[B] each (nats)."""
     model = nnx.merge(graphdef, params)
     branch = batch.get("branch")
-    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], branch_BxL=branch)
+    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["valid"], branch_BxL=branch, attention=attention)
     tokens, mask = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
     scored = scored_slots(tokens, branch, mask, response_len)
     logps, _ = token_logprobs(h, model.unembedding_matrix(), tokens, scored, chunk=chunk, compute_dtype=model.dtype)
@@ -57,19 +58,20 @@ def pair_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0
     return jnp.sum(jnp.where(branch == 1, logps, 0.0), -1), jnp.sum(jnp.where(branch == 2, logps, 0.0), -1)
 
 
-def _ratios(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int, response_len: int) -> tuple[jax.Array, jax.Array]:
-    w, l = pair_logps(graphdef, params, batch, chunk, response_len)
+def _ratios(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int, response_len: int,
+            attention: str) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    w, l = pair_logps(graphdef, params, batch, chunk, response_len, attention)
     # 0 at theta_ref, d logp elsewhere
     return w - jax.lax.stop_gradient(w), l - jax.lax.stop_gradient(l)
 
 
 def gold_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, beta: float, chunk: int = 0,
-                response_len: int = 0) -> jax.Array:  # fmt: skip
+                response_len: int = 0, attention: str = "einsum") -> jax.Array:  # fmt: skip
     """Per-pair logistic preference loss of the gold set at theta_ref: float32[B], 0 for non-gold pairs.
 
     Retained pairs count as stored (y_w over y_l), inverted pairs flipped (y_l over y_w).
     """
-    rw, rl = _ratios(graphdef, params, batch, chunk, response_len)
+    rw, rl = _ratios(graphdef, params, batch, chunk, response_len, attention)
     cat = batch["category"]
     margin = jnp.where(cat == INVERT, rl - rw, rw - rl)
     gold = (cat == RETAIN) | (cat == INVERT)
@@ -77,9 +79,9 @@ def gold_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, beta: floa
 
 
 def conflict_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, beta: float, invert_loss: InvertLoss = "logistic",
-                    chunk: int = 0, response_len: int = 0) -> jax.Array:  # fmt: skip
+                    chunk: int = 0, response_len: int = 0, attention: str = "einsum") -> jax.Array:  # fmt: skip
     """Per-pair TRACE term of each conflicting pair at theta_ref: float32[B], 0 for retained / PAD pairs."""
-    rw, rl = _ratios(graphdef, params, batch, chunk, response_len)
+    rw, rl = _ratios(graphdef, params, batch, chunk, response_len, attention)
     cat = batch["category"]
     inv = invert_losses(rw, rl, beta=beta, kind=invert_loss)
     sup = dual_npo_losses(rw, rl, beta=beta)
@@ -108,35 +110,40 @@ def per_pair_gradients(loss_vec: Callable[[Any, Batch], jax.Array], params: Any,
     return jax.vmap(jax.grad(lambda p, pair: loss_vec(p, pair)[0]), in_axes=(None, 0))(params, per_pair)
 
 
-_STATIC = ("graphdef", "beta", "invert_loss", "chunk", "response_len")
+_STATIC = ("graphdef", "beta", "invert_loss", "chunk", "response_len", "attention")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def gold_grad_sum(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, beta: float, invert_loss: InvertLoss = "logistic",
-                  chunk: int = 0, response_len: int = 0) -> Any:  # fmt: skip
+                  chunk: int = 0, response_len: int = 0, attention: str = "einsum") -> Any:  # fmt: skip
     """Gradient of the SUM of the batch's gold losses (jitted once per shape)."""
     del invert_loss  # the gold loss is always logistic; the argument keeps one static signature
-    return jax.grad(lambda p: jnp.sum(gold_losses(graphdef, p, batch, beta=beta, chunk=chunk, response_len=response_len)))(params)
+    loss = lambda p: jnp.sum(gold_losses(graphdef, p, batch, beta=beta, chunk=chunk, response_len=response_len, attention=attention))  # noqa: E731
+    return jax.grad(loss)(params)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def conflict_scores(params: Any, batch: Batch, direction: Any, *, graphdef: nnx.GraphDef, beta: float,
-                    invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0) -> jax.Array:  # fmt: skip
+                    invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0,
+                    attention: str = "einsum") -> jax.Array:  # fmt: skip
     """[<g_i, direction>]_i of the conflict terms by one JVP (jitted): float32[B], 0 for retained / PAD."""
-    fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk, response_len=response_len)  # noqa: E731
+    fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk, response_len=response_len,  # noqa: E731
+                                      attention=attention)  # fmt: skip
     return jvp_scores(fn, params, batch, direction)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def explicit_conflict_scores(params: Any, batch: Batch, direction: Any, *, graphdef: nnx.GraphDef, beta: float,
-                             invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0) -> jax.Array:  # fmt: skip
+                             invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0,
+                             attention: str = "einsum") -> jax.Array:  # fmt: skip
     """``conflict_scores`` through materialised per-pair gradients (``vmap(grad)``): the reference."""
-    fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk, response_len=response_len)  # noqa: E731
+    fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk, response_len=response_len,  # noqa: E731
+                                      attention=attention)  # fmt: skip
     return explicit_scores(fn, params, batch, direction)
 
 
 def gold_gradient(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], *, beta: float, chunk: int = 0,
-                  response_len: int = 0) -> Any:  # fmt: skip
+                  response_len: int = 0, attention: str = "einsum") -> Any:  # fmt: skip
     """g_J = d/dtheta of (sum of gold losses over every batch) / (number of gold pairs), at ``params``.
 
     One jitted ``grad`` per batch, accumulated (float32), so the gold set can be any size.
@@ -146,7 +153,7 @@ def gold_gradient(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch],
         cat = np.asarray(b["category"])
         n_gold += int(np.sum((cat == RETAIN) | (cat == INVERT)))
         check_response_len(b, response_len)
-        g = gold_grad_sum(params, b, graphdef=graphdef, beta=beta, chunk=chunk, response_len=response_len)
+        g = gold_grad_sum(params, b, graphdef=graphdef, beta=beta, chunk=chunk, response_len=response_len, attention=attention)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     if total is None or n_gold == 0:
         raise ValueError("impact: the gold set (retained + inverted pairs) is empty")
@@ -184,16 +191,17 @@ def impact_weights(scores_N: np.ndarray, category_N: np.ndarray, gamma: float = 
 
 
 def impact_scores(graphdef: nnx.GraphDef, params: Any, batches: list[Batch], *, beta: float = 0.3,
-                  invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0) -> np.ndarray:  # fmt: skip
+                  invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0,
+                  attention: str = "einsum") -> np.ndarray:  # fmt: skip
     """<g_J, g_i> for every pair of ``batches`` (in order, PAD pairs dropped): float32[N].
 
     Two passes over the batches with one compile each (fixed batch shape): accumulate g_J, then one
     jitted JVP per batch. Peak memory: one batch's forward + tangent, plus g_J (one parameter copy).
     """
-    g_j = gold_gradient(graphdef, params, batches, beta=beta, chunk=chunk, response_len=response_len)
+    g_j = gold_gradient(graphdef, params, batches, beta=beta, chunk=chunk, response_len=response_len, attention=attention)
     out = []
     for b in batches:
         s = np.asarray(conflict_scores(params, b, g_j, graphdef=graphdef, beta=beta, invert_loss=invert_loss, chunk=chunk,
-                                       response_len=response_len))  # fmt: skip
+                                       response_len=response_len, attention=attention))  # fmt: skip
         out.append(s[np.asarray(b["category"]) != PAD])
     return np.concatenate(out) if out else np.zeros(0, np.float32)

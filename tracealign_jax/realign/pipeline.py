@@ -119,7 +119,7 @@ def run_impact(cfg: Any, pairs_path: str | Path, out_path: str | Path, plot_path
         b["category"] = jax.numpy.asarray(np.concatenate([cats[idx], np.full(bs - len(idx), impact.PAD)]), jax.numpy.int32)
         batches.append(b)
     scores = impact.impact_scores(graphdef, params, batches, beta=rc.beta, invert_loss=rc.invert_loss,
-                                  response_len=response_len)  # fmt: skip
+                                  response_len=response_len, attention=cfg.model.attention)  # fmt: skip
     w = impact.impact_weights(scores, cats, gamma=rc.gamma)
     by_line = {int(line): i for i, line in enumerate(pairs.arrays["line"])}
     out = []
