@@ -217,3 +217,21 @@ def test_load_hf_honours_the_configs_build_options(checkpoints):
     assert (default.scan_layers, default.remat) == (True, "none")
     np.testing.assert_array_equal(logits_of(model), logits_of(default))
     assert max_diff(logits_of(model), torch_logits(torch_model, TOKENS)) <= TOL
+
+
+def test_loaded_slices_never_alias_the_memory_mapped_file(checkpoints):
+    """Every slice load_hf hands to JAX owns its memory: JAX may copy from it after load_hf returns, and
+    a view of the mapped file would then fault (SIGBUS) if the file were rewritten in place meanwhile."""
+    from tracealign_jax.hf_io.load import _Checkpoint
+    from tracealign_jax.model import ModelArch
+
+    path = checkpoints["llama"][0]
+    arch = ModelArch.from_hf_dir(path)
+    ckpt = _Checkpoint(path, arch)
+    for tmap in ckpt.maps:
+        name = tmap.hf_name.format(layer=0) if tmap.stacked else tmap.hf_name
+        ndim = ckpt.tensor(name, tmap).ndim + int(tmap.stacked)
+        got = ckpt.read_slice(tmap, (slice(None),) * ndim, np.dtype(np.float32))
+        assert got.dtype == np.float32
+        for reader in ckpt._readers.values():
+            assert not np.shares_memory(got, reader._map), tmap.path

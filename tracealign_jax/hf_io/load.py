@@ -91,9 +91,11 @@ class _Checkpoint:
         return tmap.to_ours(reader.get(name))
 
     def read_slice(self, tmap: TensorMap, index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
-        """Our-layout slice ``index`` of parameter ``tmap.path`` (stacked over layers if per-layer)."""
+        """Our-layout slice ``index`` of parameter ``tmap.path`` (stacked over layers if per-layer), in
+        memory of its own: never a view of the memory-mapped file, which JAX may still be copying from
+        after ``load_hf`` returns (the file rewritten in place meanwhile: SIGBUS, seen in CI)."""
         if not tmap.stacked:
-            return np.asarray(self.tensor(tmap.hf_name, tmap)[index], dtype=dtype)
+            return np.array(self.tensor(tmap.hf_name, tmap)[index], dtype=dtype, copy=True)
         layers = range(self.arch.num_hidden_layers)[index[0]]
         parts = [np.asarray(self.tensor(tmap.hf_name.format(layer=i), tmap)[index[1:]], dtype=dtype) for i in layers]
         return np.stack(parts)
