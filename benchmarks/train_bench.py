@@ -38,24 +38,24 @@ ARCH = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_si
 PAIRS = 8
 
 
-def toy_pairs(prompt: int, response: int, seed: int = 0):
-    """PAIRS random pairs with a ``prompt``-token prompt and two ``response``-token responses."""
+def toy_pairs(prompt: int, response: int, seed: int = 0, pairs: int = PAIRS, vocab: int = ARCH["vocab_size"]):
+    """``pairs`` random pairs with a ``prompt``-token prompt and two ``response``-token responses."""
     from tracealign_jax.pairs import TokenizedPairs
 
     rng = np.random.default_rng(seed)
     arrays = {}
     for field, n in (("prompt", prompt), ("chosen", response), ("rejected", response)):
-        arrays[f"{field}_tokens"] = rng.integers(3, ARCH["vocab_size"], size=PAIRS * n).astype(np.int32)
-        arrays[f"{field}_offsets"] = np.arange(0, PAIRS * n + 1, n, dtype=np.int64)
+        arrays[f"{field}_tokens"] = rng.integers(3, vocab, size=pairs * n).astype(np.int32)
+        arrays[f"{field}_offsets"] = np.arange(0, pairs * n + 1, n, dtype=np.int64)
     return TokenizedPairs(arrays)
 
 
-def host_batch(prompt: int, response: int, layout: str) -> dict[str, np.ndarray]:
+def host_batch(prompt: int, response: int, layout: str, pairs: int = PAIRS, vocab: int = ARCH["vocab_size"]) -> dict[str, np.ndarray]:
     """The step's batch in ``layout`` (``training.data.build_batch``) with random BCI on ~10% of responses."""
     from tracealign_jax.training.data import build_batch, row_length
 
-    batch = build_batch(toy_pairs(prompt, response), np.arange(PAIRS), row_length(prompt + response, layout, response),
-                        layout=layout)  # fmt: skip
+    batch = build_batch(toy_pairs(prompt, response, pairs=pairs, vocab=vocab), np.arange(pairs),
+                        row_length(prompt + response, layout, response), layout=layout)  # fmt: skip
     rng = np.random.default_rng(1)
     shape = batch["tokens"].shape
     batch["bci"] = (np.where(rng.random(shape) < 0.1, rng.uniform(5, 40, shape), 0.0) * batch["loss_mask"]).astype(np.float32)
@@ -71,10 +71,15 @@ class OurStep:
     compile: Callable[[], Any]
     tokens_per_pair: float
     gflop: float
+    cfg: Any  # the step's Config
+    rows_x_length: tuple[int, int]  # the batch's token array shape
 
 
-def make_ours(prompt: int, response: int, layout: str, cbd: bool, cost: bool) -> OurStep:
-    """Our jitted DPO or DPO+CBD step on ``host_batch`` (``OurStep``)."""
+def make_ours(prompt: int, response: int, layout: str, cbd: bool, cost: bool, *, arch: dict = ARCH, pairs: int = PAIRS,
+              model: dict | None = None, loss: dict | None = None) -> OurStep:  # fmt: skip
+    """Our jitted DPO or DPO+CBD step on ``host_batch`` (``OurStep``); ``model`` / ``loss``: config
+    entries over this benchmark's (fp32, unrolled layers, ``attention: auto``; sigmoid DPO, in-step
+    reference)."""
     import jax
     import jax.numpy as jnp
 
@@ -84,26 +89,29 @@ def make_ours(prompt: int, response: int, layout: str, cbd: bool, cost: bool) ->
     from tracealign_jax.training.state import graphdef_and_abstract_params, init_train_state, state_shardings
     from tracealign_jax.training.step import batch_fields, batch_shardings, make_train_step
 
-    loss = {"type": "sigmoid", "beta": 0.1}
+    loss = {"type": "sigmoid", "beta": 0.1, **(loss or {})}
     veto = None
     if cbd:
         from tracealign_jax.veto.store import compile_veto_table
 
         rng = np.random.default_rng(1)
-        spans = [(rng.integers(3, ARCH["vocab_size"], size=int(rng.integers(4, 9))).tolist(), float(rng.uniform(5, 40)))
+        spans = [(rng.integers(3, arch["vocab_size"], size=int(rng.integers(4, 9))).tolist(), float(rng.uniform(5, 40)))
                  for _ in range(2000)]  # fmt: skip
         veto = jax.tree.map(jnp.asarray, compile_veto_table(spans, max_span=8, max_entries=16))
         loss.update(cbd_data_weight=0.1, cbd_cont_weight=0.1, cbd_margin=1.0, cbd_bci_scale=20.0)
-    cfg = from_dict(Config, {"model": {"arch": ARCH, "scan_layers": False, "attention": "auto"}, "mesh": {"data": 1}, "loss": loss,
+    model = {"arch": arch, "scan_layers": False, "attention": "auto", **(model or {})}
+    cfg = from_dict(Config, {"model": model, "mesh": {"data": 1}, "loss": loss,
                              "data": {"pair_layout": layout, "max_prompt_len": prompt, "max_response_len": response,
                                       "buckets": [prompt + response]},
-                             "train": {"batch_size": PAIRS, "learning_rate": 1e-5, "steps": 1000}})  # fmt: skip
+                             "train": {"batch_size": pairs, "learning_rate": 1e-5, "steps": 1000}})  # fmt: skip
     mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
     rules = sharding.resolve_rules(cfg.mesh.rules)
     graphdef, state = init_train_state(cfg, mesh, rules)
     _, abs_params = graphdef_and_abstract_params(cfg, mesh, rules)
     fn = make_train_step(cfg, graphdef, mesh, rules, state_shardings(cfg, abs_params, mesh, rules))
-    hb = host_batch(prompt, response, layout)
+    hb = host_batch(prompt, response, layout, pairs, arch["vocab_size"])
+    if cfg.loss.reference == "precomputed":  # any stand-in log-probs: the cost does not depend on them
+        hb["ref_logps"] = np.zeros(hb["tokens"].shape, np.float32)
     batch = to_device_batch({k: hb[k] for k in batch_fields(cfg)}, batch_shardings(cfg, mesh, rules))
     gflop = float("nan")
     if cost:
@@ -116,7 +124,8 @@ def make_ours(prompt: int, response: int, layout: str, cbd: bool, cost: bool) ->
         box[0], m = fn(box[0], batch, veto)
         jax.block_until_ready((box[0].params, m))
 
-    return OurStep(one, lambda: fn.lower(box[0], batch, veto).compile(), hb["tokens"].size / PAIRS, gflop)
+    return OurStep(one, lambda: fn.lower(box[0], batch, veto).compile(), hb["tokens"].size / pairs, gflop, cfg,
+                   hb["tokens"].shape)  # fmt: skip
 
 
 def timed(fn) -> tuple[float, float]:
