@@ -29,8 +29,8 @@ def _values_and_grads(impl: str, q, k, v, valid, window):
     def f(q, k, v):
         return jnp.sum(jnp.sin(causal_attention(q, k, v, valid, window, impl)) * keep)
 
-    out = causal_attention(q, k, v, valid, window, impl) * keep
-    return [out, *jax.grad(f, argnums=(0, 1, 2))(q, k, v)]
+    out = jax.jit(lambda q, k, v: causal_attention(q, k, v, valid, window, impl) * keep)(q, k, v)
+    return [out, *jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)]  # jitted: op-by-op was most of the test time
 
 
 @pytest.mark.parametrize("impl,window", [("xla", None), ("xla", 5), ("blocked", None), ("blocked", 5), ("blocked", 12)])

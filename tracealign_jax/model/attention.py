@@ -292,5 +292,9 @@ def _splash_kernel(heads: int, length: int, sliding_window: int | None, interpre
         mask = sa.CausalMask(shape=(length, length))
     else:
         mask = sa.LocalMask(shape=(length, length), window_size=(sliding_window - 1, 0), offset=0)
-    return sa.make_splash_mha(mask=sa.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)  # fmt: skip
+    # Built eagerly even when first asked for inside a jit trace: the cached kernel holds arrays, and
+    # tracers from one trace used in another raise UnexpectedTracerError (a second jitted function
+    # with the same shapes, e.g. a step and then its gradient, did).
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha(mask=sa.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)  # fmt: skip
