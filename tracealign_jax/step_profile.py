@@ -32,13 +32,12 @@ from typing import Any, Callable
 
 import jax
 
-from tracealign_jax.aot.hlo_report import op_names
+from tracealign_jax.aot.hlo_report import op_names, parse_computations
 
 PARTS = ("embed", "norm", "attention_proj", "rope", "attention", "mlp", "layers", "logprobs", "veto", "loss",
          "optimizer")  # fmt: skip
 REFERENCE = "reference"
 _SCOPES = frozenset(PARTS + (REFERENCE,))
-_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 _MODULE_RE = re.compile(r"^HloModule\s+([\w.\-]+)", re.MULTILINE)
 
 
@@ -62,12 +61,8 @@ def site_of(op_name: str) -> Site:
 def attribute(hlo_text: str) -> dict[str, Site]:
     """HLO instruction name -> its ``Site``, for every instruction of an optimized HLO module's text."""
     named = op_names(hlo_text)
-    operands: dict[str, list[str]] = {}
-    for line in hlo_text.splitlines():
-        m = _INSTR_RE.match(line)
-        if m:
-            rhs = m.group(2).split("metadata=")[0].split("calls=")[0]
-            operands[m.group(1)] = re.findall(r"%([\w.\-]+)", rhs)
+    operands = {i.name: re.findall(r"%([\w.\-]+)", i.rest.split("metadata=")[0].split("calls=")[0])
+                for instrs in parse_computations(hlo_text)[0].values() for i in instrs}  # fmt: skip
     sites: dict[str, Site] = {}
 
     def resolve(name: str, depth: int = 0) -> Site:
