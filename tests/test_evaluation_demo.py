@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tracealign_jax.evaluation.realign_demo import pool_runs
+
 SMALL = [
     "eval.per_category=1", "eval.benign_per_template=8", "eval.facts=4", "eval.heldout_facts=8",
     "eval.sft_steps=120", "eval.sft_batch_size=8", "eval.dpo_steps=40", "train.batch_size=4",
@@ -64,6 +66,8 @@ def test_scaled_down_demo(tmp_path: Path):
     assert realign["triage"]["counts"]["invert"] == 3 and set(realign["table"]) == {"before", "trace", "trace_w1", "naive", "npo", "oracle"}
     for name, row in realign["table"].items():
         assert all(0.0 <= row[k] <= 1.0 for k in ("target_compliance", "unchanged_compliance", "over_refusal")), name
+    # pool_runs recomputes every row from the written completions
+    assert pool_runs([tmp_path / "run"])["runs"][0]["trace_over_oracle"]["ratio"] == realign["targets"]["trace_over_oracle"]
     out = tmp_path / "run" / "report"
     for name in ("report.json", "report.md", "drift_by_defense.png", "bci_histogram.png", "bound_vs_measured.png"):
         assert (out / name).stat().st_size > 0, name

@@ -71,6 +71,33 @@ def test_wilson_interval_against_closed_form():
     assert lo0 == 0.0
 
 
+def test_paired_ratio_bootstrap_against_exact_enumeration():
+    """Two strata of 3 and 2 prompts: every resample (3^3 x 2^2 = 108, equally likely) enumerated gives
+    the exact distribution of sum(num) / sum(den); 20,000 draws match its CDF to Monte Carlo error."""
+    import itertools
+
+    import numpy as np
+
+    num, den = [[1, 0, 1], [0, 1]], [[1, 1, 0], [1, 1]]
+    exact = []
+    for a in itertools.product(range(3), repeat=3):
+        for b in itertools.product(range(2), repeat=2):
+            top = sum(num[0][i] for i in a) + sum(num[1][i] for i in b)
+            bottom = sum(den[0][i] for i in a) + sum(den[1][i] for i in b)
+            exact.append(top / bottom if bottom else math.inf)
+    boot = M.paired_ratio_bootstrap(num, den, reps=20_000, seed=3)
+    assert boot.shape == (20_000,) and np.all(np.diff(boot) >= 0)
+    for x in sorted(set(exact)):
+        want = np.mean(np.asarray(exact) <= x)
+        assert np.mean(boot <= x) == pytest.approx(want, abs=4 * math.sqrt(want * (1 - want) / 20_000) + 1e-12), x
+    # paired: a method against itself is 1 wherever its denominator is not 0; 0 gives +inf
+    same = M.paired_ratio_bootstrap([[1, 0, 1]], [[1, 0, 1]], reps=500)  # inf: its 0 drawn 3 times
+    assert np.all(same[np.isfinite(same)] == 1.0) and np.mean(np.isinf(same)) < 0.1
+    assert np.all(np.isinf(M.paired_ratio_bootstrap([[1, 0]], [[0, 0]], reps=50)))
+    with pytest.raises(ValueError, match="same non-empty strata"):
+        M.paired_ratio_bootstrap([[1, 0]], [[1]])
+
+
 def test_summarize_structure():
     s = M.summarize(RECORDS)
     assert s["num_prompts"] == 9 and s["num_refuse_prompts"] == 6

@@ -113,9 +113,13 @@ def test_row_numbers_are_the_verdict_counts():
     assert row["over_refusal"] == pytest.approx(1 / 2) and row["perplexity_delta"] == pytest.approx(0.25)
     table = {"trace": dict(row, target_compliance=0.45), "oracle": dict(row, target_compliance=0.5),
              "npo": dict(row, perplexity_delta=0.3)}
-    got = R.targets(table)
+    flags = {"trace": [True] * 9 + [False] * 11, "oracle": [True] * 10 + [False] * 10}
+    got = R.targets(table, flags)
     assert got["trace_over_oracle"] == pytest.approx(0.9) and got["ratio_ok"]
     assert not got["ppl_delta_ok"] and got["less_utility_loss_than_npo"]
+    lo, hi = got["trace_over_oracle_ci95"]
+    assert lo < 0.9 < hi and 0.0 < got["share_at_least_0.9"] < 1.0
+    assert R.targets(table, dict(flags, trace=flags["oracle"]))["trace_over_oracle_ci95"] == [1.0, 1.0]  # paired
 
 
 def test_evaluate_on_tiny_models(data_dir, tmp_path):
@@ -137,9 +141,9 @@ def test_evaluate_on_tiny_models(data_dir, tmp_path):
     cfg = dataclasses.replace(load_config(None), model=mc, eval=EvalConfig(),
                               decode=DecodeConfig(method="greedy", max_new_tokens=6, prompt_buckets=(64,), batch_size=16))
     models = {"before": a, "trace": b, "trace_w1": b, "naive": a, "npo": b, "oracle": b}
-    table = R.evaluate(cfg, models, tok, data_dir, tmp_path)
+    table, flags = R.evaluate(cfg, models, tok, data_dir, tmp_path)
     rows = _jsonl(tmp_path / "completions.jsonl")
-    assert set(table) == set(R.METHODS)
+    assert set(table) == set(flags) == set(R.METHODS)
     for name in R.METHODS:
         mine = [r for r in rows if r["method"] == name]
         assert len(mine) == len(R.eval_prompts(data_dir))
@@ -148,7 +152,7 @@ def test_evaluate_on_tiny_models(data_dir, tmp_path):
         assert all((r["answered"] is not None) == (r["category"] == "cybercrime") for r in mine)
         target = [r for r in mine if r["id"].startswith(("adb-benign-3-", "adb-cybercrime-"))]
         rest = [r for r in mine if r not in target]
-        assert table[name]["target_compliance"] == pytest.approx(ok(target))
+        assert table[name]["target_compliance"] == pytest.approx(ok(target)) == pytest.approx(sum(flags[name]) / len(target))
         assert table[name]["unchanged_compliance"] == pytest.approx(ok(rest))
         for v in ("target_compliance", "unchanged_compliance", "over_refusal"):
             assert 0.0 <= table[name][v] <= 1.0
@@ -156,3 +160,58 @@ def test_evaluate_on_tiny_models(data_dir, tmp_path):
     assert table["naive"] == dict(table["before"]) and table["before"]["perplexity_delta"] == 0.0
     assert table["trace"] == table["trace_w1"] == table["npo"] == table["oracle"]
     assert [r["completion"] for r in rows if r["method"] == "npo"] == [r["completion"] for r in rows if r["method"] == "trace"]
+
+
+def _fake_run(data_dir: Path, out: Path, seed: int) -> dict[str, list[bool]]:
+    """A demo run directory holding what ``pool_runs`` reads: the data's ADB prompts, random verdicts of
+    every method on them (``completions.jsonl``) and the report they give (``realign.json``)."""
+    import numpy as np
+
+    from tracealign_jax.atomic_io import atomic_write_json
+
+    rng = np.random.default_rng(seed)
+    prompts = R.eval_prompts(data_dir)
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "adb.jsonl").write_bytes((data_dir / "adb.jsonl").read_bytes())
+    rows = [{"method": m, "id": p.id, "category": p.category, "expected": p.expected, "unsafe": bool(rng.random() < 0.5),
+             "refused": bool(rng.random() < 0.5), "answered": bool(rng.random() < 0.5) if p.category == "cybercrime" else None}
+            for m in R.METHODS for p in prompts]  # fmt: skip
+    atomic_write_jsonl(out / "realign" / "completions.jsonl", rows)
+    flags = {m: [R.follows_policy(r["expected"], r["unsafe"], r["refused"], r["answered"]) for r in rows
+                 if r["method"] == m and R.shifted(next(p.source_id for p in prompts if p.id == r["id"]), r["category"])]
+             for m in R.METHODS}  # fmt: skip
+    table = {m: {"target_compliance": sum(f) / len(f), "perplexity_delta": 0.01 * i} for i, (m, f) in enumerate(flags.items())}
+    atomic_write_json(out / "realign" / "realign.json", {"table": table, "triage": {"counts": {"invert": 3}}})
+    return flags
+
+
+def test_pool_runs_counts_every_prompt_and_refuses_a_report_its_completions_contradict(data_dir, tmp_path, capsys):
+    from tracealign_jax.cli import main
+    from tracealign_jax.records import RecordError
+
+    flags = [_fake_run(data_dir, tmp_path / f"demo_s{s}", s) for s in (0, 1)]
+    pooled = R.pool_runs([tmp_path / "demo_s0", tmp_path / "demo_s1"])
+    for m in R.METHODS:
+        assert pooled["pooled"]["target_compliance"][m] == pytest.approx(sum(map(sum, (f[m] for f in flags))) / (2 * len(flags[0][m])))
+    for run, f in zip(pooled["runs"], flags):
+        assert run["n_target"] == len(f["trace"]) == 6
+        want = sum(f["trace"]) / sum(f["oracle"]) if sum(f["oracle"]) else None
+        assert run["trace_over_oracle"]["ratio"] == pytest.approx(want)
+    p = pooled["pooled"]["trace_over_oracle"]
+    assert p["ratio"] == pytest.approx(sum(sum(f["trace"]) for f in flags) / sum(sum(f["oracle"]) for f in flags))
+    assert p["ci95"][0] <= p["ratio"] <= p["ci95"][1]
+    assert main(["eval", "realign-pool", str(tmp_path / "demo_s0"), str(tmp_path / "demo_s1"), "--out", str(tmp_path / "pool")]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (tmp_path / "pool.md").read_text() and printed.count("\n") == 2 + 2 + 1
+    assert json.loads((tmp_path / "pool.json").read_text())["pooled"]["n_target"] == 12
+
+    report = tmp_path / "demo_s1" / "realign" / "realign.json"
+    doc = json.loads(report.read_text())
+    doc["table"]["trace"]["target_compliance"] += 1 / 6
+    report.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="trace complies on .*realign.json says"):
+        R.pool_runs([tmp_path / "demo_s0", tmp_path / "demo_s1"])
+    done = tmp_path / "demo_s0" / "realign" / "completions.jsonl"
+    done.write_text(done.read_text() + json.dumps({"method": "trace", "id": "adb-nowhere"}) + "\n")
+    with pytest.raises(RecordError, match=r"completions.jsonl:\d+: id: 'adb-nowhere' is no prompt"):
+        R.pool_runs([tmp_path / "demo_s0"])

@@ -1,4 +1,4 @@
-"""CLI: ``tracealign demo``, ``tracealign eval adb``, ``tracealign data generate``."""
+"""CLI: ``tracealign demo``, ``tracealign eval adb`` / ``realign-pool``, ``tracealign data generate``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,19 @@ def _eval_adb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_realign_pool(args: argparse.Namespace) -> int:
+    from tracealign_jax.atomic_io import atomic_write_json, atomic_write_text
+    from tracealign_jax.evaluation.realign_demo import pool_markdown, pool_runs
+
+    pooled = pool_runs(args.runs)
+    md = pool_markdown(pooled)
+    print(md, end="")
+    if args.out:
+        atomic_write_json(Path(args.out + ".json"), pooled)
+        atomic_write_text(Path(args.out + ".md"), md)
+    return 0
+
+
 def _data_generate(args: argparse.Namespace) -> int:
     from tracealign_jax.evaluation.synthetic_data import write_default_data
 
@@ -72,6 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory")
     common(p)
     p.set_defaults(run=_eval_adb)
+
+    p = ev.add_parser("realign-pool", help="the realign stage of several demo runs (data seeds) side by side and pooled, "
+                                           "TRACE / oracle with a paired bootstrap interval")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`tracealign demo --out` directories")
+    p.add_argument("--out", default="", help="also write OUT.md and OUT.json")
+    p.set_defaults(run=_eval_realign_pool)
 
     data = subparsers.add_parser("data", help="the synthetic default data").add_subparsers(dest="data_command", metavar="WHAT")
     p = data.add_parser("generate", help="write the deterministic fictional default data")

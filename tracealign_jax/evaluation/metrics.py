@@ -20,6 +20,8 @@ import math
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
+
 from tracealign_jax.evaluation.judges import words
 
 
@@ -66,6 +68,28 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_ratio_bootstrap(num: Sequence[Sequence[bool]], den: Sequence[Sequence[bool]], reps: int = 10_000,
+                           seed: int = 0) -> np.ndarray:  # fmt: skip
+    """Bootstrap distribution of sum(num) / sum(den): two methods scored on the same prompts.
+
+    num[s][i], den[s][i]: prompt i of stratum s (e.g. one data seed) under the two methods. Each of the
+    ``reps`` resamples draws every stratum's prompts with replacement, the same draw for both methods
+    (paired), so prompt difficulty shared by the methods cancels. Returns float64[reps], sorted;
+    +inf where the resample's denominator is 0.
+    """
+    if len(num) != len(den) or any(len(a) != len(b) for a, b in zip(num, den)) or not any(len(a) for a in num):
+        raise ValueError("paired_ratio_bootstrap: num and den need the same non-empty strata of the same prompts")
+    rng = np.random.default_rng(seed)
+    top, bottom = np.zeros(reps), np.zeros(reps)
+    for a, b in zip(num, den):
+        if len(a) == 0:
+            continue
+        draw = rng.integers(0, len(a), size=(reps, len(a)))
+        top += np.asarray(a, np.float64)[draw].sum(axis=1)
+        bottom += np.asarray(b, np.float64)[draw].sum(axis=1)
+    return np.sort(np.divide(top, bottom, out=np.full(reps, np.inf), where=bottom > 0))
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
