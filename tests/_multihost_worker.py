@@ -3,8 +3,8 @@
     python tests/_multihost_worker.py INDEX_DIR OUT_DIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
 Runs the per-token BCI precompute, the veto-table build, ``save_hf`` of a model sharded over every
-process's devices and the reference log-prob precompute of ``OUT_DIR/../prefs.jsonl`` (token ids)
-with that model. Writes ``OUT_DIR/p<process>.npz`` (what this process got back: the full results),
+process's devices, the reference log-prob precompute of ``OUT_DIR/../prefs.jsonl`` (token ids)
+with that model and TRACE impact scores of those pairs (``OUT_DIR/impact<process>.npy``). Writes ``OUT_DIR/p<process>.npz`` (what this process got back: the full results),
 ``OUT_DIR/p<process>.json`` (how many items this process scored itself) and, from process 0,
 ``OUT_DIR/hf`` (the exported checkpoint) and ``OUT_DIR/ref`` (the reference store).
 """
@@ -96,6 +96,20 @@ def main() -> None:
                                   batch_size=8)  # fmt: skip
     chosen, rejected = reader.read(np.arange(len(pairs)))
     np.savez(out / f"ref{me}.npz", **{f"ref_{i}_{j}": a for i, pair in enumerate(zip(chosen, rejected)) for j, a in enumerate(pair)})
+
+    # TRACE impact scores of the 12 pairs (retain / invert / suppress in turn) at those sharded weights
+    from tracealign_jax.realign import impact
+    from tracealign_jax.training.data import build_batch
+
+    cats = np.array([0, 1, 2] * 4, np.int32)
+    batches = []
+    for s in (0, 8):  # two batches of 8 pairs (the last padded), split over the 8 devices of the mesh
+        idx = np.arange(s, min(s + 8, len(cats)))
+        host = build_batch(pairs, np.concatenate([idx, np.repeat(idx[-1:], 8 - len(idx))]), 32, layout="separate")
+        batches.append({**{k: host[k] for k in ("tokens", "positions", "valid", "loss_mask")},
+                        "category": np.concatenate([cats[idx], np.full(8 - len(idx), impact.PAD, np.int32)])})
+    scores = impact.impact_scores(graphdef, state.params, batches, beta=0.3, mesh=mesh, rules=sharding.resolve_rules(cfg.mesh.rules))
+    np.save(out / f"impact{me}.npy", scores)
 
 
 if __name__ == "__main__":

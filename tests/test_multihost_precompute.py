@@ -1,8 +1,8 @@
 """Two real processes (gloo, 4 simulated devices each) == one process with 8 devices, for the host-side
 precomputes split over processes (per-token BCI, veto table), for ``save_hf`` of a model whose weights
 are sharded across both processes, and for the reference log-prob precompute run by both processes'
-devices on that model: every process gets back exactly the single-process results, each scored only
-its share, and the exported safetensors are byte-identical."""
+devices on that model, and for TRACE impact scores on it: every process gets back the single-process
+results, each scored only its share, and the exported safetensors are byte-identical."""
 
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ def test_two_processes_precompute_and_export_what_one_does(tmp_path):
         got = np.load(tmp_path / "multi" / f"ref{i}.npz")
         for k in want_ref.files:
             np.testing.assert_allclose(got[k], want_ref[k], rtol=0, atol=1e-6, err_msg=f"process {i} {k}")
+    want_impact = np.load(tmp_path / "single" / "impact0.npy")
+    assert want_impact.shape == (12,) and np.all(want_impact[0::3] == 0) and np.all(want_impact[1::3] != 0)
+    for i in range(2):  # weights sharded across the two processes: the scores of one process
+        np.testing.assert_allclose(np.load(tmp_path / "multi" / f"impact{i}.npy"), want_impact, rtol=1e-5,
+                                   atol=1e-6 * np.abs(want_impact).max(), err_msg=f"process {i} impact")  # fmt: skip
     # Each process scored its share, and together exactly what one process scored.
     one = json.loads((tmp_path / "single" / "p0.json").read_text())
     two = [json.loads((tmp_path / "multi" / f"p{i}.json").read_text()) for i in range(2)]

@@ -69,7 +69,9 @@ def test_impact_command_scores_and_weights(tmp_path, capsys):
     cats = ["retain", "invert", "suppress", "invert", "retain"] * 2
     recs = [dict(json.loads(x), category=c) for x, c in zip(raw.read_text().splitlines(), cats)]
     (tmp_path / "triaged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    sets = ["data.max_prompt_len=16", "data.max_response_len=16", "data.buckets=[32]", "realign.impact_batch_size=4"]
+    # on the 8 test devices: weights FSDP x tensor sharded, each batch of 4 pairs split over data x fsdp = 4
+    sets = ["data.max_prompt_len=16", "data.max_response_len=16", "data.buckets=[32]", "realign.impact_batch_size=4",
+            "mesh.fsdp=2", "mesh.tensor=2"]
     argv = ["realign", "impact", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--pairs", str(tmp_path / "triaged.jsonl"),
             "--out", str(tmp_path / "w.jsonl"), "--plot", str(tmp_path / "h.png")] + [x for s in sets for x in ("--set", s)]
     assert main(argv) == 0
@@ -82,12 +84,13 @@ def test_impact_command_scores_and_weights(tmp_path, capsys):
     assert np.all(w[~conf] == 0) and np.all(np.array([r["impact_score"] for r in rows])[~conf] == 0)
     np.testing.assert_allclose([r["weight_mean1"] for r in rows], w * 6, rtol=1e-12)
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
-    # one batch of 10 (no padding) gives the scores the CLI computed in batches of 4 with 2 padding pairs
+    # one batch of 10 in file order (no padding, one device) gives the scores the CLI computed on the mesh in
+    # batches of 4 (retained, inverted, suppressed pairs in turn; 2 padding pairs)
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", sets)
     pairs = load_pairs(dataclasses.replace(cfg.data, train_path=str(tmp_path / "triaged.jsonl")))
     host = build_batch(pairs, np.arange(10), 32)
     b = {k: jax.numpy.asarray(host[k]) for k in ("tokens", "positions", "valid", "loss_mask")}
     b["category"] = jax.numpy.asarray([{"retain": 0, "invert": 1, "suppress": 2}[c] for c in cats], jax.numpy.int32)
-    graphdef, params = nnx.split(_reference_model(cfg))
+    graphdef, params = nnx.split(_reference_model(cfg, None, None))
     want = impact.impact_scores(graphdef, params, [b], beta=cfg.realign.beta)
     np.testing.assert_allclose([r["impact_score"] for r in rows], want, rtol=1e-4, atol=1e-9)

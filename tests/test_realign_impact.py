@@ -129,3 +129,28 @@ def test_impact_weights_edge_cases():
     assert impact.impact_weights(np.array([1.0]), np.array([RETAIN]))["weight"].tolist() == [0.0]
     with pytest.raises(ValueError, match="gamma"):
         impact.impact_weights(np.ones(3), cats, gamma=0.0)
+
+
+def test_impact_on_an_8_device_mesh_equals_one_device(model):
+    """FSDP x tensor x data on 8 simulated devices: the same scores and g_J as one device; g_J lives in
+    the parameters' declared shardings (a weight is split, never gathered whole onto one device)."""
+    from tracealign_jax import sharding
+    from tracealign_jax.config import MeshConfig
+    from tracealign_jax.model import param_shardings
+
+    graphdef, params = model
+    mesh = sharding.build_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    cats = [CATS_A + [INVERT, RETAIN], [RETAIN] * 8, [SUPPRESS, impact.PAD] + CATS_B[:6]]
+    batches = [make_batch(c, seed=20 + i, layout="shared_prompt", length=22) for i, c in enumerate(cats)]
+    kw = dict(beta=0.3, response_len=14, attention="blocked")
+    one = impact.impact_scores(graphdef, params, batches, **kw)
+    eight = impact.impact_scores(graphdef, params, batches, mesh=mesh, **kw)
+    assert one.shape == (21,) and np.all(one[8:16] == 0)  # retained pairs score 0
+    np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
+    g_one = impact.gold_gradient(graphdef, params, batches, beta=0.3, response_len=14)
+    g_eight = impact.gold_gradient(graphdef, params, batches, beta=0.3, response_len=14, mesh=mesh)
+    want = param_shardings(params, mesh, sharding.resolve_rules("fsdp_tp"))
+    for a, b, sh in zip(jax.tree.leaves(g_eight), jax.tree.leaves(g_one), jax.tree.leaves(want)):
+        assert a.sharding == sh
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert any(len(s.device_set) == 8 and not s.is_fully_replicated for s in jax.tree.leaves(want))

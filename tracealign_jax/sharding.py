@@ -169,6 +169,12 @@ def named_sharding(mesh: Mesh, rules: Rules, names: Sequence[str | None]) -> Nam
     return NamedSharding(mesh, logical_to_spec(names, rules))
 
 
+def to_global(host: np.ndarray, sh: NamedSharding) -> jax.Array:
+    """A host array as a global array in ``sh``: every process passes the same value and contributes
+    the shards of its own devices (single- and multi-process)."""
+    return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op outside ``use_mesh``."""
     ctx = _CURRENT.get()

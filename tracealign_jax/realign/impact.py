@@ -11,6 +11,11 @@ How: the per-pair loss vector ``l(theta)`` [B] has Jacobian rows g_i, so one for
 cost of two forward passes, with memory of one forward pass: nothing of size B x |theta| exists.
 ``explicit_scores`` is the ``vmap(grad)`` reference that materialises every g_i (tests, benchmark).
 
+On a pod: ``impact_scores`` / ``gold_gradient`` run both programs on a device mesh (``on_mesh``) as
+the train step does: weights and g_J sharded by ``mesh.rules``, pair rows split over the batch axes,
+multi-process when the mesh spans processes; a batch with no gold pair skips the gold pass and a
+batch with no conflict the JVP pass.
+
 At theta_ref the reference log-probs equal the policy's, so the log-ratio is written
 ``logp(theta) - stop_gradient(logp(theta))``: value 0, derivative that of logp, one forward pass for
 both models. This is exact only AT theta_ref, which is the only point these functions evaluate.
@@ -26,6 +31,7 @@ implementation of the forward (static).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Iterable
 
@@ -33,6 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from tracealign_jax import sharding
 
 from tracealign_jax.realign.objective import InvertLoss, dual_npo_losses, invert_losses
 from tracealign_jax.realign.triage import INVERT, RETAIN, SUPPRESS
@@ -113,23 +123,24 @@ def per_pair_gradients(loss_vec: Callable[[Any, Batch], jax.Array], params: Any,
 _STATIC = ("graphdef", "beta", "invert_loss", "chunk", "response_len", "attention")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def gold_grad_sum(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, beta: float, invert_loss: InvertLoss = "logistic",
-                  chunk: int = 0, response_len: int = 0, attention: str = "einsum") -> Any:  # fmt: skip
-    """Gradient of the SUM of the batch's gold losses (jitted once per shape)."""
+def _gold_grad_sum(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, beta: float, invert_loss: InvertLoss = "logistic",
+                   chunk: int = 0, response_len: int = 0, attention: str = "einsum") -> Any:  # fmt: skip
+    """Gradient of the SUM of the batch's gold losses."""
     del invert_loss  # the gold loss is always logistic; the argument keeps one static signature
     loss = lambda p: jnp.sum(gold_losses(graphdef, p, batch, beta=beta, chunk=chunk, response_len=response_len, attention=attention))  # noqa: E731
     return jax.grad(loss)(params)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def conflict_scores(params: Any, batch: Batch, direction: Any, *, graphdef: nnx.GraphDef, beta: float,
-                    invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0,
-                    attention: str = "einsum") -> jax.Array:  # fmt: skip
-    """[<g_i, direction>]_i of the conflict terms by one JVP (jitted): float32[B], 0 for retained / PAD."""
+def _conflict_scores(params: Any, batch: Batch, direction: Any, *, graphdef: nnx.GraphDef, beta: float,
+                     invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0,
+                     attention: str = "einsum") -> jax.Array:  # fmt: skip
+    """[<g_i, direction>]_i of the conflict terms by one JVP: float32[B], 0 for retained / PAD."""
     fn = lambda p, b: conflict_losses(graphdef, p, b, beta=beta, invert_loss=invert_loss, chunk=chunk, response_len=response_len,  # noqa: E731
                                       attention=attention)  # fmt: skip
     return jvp_scores(fn, params, batch, direction)
+
+
+conflict_scores = jax.jit(_conflict_scores, static_argnames=_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -142,20 +153,81 @@ def explicit_conflict_scores(params: Any, batch: Batch, direction: Any, *, graph
     return explicit_scores(fn, params, batch, direction)
 
 
+@dataclasses.dataclass(frozen=True)
+class OnMesh:
+    """The two impact programs jitted on a device mesh, as the train step is.
+
+    Parameters and g_J in their declared shardings (``model.param_shardings``: FSDP / tensor parallel
+    per ``mesh.rules``), pair rows over the batch axes, activations constrained by the model's logical
+    axes, the per-pair scores replicated so every process reads them. ``params``: the parameters
+    placed in those shardings. Works single- and multi-process (every process passes the same
+    host batches).
+    """
+
+    mesh: Mesh
+    params: Any
+    gold_grad_sum: Callable[[Any, Batch], Any]
+    conflict_scores: Callable[[Any, Batch, Any], jax.Array]
+    batch_shardings: dict[str, NamedSharding]
+
+    def place(self, batch: Batch) -> Batch:
+        """A host (or single-device) batch as global arrays in ``batch_shardings``."""
+        return {k: sharding.to_global(np.asarray(batch[k]), sh) for k, sh in self.batch_shardings.items()}
+
+
+def on_mesh(graphdef: nnx.GraphDef, params: Any, batch_keys: Iterable[str], mesh: Mesh | None = None,
+            rules: sharding.Rules | None = None, **static: Any) -> OnMesh:  # fmt: skip
+    """``OnMesh`` for batches holding ``batch_keys`` (``category`` and the row arrays). mesh None: one
+    device; rules None: ``fsdp_tp``. static: beta, invert_loss, chunk, response_len, attention."""
+    from tracealign_jax.model import param_shardings
+
+    if mesh is None:
+        mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+    rules = sharding.resolve_rules("fsdp_tp" if rules is None else rules)
+    p_sh = param_shardings(params, mesh, rules)
+    rows = sharding.named_sharding(mesh, rules, ("batch", "length"))
+    b_sh = {k: sharding.named_sharding(mesh, rules, ("batch",)) if k == "category" else rows for k in batch_keys}
+
+    def in_mesh(fn: Callable) -> Callable:
+        def run(*args: Any) -> Any:
+            with sharding.use_mesh(mesh, rules):
+                return fn(*args, graphdef=graphdef, **static)
+
+        return run
+
+    placed = jax.tree.map(lambda x, sh: x if getattr(x, "sharding", None) == sh else sharding.to_global(np.asarray(x), sh),
+                          params, p_sh)  # fmt: skip
+    return OnMesh(mesh, placed, jax.jit(in_mesh(_gold_grad_sum), in_shardings=(p_sh, b_sh), out_shardings=p_sh),
+                  jax.jit(in_mesh(_conflict_scores), in_shardings=(p_sh, b_sh, p_sh), out_shardings=NamedSharding(mesh, PartitionSpec())),
+                  b_sh)  # fmt: skip
+
+
 def gold_gradient(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], *, beta: float, chunk: int = 0,
-                  response_len: int = 0, attention: str = "einsum") -> Any:  # fmt: skip
+                  response_len: int = 0, attention: str = "einsum", mesh: Mesh | None = None,
+                  rules: sharding.Rules | None = None, progress: bool = False) -> Any:  # fmt: skip
     """g_J = d/dtheta of (sum of gold losses over every batch) / (number of gold pairs), at ``params``.
 
-    One jitted ``grad`` per batch, accumulated (float32), so the gold set can be any size.
+    One jitted ``grad`` per batch holding a gold pair (``on_mesh``), accumulated in float32 in the
+    parameters' shardings, so the gold set can be any size.
     """
+    batches = list(batches)
+    prog = on_mesh(graphdef, params, batches[0].keys() if batches else (), mesh, rules, beta=beta, chunk=chunk,
+                   response_len=response_len, attention=attention)  # fmt: skip
+    return _gold_gradient(prog, batches, response_len, progress)
+
+
+def _gold_gradient(prog: OnMesh, batches: list[Batch], response_len: int, progress: bool) -> Any:
     total, n_gold = None, 0
-    for b in batches:
+    for b in tqdm(batches, desc="impact: gold gradient", unit="batch", disable=not progress):
         cat = np.asarray(b["category"])
-        n_gold += int(np.sum((cat == RETAIN) | (cat == INVERT)))
+        gold = int(np.sum((cat == RETAIN) | (cat == INVERT)))
+        if not gold:  # suppressed / PAD pairs only: contributes nothing
+            continue
+        n_gold += gold
         check_response_len(b, response_len)
-        g = gold_grad_sum(params, b, graphdef=graphdef, beta=beta, chunk=chunk, response_len=response_len, attention=attention)
+        g = prog.gold_grad_sum(prog.params, prog.place(b))
         total = g if total is None else jax.tree.map(jnp.add, total, g)
-    if total is None or n_gold == 0:
+    if total is None:
         raise ValueError("impact: the gold set (retained + inverted pairs) is empty")
     return jax.tree.map(lambda x: x / n_gold, total)
 
@@ -192,16 +264,26 @@ def impact_weights(scores_N: np.ndarray, category_N: np.ndarray, gamma: float = 
 
 def impact_scores(graphdef: nnx.GraphDef, params: Any, batches: list[Batch], *, beta: float = 0.3,
                   invert_loss: InvertLoss = "logistic", chunk: int = 0, response_len: int = 0,
-                  attention: str = "einsum") -> np.ndarray:  # fmt: skip
+                  attention: str = "einsum", mesh: Mesh | None = None, rules: sharding.Rules | None = None,
+                  progress: bool = False) -> np.ndarray:  # fmt: skip
     """<g_J, g_i> for every pair of ``batches`` (in order, PAD pairs dropped): float32[N].
 
-    Two passes over the batches with one compile each (fixed batch shape): accumulate g_J, then one
-    jitted JVP per batch. Peak memory: one batch's forward + tangent, plus g_J (one parameter copy).
+    Two passes with one compile each (fixed batch shape) on ``mesh`` (``on_mesh``): accumulate g_J
+    over the batches holding a gold pair, then one JVP per batch holding a conflict (a batch of
+    retained pairs only scores 0 without running). Peak memory: one batch's forward + tangent, plus
+    g_J (one parameter copy, sharded like the parameters), whatever the number of pairs.
     """
-    g_j = gold_gradient(graphdef, params, batches, beta=beta, chunk=chunk, response_len=response_len, attention=attention)
+    keys = batches[0].keys() if batches else ()
+    prog = on_mesh(graphdef, params, keys, mesh, rules, beta=beta, invert_loss=invert_loss, chunk=chunk,
+                   response_len=response_len, attention=attention)  # fmt: skip
+    g_j = _gold_gradient(prog, batches, response_len, progress)
     out = []
-    for b in batches:
-        s = np.asarray(conflict_scores(params, b, g_j, graphdef=graphdef, beta=beta, invert_loss=invert_loss, chunk=chunk,
-                                       response_len=response_len, attention=attention))  # fmt: skip
-        out.append(s[np.asarray(b["category"]) != PAD])
+    for b in tqdm(batches, desc="impact: <g_J, g_i>", unit="batch", disable=not progress):
+        cat = np.asarray(b["category"])
+        if np.isin(cat, (INVERT, SUPPRESS)).any():
+            check_response_len(b, response_len)
+            s = np.asarray(prog.conflict_scores(prog.params, prog.place(b), g_j))
+        else:
+            s = np.zeros(cat.shape, np.float32)
+        out.append(s[cat != PAD])
     return np.concatenate(out) if out else np.zeros(0, np.float32)

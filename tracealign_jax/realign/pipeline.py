@@ -85,42 +85,64 @@ def _categories(path: Path, lines: np.ndarray) -> np.ndarray:
 
 
 def run_impact(cfg: Any, pairs_path: str | Path, out_path: str | Path, plot_path: str | Path | None = None,
-               model: Any = None) -> dict[str, Any]:  # fmt: skip
+               model: Any = None, progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Impact scores and weights of every pair of a triaged file at the reference model ``cfg.model``
-    (or ``model``); fixed batches of ``cfg.realign.impact_batch_size`` pairs at one padded length, in
-    the ``data.pair_layout`` rows (shared_prompt: the prompt computed once), logits on response tokens only."""
+    (or ``model``), on the ``cfg.mesh`` device mesh (parameters sharded as in training; multi-process
+    when the mesh config says so); fixed batches of ``cfg.realign.impact_batch_size`` pairs at one
+    padded length, in the ``data.pair_layout`` rows (shared_prompt: the prompt computed once), logits
+    on response tokens only. Pairs are batched retained, then inverted, then suppressed, so the JVP
+    pass runs only on batches holding a conflict and the gold pass only on batches holding a gold pair."""
     import dataclasses
 
     import jax
     from flax import nnx
 
-    from tracealign_jax.realign import impact
+    from tracealign_jax import sharding
+    from tracealign_jax.config import ConfigError
     from tracealign_jax.pairs import load_pairs
+    from tracealign_jax.realign import impact
     from tracealign_jax.training.data import assign_buckets, build_batch, row_length_of
 
     pairs_path = Path(pairs_path)
     rc = cfg.realign
+    sharding.initialize_distributed(cfg.mesh)
+    mesh, rules = sharding.build_mesh(cfg.mesh), sharding.resolve_rules(cfg.mesh.rules)
+    bs, layout = rc.impact_batch_size, cfg.data.pair_layout
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if bs % shards:
+        raise ConfigError(f"realign.impact_batch_size={bs}: must be a multiple of mesh data x fsdp = {shards} "
+                          "(the pairs of a batch are split over them)")  # fmt: skip
     pairs = load_pairs(dataclasses.replace(cfg.data, train_path=str(pairs_path), cache_dir=""))
     cats = _categories(pairs_path, pairs.arrays["line"])
     if model is None:
-        model = _reference_model(cfg)
+        model = _reference_model(cfg, mesh, rules)
     graphdef, params = nnx.split(model)
-    bs, n, layout = rc.impact_batch_size, len(pairs), cfg.data.pair_layout
+    n = len(pairs)
     length = row_length_of(pairs, np.arange(n), int(assign_buckets(pairs, cfg.data.buckets).max()), layout,
                            cfg.data.buckets, cfg.data.max_response_len)  # fmt: skip
     chosen, rejected = pairs.lengths("chosen"), pairs.lengths("rejected")
     response_len = int((chosen + rejected if layout == "shared_prompt" else np.maximum(chosen, rejected)).max())
+    rank = {CODES["retain"]: 0, CODES["invert"]: 1, CODES["suppress"]: 2}
+    order = np.argsort([rank[int(c)] for c in cats], kind="stable")
     batches = []
     for s in range(0, n, bs):
-        idx = np.arange(s, min(s + bs, n))
+        idx = order[s : s + bs]
         padded = np.concatenate([idx, np.repeat(idx[-1:], bs - len(idx))])
         host = build_batch(pairs, padded, length, layout=layout)
-        b = {k: jax.numpy.asarray(host[k]) for k in ("tokens", "positions", "valid", "loss_mask", "branch") if k in host}
-        b["category"] = jax.numpy.asarray(np.concatenate([cats[idx], np.full(bs - len(idx), impact.PAD)]), jax.numpy.int32)
+        b = {k: host[k] for k in ("tokens", "positions", "valid", "loss_mask", "branch") if k in host}
+        b["category"] = np.concatenate([cats[idx], np.full(bs - len(idx), impact.PAD)]).astype(np.int32)
         batches.append(b)
-    scores = impact.impact_scores(graphdef, params, batches, beta=rc.beta, invert_loss=rc.invert_loss,
-                                  response_len=response_len, attention=cfg.model.attention)  # fmt: skip
+    scores = np.zeros(n, np.float32)
+    scores[order] = impact.impact_scores(graphdef, params, batches, beta=rc.beta, invert_loss=rc.invert_loss,
+                                         response_len=response_len, attention=cfg.model.attention, mesh=mesh,
+                                         rules=rules, progress=progress)  # fmt: skip
     w = impact.impact_weights(scores, cats, gamma=rc.gamma)
+    conf = cats != CODES["retain"]
+    summary = {"pairs": n, "conflicts": int(conf.sum()), "positive": int((scores[conf] > 0).sum()),
+               "score_min": float(scores[conf].min()) if conf.any() else 0.0,
+               "score_max": float(scores[conf].max()) if conf.any() else 0.0}  # fmt: skip
+    if jax.process_index() != 0:  # every process computed the same scores; one writes them
+        return summary
     by_line = {int(line): i for i, line in enumerate(pairs.arrays["line"])}
     out = []
     for line, rec in iter_records(pairs_path):
@@ -130,23 +152,20 @@ def run_impact(cfg: Any, pairs_path: str | Path, out_path: str | Path, plot_path
         out.append(dict(rec, impact_score=float(scores[i]), impact_raw=float(w["raw"][i]), weight=float(w["weight"][i]),
                         weight_mean1=float(w["weight_mean1"][i])))  # fmt: skip
     atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
-    conf = cats != CODES["retain"]
-    summary = {"pairs": n, "conflicts": int(conf.sum()), "positive": int((scores[conf] > 0).sum()),
-               "score_min": float(scores[conf].min()) if conf.any() else 0.0,
-               "score_max": float(scores[conf].max()) if conf.any() else 0.0}  # fmt: skip
     if plot_path is not None:
         _histogram(scores, cats, Path(plot_path))
     atomic_write_json(Path(out_path).with_suffix(".summary.json"), summary)
     return summary
 
 
-def _reference_model(cfg: Any) -> Any:
+def _reference_model(cfg: Any, mesh: Any, rules: Any) -> Any:
+    """The reference: ``model.hf_dir`` loaded sharded on ``mesh``, or the random init of ``train.seed``."""
     from tracealign_jax.model import build_model, model_options
 
     if cfg.model.hf_dir:
         from tracealign_jax.hf_io import load_hf
 
-        return load_hf(cfg.model.hf_dir, progress=False, **model_options(cfg.model))[0]
+        return load_hf(cfg.model.hf_dir, progress=False, mesh=mesh, rules=rules, **model_options(cfg.model))[0]
     return build_model(cfg.model, seed=cfg.train.seed)
 
 

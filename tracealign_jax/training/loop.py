@@ -59,11 +59,7 @@ class TrainResult:
 def to_device_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
     """Global host batch -> global sharded arrays; every process holds the same host batch and
     contributes the shards of its own devices (works single- and multi-process)."""
-    out = {}
-    for k, sh in shardings.items():
-        arr = batch[k]
-        out[k] = jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx])
-    return out
+    return {k: sharding.to_global(batch[k], sh) for k, sh in shardings.items()}
 
 
 def _load_veto(cfg: Config) -> tuple[Any, dict]:
