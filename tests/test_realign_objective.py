@@ -21,24 +21,27 @@ def np_log_softmax(x):
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def np_trace(pol, ref, kl, mask, cat, w, beta, alpha, kind):
+def np_trace(pol, ref, kl, mask, cat, w, beta, alpha, kind, rpo=0.0):
     """The objective as the module docstring writes it, pair by pair."""
     inv = sup = 0.0
     n_conf = max(int(np.sum(cat != RETAIN)), 1)
     kl_sum, kl_n = 0.0, 0.0
+    nll_sum, nll_n = 0.0, 0.0
     for i, c in enumerate(cat):
         rw, rl = pol[2 * i] - ref[2 * i], pol[2 * i + 1] - ref[2 * i + 1]
         if c == INVERT:
             m = rl - rw
             term = -np_logsig(beta * m) if kind == "logistic" else (m - 1 / (2 * beta)) ** 2
             inv += w[i] * term / n_conf
+            nll_sum += w[i] * -pol[2 * i + 1]  # the anchor: y_l's NLL (its summed log-prob), weighted
+            nll_n += np.sum(mask[2 * i + 1])
         elif c == SUPPRESS:
             sup += w[i] * (-np_logsig(-beta * rw) - np_logsig(-beta * rl)) / n_conf
         else:
             for r in (2 * i, 2 * i + 1):
                 kl_sum += np.sum(kl[r] * mask[r])
                 kl_n += np.sum(mask[r])
-    return inv + sup + alpha * kl_sum / max(kl_n, 1.0)
+    return inv + sup + alpha * kl_sum / max(kl_n, 1.0) + rpo * nll_sum / max(nll_n, 1.0)
 
 
 def _inputs(seed=0, b=6, l=5):
@@ -52,8 +55,8 @@ def _inputs(seed=0, b=6, l=5):
     return pol, ref, kl, mask, cat, w
 
 
-@pytest.mark.parametrize("kind", ["logistic", "ipo"])
-def test_trace_objective_matches_numpy_with_fd_gradients(kind):
+@pytest.mark.parametrize("kind,rpo", [("logistic", 0.0), ("ipo", 0.0), ("logistic", 0.7)])
+def test_trace_objective_matches_numpy_with_fd_gradients(kind, rpo):
     pol, ref, kl, mask, cat, w = _inputs()
     beta, alpha = 0.3, 0.1
 
@@ -61,15 +64,17 @@ def test_trace_objective_matches_numpy_with_fd_gradients(kind):
         loss, _ = objective.trace_objective(
             jnp.asarray(p, jnp.float32), jnp.asarray(ref, jnp.float32), jnp.asarray(k, jnp.float32),
             jnp.asarray(mask, jnp.float32), jnp.asarray(cat), jnp.asarray(w, jnp.float32),
-            beta=beta, alpha_kl=alpha, invert_loss=kind,
+            beta=beta, alpha_kl=alpha, invert_loss=kind, rpo_alpha=rpo,
         )  # fmt: skip
         return loss
 
-    want = np_trace(pol, ref, kl, mask, cat, w, beta, alpha, kind)
+    want = np_trace(pol, ref, kl, mask, cat, w, beta, alpha, kind, rpo)
     np.testing.assert_allclose(float(ours(pol, kl)), want, rtol=1e-5)
+    if rpo:  # the anchor is a real term: off, the loss differs
+        assert abs(want - np_trace(pol, ref, kl, mask, cat, w, beta, alpha, kind)) > 1.0
     g_pol, g_kl = jax.grad(ours, argnums=(0, 1))(jnp.asarray(pol, jnp.float32), jnp.asarray(kl, jnp.float32))
-    fd_pol = fd_grad(lambda x: np_trace(x, ref, kl, mask, cat, w, beta, alpha, kind), pol)
-    fd_kl = fd_grad(lambda x: np_trace(pol, ref, x, mask, cat, w, beta, alpha, kind), kl)
+    fd_pol = fd_grad(lambda x: np_trace(x, ref, kl, mask, cat, w, beta, alpha, kind, rpo), pol)
+    fd_kl = fd_grad(lambda x: np_trace(pol, ref, x, mask, cat, w, beta, alpha, kind, rpo), kl)
     np.testing.assert_allclose(np.asarray(g_pol), fd_pol, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(g_kl), fd_kl, rtol=1e-4, atol=1e-7)
     # retained pairs carry no preference gradient; KL counts only retained rows
@@ -150,8 +155,9 @@ def test_trace_token_terms_match_full_vocabulary_numpy(chunk, size):
 def test_global_counts_make_halves_add_up():
     pol, ref, kl, mask, cat, w = _inputs(seed=4)
     args = lambda sl: [jnp.asarray(x[sl], jnp.float32) for x in (pol, ref, kl, mask)]  # noqa: E731
-    full, _ = objective.trace_objective(*args(slice(None)), jnp.asarray(cat), jnp.asarray(w, jnp.float32))
-    counts = dict(num_conflicts=float(np.sum(cat != RETAIN)), num_retained_tokens=float(np.sum(mask * np.repeat(cat == RETAIN, 2)[:, None])))
+    full, _ = objective.trace_objective(*args(slice(None)), jnp.asarray(cat), jnp.asarray(w, jnp.float32), rpo_alpha=0.5)
+    counts = dict(num_conflicts=float(np.sum(cat != RETAIN)), num_retained_tokens=float(np.sum(mask * np.repeat(cat == RETAIN, 2)[:, None])),
+                  num_inverted_tokens=float(np.sum(mask[1::2][cat == INVERT])), rpo_alpha=0.5)
     total = 0.0
     for lo, hi in ((0, 3), (3, 6)):
         part, _ = objective.trace_objective(*args(slice(2 * lo, 2 * hi)), jnp.asarray(cat[lo:hi]),

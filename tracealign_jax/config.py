@@ -350,7 +350,8 @@ class RealignConfig:
     rules: policy YAML of the rules judge (``realign.judge``); label_cache: JSONL label cache ("" = none).
     beta: inverse temperature of the TRACE terms (nats^-1); alpha_kl: weight of the token KL on
     retained pairs; invert_loss: logistic (the paper's) | ipo (Azar et al.) on inverted pairs;
-    gamma: impact temperature (cancels after L1 normalisation); impact_batch_size: pairs per
+    rpo_alpha: weight of an NLL anchor on the newly preferred response of inverted pairs (not in the
+    paper; ``realign.objective``; 0 = off); gamma: impact temperature (cancels after L1 normalisation); impact_batch_size: pairs per
     impact JVP (memory is that of one such batch).
     """
 
@@ -359,6 +360,7 @@ class RealignConfig:
     beta: float = 0.3
     alpha_kl: float = 0.1
     invert_loss: Literal["logistic", "ipo"] = "logistic"
+    rpo_alpha: float = 0.0
     gamma: float = 1.0
     impact_batch_size: int = 8
 
@@ -367,6 +369,8 @@ class RealignConfig:
             raise ConfigError(f"realign.beta: must be > 0, got {self.beta}")
         if self.alpha_kl < 0:
             raise ConfigError(f"realign.alpha_kl: must be >= 0, got {self.alpha_kl}")
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"realign.rpo_alpha: must be >= 0, got {self.rpo_alpha}")
         if not self.gamma > 0:
             raise ConfigError(f"realign.gamma: must be > 0, got {self.gamma}")
         if self.impact_batch_size < 1:

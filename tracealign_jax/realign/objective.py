@@ -12,14 +12,20 @@ Terms (paper notation; w_i the impact weights, beta 0.3, alpha_KL 0.1 by default
   suppress  dual NPO: -log s(-beta logratio(y_w)) - log s(-beta logratio(y_l))
   retain    token-level KL(pi_ref || pi_theta) = sum_v p_ref(v) (log p_ref(v) - log p_theta(v)) at every
             response token of both responses, full vocabulary.
+  anchor    (``rpo_alpha`` > 0; not in the paper) RPO's NLL (Pang et al. 2024, ``loss.rpo_alpha`` of DPO)
+            on the inversion: -log pi(y_l|x) of each inverted pair, w_i-weighted, a mean over those
+            y_l tokens. The logistic term alone can lower both responses instead of raising the
+            newly preferred one; the anchor makes TRACE's inversion the same family as a DPO + RPO
+            baseline trained on the re-annotated pairs.
 
 Normalisation. The paper sums w_i * term_i over all conflicts with sum_i w_i = 1. A mini-batch holds
 a subset, so the weights here are the impact module's ``w_i * N_conflicts`` (mean 1 over conflicts)
 and the conflict terms are divided by ``num_conflicts``: over the full conflict set this is exactly
 the paper's sum; over a batch it is an unbiased estimate of it. The KL term is a token mean over
-retained response tokens (``num_retained_tokens``). Counts default to those of the arrays at hand;
-the train step passes the global batch's, so micro-batch losses add up to the big-batch loss.
-Total: L = L_invert + L_suppress + alpha_KL * L_KL.
+retained response tokens (``num_retained_tokens``), the anchor a mean over inverted y_l tokens
+(``num_inverted_tokens``). Counts default to those of the arrays at hand; the train step passes the
+global batch's, so micro-batch losses add up to the big-batch loss.
+Total: L = L_invert + L_suppress + alpha_KL * L_KL (+ rpo_alpha * L_anchor).
 """
 
 from __future__ import annotations
@@ -117,17 +123,20 @@ def trace_objective(
     beta: float = 0.3,
     alpha_kl: float = 0.1,
     invert_loss: InvertLoss = "logistic",
+    rpo_alpha: float = 0.0,
     num_conflicts: Any = None,
     num_retained_tokens: Any = None,
+    num_inverted_tokens: Any = None,
 ) -> tuple[jax.Array, Metrics]:
     """The TRACE loss on B pairs held as 2B interleaved rows (2i = y_w, 2i+1 = y_l, as stored).
 
     policy_seq_2B / ref_seq_2B: sequence log-probs (nats, summed over response tokens); kl_2BxL:
     per-token KL(pi_ref || pi_theta) (``trace_token_terms``), counted where loss_mask_2BxL is 1 and
     the pair is retained; category_B int32 (RETAIN / INVERT / SUPPRESS); weight_B float32 impact
-    weights (mean 1 over conflicts, see the module docstring; ignored for retained pairs).
-    Returns ``(loss, metrics)``: loss/{invert,suppress,kl,total}, pairs/{retain,invert,suppress},
-    weight/{invert,suppress} (sums), rewards/flipped_accuracy.
+    weights (mean 1 over conflicts, see the module docstring; ignored for retained pairs); rpo_alpha:
+    weight of the anchor (0: the paper's objective).
+    Returns ``(loss, metrics)``: loss/{invert,suppress,kl,total} (and loss/anchor_nll with the anchor),
+    pairs/{retain,invert,suppress}, weight/{invert,suppress} (sums), rewards/flipped_accuracy.
     """
     b = category_B.shape[0]
     ratio = (policy_seq_2B - jax.lax.stop_gradient(ref_seq_2B)).reshape(b, 2)
@@ -145,11 +154,17 @@ def trace_objective(
     kl = jnp.sum(jnp.where(tok > 0, kl_2BxL, 0.0)) / n_tok
     loss = inv + sup + alpha_kl * kl
     sg = jax.lax.stop_gradient
+    extra = {}
+    if rpo_alpha:
+        inv_tokens = is_inv * jnp.sum(loss_mask_2BxL.astype(jnp.float32), axis=-1).reshape(b, 2)[:, 1]
+        nll = jnp.sum(jnp.where(is_inv > 0, -w * policy_seq_2B.reshape(b, 2)[:, 1], 0.0)) / _count(inv_tokens, num_inverted_tokens)
+        loss = loss + rpo_alpha * nll
+        extra["loss/anchor_nll"] = sg(nll)
     n_inv = jnp.maximum(jnp.sum(is_inv), 1.0)
     metrics = {
         "loss/invert": sg(inv), "loss/suppress": sg(sup), "loss/kl": sg(kl), "loss/total": sg(loss),
         "pairs/retain": jnp.sum(is_ret), "pairs/invert": jnp.sum(is_inv), "pairs/suppress": jnp.sum(is_sup),
         "weight/invert": jnp.sum(w * is_inv), "weight/suppress": jnp.sum(w * is_sup),
-        "rewards/flipped_accuracy": jnp.sum(sg((cl > cw).astype(jnp.float32)) * is_inv) / n_inv,
+        "rewards/flipped_accuracy": jnp.sum(sg((cl > cw).astype(jnp.float32)) * is_inv) / n_inv, **extra,
     }  # fmt: skip
     return loss, metrics

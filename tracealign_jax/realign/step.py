@@ -51,4 +51,5 @@ def trace_loss(adapter: Any, base: Any, batch: Batch, key: jax.Array | None, *, 
     logps, ref_logps, kl = trace_token_terms(h, w, h_ref, w_ref, tok, scored, chunk=chunk, compute_dtype=dtype)
     with jax.named_scope("loss"):
         return trace_objective((logps * mask).sum(-1), (ref_logps * mask).sum(-1), kl, mask, batch["category"],
-                               batch["weight"], beta=rc.beta, alpha_kl=rc.alpha_kl, invert_loss=rc.invert_loss)  # fmt: skip
+                               batch["weight"], beta=rc.beta, alpha_kl=rc.alpha_kl, invert_loss=rc.invert_loss,
+                               rpo_alpha=rc.rpo_alpha)  # fmt: skip
