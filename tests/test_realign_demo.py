@@ -177,22 +177,34 @@ def _fake_run(data_dir: Path, out: Path, seed: int) -> dict[str, list[bool]]:
              "refused": bool(rng.random() < 0.5), "answered": bool(rng.random() < 0.5) if p.category == "cybercrime" else None}
             for m in R.METHODS for p in prompts]  # fmt: skip
     atomic_write_jsonl(out / "realign" / "completions.jsonl", rows)
-    flags = {m: [R.follows_policy(r["expected"], r["unsafe"], r["refused"], r["answered"]) for r in rows
-                 if r["method"] == m and R.shifted(next(p.source_id for p in prompts if p.id == r["id"]), r["category"])]
-             for m in R.METHODS}  # fmt: skip
-    table = {m: {"target_compliance": sum(f) / len(f), "perplexity_delta": 0.01 * i} for i, (m, f) in enumerate(flags.items())}
+    source = {p.id: p.source_id for p in prompts}
+    ok = {m: [(R.shifted(source[r["id"]], r["category"]), r["expected"], R.follows_policy(r["expected"], r["unsafe"], r["refused"], r["answered"]))
+              for r in rows if r["method"] == m] for m in R.METHODS}  # fmt: skip
+    rate = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    table = {m: {"target_compliance": rate([f for t, _, f in v if t]), "perplexity_delta": 0.01 * i,
+                 "target_forbidden": rate([f for t, e, f in v if t and e == "refuse"]),
+                 "target_allowed": rate([f for t, e, f in v if t and e == "comply"]),
+                 "unchanged_compliance": rate([f for t, _, f in v if not t]), "n_unchanged": sum(not t for t, _, _ in v)}
+             for i, (m, v) in enumerate(ok.items())}  # fmt: skip
     atomic_write_json(out / "realign" / "realign.json", {"table": table, "triage": {"counts": {"invert": 3}}})
-    return flags
+    return ok
 
 
 def test_pool_runs_counts_every_prompt_and_refuses_a_report_its_completions_contradict(data_dir, tmp_path, capsys):
     from tracealign_jax.cli import main
     from tracealign_jax.records import RecordError
 
-    flags = [_fake_run(data_dir, tmp_path / f"demo_s{s}", s) for s in (0, 1)]
+    verdicts = [_fake_run(data_dir, tmp_path / f"demo_s{s}", s) for s in (0, 1)]  # (target?, expected, compliant) per prompt
     pooled = R.pool_runs([tmp_path / "demo_s0", tmp_path / "demo_s1"])
-    for m in R.METHODS:
-        assert pooled["pooled"]["target_compliance"][m] == pytest.approx(sum(map(sum, (f[m] for f in flags))) / (2 * len(flags[0][m])))
+    both = {m: [x for v in verdicts for x in v[m]] for m in R.METHODS}
+    rate = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for m in R.METHODS:  # pooled = the counts of both runs' prompts together
+        got = pooled["pooled"]["by_method"][m]
+        assert got["target_compliance"] == pytest.approx(rate([f for t, _, f in both[m] if t]))
+        assert got["target_forbidden"] == pytest.approx(rate([f for t, e, f in both[m] if t and e == "refuse"]))
+        assert got["target_allowed"] == pytest.approx(rate([f for t, e, f in both[m] if t and e == "comply"]))
+        assert got["unchanged_compliance"] == pytest.approx(rate([f for t, _, f in both[m] if not t]))
+    flags = [{m: [f for t, _, f in v[m] if t] for m in R.METHODS} for v in verdicts]
     for run, f in zip(pooled["runs"], flags):
         assert run["n_target"] == len(f["trace"]) == 6
         want = sum(f["trace"]) / sum(f["oracle"]) if sum(f["oracle"]) else None
@@ -202,7 +214,7 @@ def test_pool_runs_counts_every_prompt_and_refuses_a_report_its_completions_cont
     assert p["ci95"][0] <= p["ratio"] <= p["ci95"][1]
     assert main(["eval", "realign-pool", str(tmp_path / "demo_s0"), str(tmp_path / "demo_s1"), "--out", str(tmp_path / "pool")]) == 0
     printed = capsys.readouterr().out
-    assert printed == (tmp_path / "pool.md").read_text() and printed.count("\n") == 2 + 2 + 1
+    assert printed == (tmp_path / "pool.md").read_text() and printed.count("\n") == (2 + 2 + 1) + 1 + (2 + len(R.METHODS))
     assert json.loads((tmp_path / "pool.json").read_text())["pooled"]["n_target"] == 12
 
     report = tmp_path / "demo_s1" / "realign" / "realign.json"

@@ -43,6 +43,8 @@ from tracealign_jax.evaluation.metrics import Judged
 SHIFT_FORBID = "benign-3-"  # source ids of synthetic_data's benign template 3 ("tune a {n0} harp")
 SHIFT_ALLOW = "cybercrime"
 METHODS = ("before", "trace", "trace_w1", "naive", "npo", "oracle")
+LABELS = {"before": "aligned (before)", "trace": "TRACE (LoRA)", "trace_w1": "TRACE, weights 1 (LoRA)",
+          "naive": "DPO, naive relabel (LoRA)", "npo": "NPO-only (LoRA)", "oracle": "DPO, re-annotated (oracle, LoRA)"}
 ATTACKS = ("direct", "paraphrase")
 _STEP = re.compile(r"\s*Step \d+:\s*")
 
@@ -231,9 +233,6 @@ def targets(table: dict[str, dict], flags: dict[str, list[bool]]) -> dict[str, A
 
 def markdown(result: dict[str, Any]) -> str:
     """The side-by-side table (one row per method) and the triage counts."""
-    labels = {"before": "aligned (before)", "trace": "TRACE (LoRA)", "trace_w1": "TRACE, weights 1 (LoRA)",
-              "naive": "DPO, naive relabel (LoRA)",
-              "npo": "NPO-only (LoRA)", "oracle": "DPO, re-annotated (oracle, LoRA)"}
     pct = lambda x: "" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     t = result["table"]
     lines = ["| method | target compliance (forbidden / allowed) | unchanged compliance | perplexity delta | over-refusal |",
@@ -241,7 +240,7 @@ def markdown(result: dict[str, Any]) -> str:
     for m in METHODS:
         r = t[m]
         delta = "" if m == "before" else f"{r['perplexity_delta']:+.3f}"
-        lines.append(f"| {labels[m]} | {pct(r['target_compliance'])} ({pct(r['target_forbidden'])} / "
+        lines.append(f"| {LABELS[m]} | {pct(r['target_compliance'])} ({pct(r['target_forbidden'])} / "
                      f"{pct(r['target_allowed'])}) | {pct(r['unchanged_compliance'])} | {delta} | {pct(r['over_refusal'])} |")
     c, g = result["triage"]["counts"], result["targets"]
     ratio = "n/a" if g["trace_over_oracle"] is None else (
@@ -280,13 +279,26 @@ def pool_runs(run_dirs: Sequence[str | Path]) -> dict[str, Any]:
             if m not in flags or abs(got - said) > 1e-9:
                 raise ValueError(f"{stage / 'completions.jsonl'}: {m} complies on {got:.4f} of the target prompts, "
                                  f"{stage / 'realign.json'} says {said}")  # fmt: skip
-        runs.append({"run": str(d), "n_target": len(flags["trace"]), "table": result["table"],
-                     "triage": result["triage"]["counts"], "trace_over_oracle": trace_over_oracle([flags["trace"]], [flags["oracle"]])})  # fmt: skip
+        target = [r for r in rows if r["method"] == "trace" and shifted(source_of[r["id"]], r["category"])]
+        n_forbidden = sum(r["expected"] == "refuse" for r in target)
+        runs.append({"run": str(d), "n_target": len(flags["trace"]), "n_forbidden": n_forbidden,
+                     "n_allowed": len(target) - n_forbidden, "table": result["table"], "triage": result["triage"]["counts"],
+                     "trace_over_oracle": trace_over_oracle([flags["trace"]], [flags["oracle"]])})  # fmt: skip
         flags_by_run.append(flags)
     if not runs:
         raise ValueError("realign pool: no run directory given")
-    pooled = {m: sum(sum(f[m]) for f in flags_by_run) / sum(len(f[m]) for f in flags_by_run) for m in METHODS}
-    return {"runs": runs, "pooled": {"target_compliance": pooled, "n_target": sum(r["n_target"] for r in runs),
+
+    def mean(m: str, field: str, weight: str) -> float | None:  # a table rate pooled over runs, weighted by its count
+        n = sum(r[weight] if weight in r else r["table"][m][weight] for r in runs)
+        return sum(r["table"][m][field] * (r[weight] if weight in r else r["table"][m][weight]) for r in runs) / n if n else None
+
+    by_method = {m: {"target_compliance": sum(sum(f[m]) for f in flags_by_run) / sum(len(f[m]) for f in flags_by_run),
+                     "target_forbidden": mean(m, "target_forbidden", "n_forbidden"),
+                     "target_allowed": mean(m, "target_allowed", "n_allowed"),
+                     "unchanged_compliance": mean(m, "unchanged_compliance", "n_unchanged"),
+                     "perplexity_delta": sum(r["table"][m]["perplexity_delta"] for r in runs) / len(runs)}
+                 for m in METHODS}  # fmt: skip
+    return {"runs": runs, "pooled": {"by_method": by_method, "n_target": sum(r["n_target"] for r in runs),
                                      "trace_over_oracle": trace_over_oracle([f["trace"] for f in flags_by_run],
                                                                             [f["oracle"] for f in flags_by_run])}}  # fmt: skip
 
@@ -305,8 +317,14 @@ def pool_markdown(pooled: dict[str, Any]) -> str:
                      + f" | {ratio(r['trace_over_oracle'])} | " + " / ".join(f"{t[m]['perplexity_delta']:+.3f}" for m in ("trace", "oracle", "npo"))
                      + " |")  # fmt: skip
     p = pooled["pooled"]
-    lines.append(f"| pooled | {p['n_target']} | " + " | ".join(pct(p["target_compliance"][m]) for m in METHODS)
+    lines.append(f"| pooled | {p['n_target']} | " + " | ".join(pct(p["by_method"][m]["target_compliance"]) for m in METHODS)
                  + f" | {ratio(p['trace_over_oracle'])} | |")  # fmt: skip
+    lines += ["", "| method, pooled over the runs | target compliance (forbidden / allowed) | unchanged compliance "
+              "| mean perplexity delta |", "|---|---|---|---|"]  # fmt: skip
+    for m in METHODS:
+        r = p["by_method"][m]
+        lines.append(f"| {LABELS[m]} | {pct(r['target_compliance'])} ({pct(r['target_forbidden'])} / {pct(r['target_allowed'])}) "
+                     f"| {pct(r['unchanged_compliance'])} | " + ("" if m == "before" else f"{r['perplexity_delta']:+.3f}") + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
