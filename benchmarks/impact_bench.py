@@ -14,7 +14,9 @@ functions score the same N pairs in one batch:
 
 Time: median of ``--reps`` calls after a compile call. Memory: XLA's own accounting of each compiled
 executable (``memory_analysis``: temporaries + outputs; the shared arguments excluded), exact on any
-backend. Per row: the largest difference of ours from explicit relative to the largest score.
+backend. FLOPs: the matmul FLOPs of each compiled program (``aot.hlo_report.hlo_costs``: every dot,
+loop bodies counted per trip), so "FLOP ratio" is how much faster ours would be if time followed
+matmul FLOPs. Per row: the largest difference of ours from explicit relative to the largest score.
 
     .venv/bin/python benchmarks/impact_bench.py [--settings 32+32 512+128] [--pairs 4 8] [--reps 3]
 
@@ -69,6 +71,7 @@ def main() -> None:
     import jax
     from flax import nnx
 
+    from tracealign_jax.aot.hlo_report import hlo_costs
     from tracealign_jax.model import ModelArch, init_model
     from tracealign_jax.realign import impact
     from tracealign_jax.realign.triage import INVERT, RETAIN, SUPPRESS
@@ -84,7 +87,7 @@ def main() -> None:
     print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {n_params / 1e6:.2f} M parameters; "
           f"attention {args.attention}; backend {jax.default_backend()}, {jax.device_count()} device(s)")
     print("| prompt+response | pairs | explicit vmap(grad) ms / MiB | jvp, same rows ms / MiB | ours ms / MiB "
-          "| ours vs explicit: speed / memory | jvp vs explicit: speed | max abs diff / max abs score |")
+          "| ours vs explicit: speed / memory / matmul FLOP ratio | jvp vs explicit: speed | max abs diff / max abs score |")
     print("|---|---|---|---|---|---|---|---|")
     for setting in args.settings:
         prompt, response = (int(x) for x in setting.split("+"))
@@ -106,13 +109,15 @@ def main() -> None:
                     jax.block_until_ready(compiled[name](params, batch, g_j))
                     times[name].append(time.perf_counter() - t0)
             ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            mib = {}
+            mib, flops = {}, {}
             for k, c in compiled.items():
                 mem = c.memory_analysis()
                 mib[k] = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20 if mem is not None else float("nan")
+                flops[k] = hlo_costs(c.as_text()).matmul_flops
             diff = float(np.max(np.abs(out["ours"] - out["explicit"])) / np.max(np.abs(out["explicit"])))
             print(f"| {setting} | {n} | {ms['explicit']:.0f} / {mib['explicit']:.0f} | {ms['jvp']:.0f} / {mib['jvp']:.0f} "
                   f"| {ms['ours']:.0f} / {mib['ours']:.0f} | {ms['explicit'] / ms['ours']:.2f}x / {mib['explicit'] / mib['ours']:.1f}x "
+                  f"/ {flops['explicit'] / flops['ours']:.2f}x "
                   f"| {ms['explicit'] / ms['jvp']:.2f}x | {diff:.1e} |", flush=True)
 
 
