@@ -205,3 +205,66 @@ def test_oversized_argument_does_not_fit_and_is_named_largest():
     assert largest.kind == "parameter" and largest.bytes >= 9 * 2**31 and "bf16[294912,32768]" in largest.shape
     text = "\n".join(report.summary_lines())
     assert "DOES NOT FIT" in text and "bf16[294912,32768]" in text
+
+
+def test_an_all_gather_split_by_async_collective_fusion_counts_once():
+    """TPU async collective fusion: one all-gather (channel_id=7) as a start fusion, a continuation sunk
+    into a nested windowed-einsum loop (4 trips) and a done fusion, inside a 3-trip layer loop. It is
+    one gather per layer step: 3 x its bytes, not 3 x (1 + 4 + 1). Another channel counts on its own."""
+    hlo = """HloModule m
+
+%inner_cond (q: (s32[], bf16[8,64])) -> pred[] {
+  %q = (s32[], bf16[8,64]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %four = s32[] constant(4)
+  ROOT %lt.1 = pred[] compare(%j, %four), direction=LT
+}
+
+%cont (c: bf16[8,64]) -> bf16[64,64] {
+  %c = bf16[8,64]{1,0} parameter(0)
+  ROOT %ag.2 = bf16[64,64]{1,0} all-gather(%c), channel_id=7, dimensions={0}, replica_groups=[1,8]<=[8]
+}
+
+%inner_body (q.1: (s32[], bf16[8,64])) -> (s32[], bf16[8,64]) {
+  %q.1 = (s32[], bf16[8,64]) parameter(0)
+  %s = bf16[8,64]{1,0} get-tuple-element(%q.1), index=1
+  %f.2 = bf16[64,64]{1,0} fusion(%s), kind=kLoop, calls=%cont
+  ROOT %t.1 = (s32[], bf16[8,64]) tuple(%j.1, %s)
+}
+
+%start (a: bf16[8,64]) -> bf16[64,64] {
+  %a = bf16[8,64]{1,0} parameter(0)
+  ROOT %ag.1 = bf16[64,64]{1,0} all-gather(%a), channel_id=7, dimensions={0}, replica_groups=[1,8]<=[8]
+}
+
+%done (d: bf16[8,64]) -> bf16[64,64] {
+  %d = bf16[8,64]{1,0} parameter(0)
+  ROOT %ag.3 = bf16[64,64]{1,0} all-gather(%d), channel_id=7, dimensions={0}, replica_groups=[1,8]<=[8]
+}
+
+%cond (p: (s32[], bf16[8,64])) -> pred[] {
+  %p = (s32[], bf16[8,64]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %three), direction=LT
+}
+
+%body (p.1: (s32[], bf16[8,64])) -> (s32[], bf16[8,64]) {
+  %p.1 = (s32[], bf16[8,64]) parameter(0)
+  %x = bf16[8,64]{1,0} get-tuple-element(%p.1), index=1
+  %f.1 = bf16[64,64]{1,0} fusion(%x), kind=kLoop, calls=%start
+  %w = (s32[], bf16[8,64]) while(%p.1), condition=%inner_cond, body=%inner_body
+  %f.3 = bf16[64,64]{1,0} fusion(%x), kind=kLoop, calls=%done
+  %other = bf16[64,64]{1,0} all-gather(%x), channel_id=9, dimensions={0}, replica_groups=[1,8]<=[8]
+  ROOT %t = (s32[], bf16[8,64]) tuple(%i.1, %x)
+}
+
+ENTRY %main (e: bf16[8,64]) -> bf16[8,64] {
+  %e = bf16[8,64]{1,0} parameter(0)
+  %loop = (s32[], bf16[8,64]) while(%init), condition=%cond, body=%body
+  ROOT %r = bf16[8,64]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+    c = hlo_report.hlo_costs(hlo).collectives["all-gather"]
+    assert (c.count, c.bytes) == (3 + 3, (3 + 3) * 64 * 64 * 2)  # channel 7 once per layer step, channel 9 too
+    assert c.wire_bytes == pytest.approx(c.bytes * 7 / 8)
