@@ -6,7 +6,8 @@ refused so far) becomes allowed. The aligned DPO policy's preference pairs are t
 judge, weighted by alignment impact (``realign impact``), and five policies are compared:
 
   before   the aligned policy
-  trace    TRACE (invert / suppress / KL-on-retained, impact-weighted) on LoRA adapters
+  trace    TRACE (invert / suppress / KL-on-retained, impact-weighted; the demo config adds the NLL
+           anchor ``realign.rpo_alpha`` as its DPO has ``loss.rpo_alpha``) on LoRA adapters
   trace_w1 the same without impact weighting (weight 1 on every conflict: ``realign triage``'s output)
   naive    DPO (the demo's loss) on the naively relabelled pairs: chosen and rejected swapped
            wherever the judge calls the chosen response non-compliant, nothing else
