@@ -179,10 +179,11 @@ def on_mesh(graphdef: nnx.GraphDef, params: Any, batch_keys: Iterable[str], mesh
             rules: sharding.Rules | None = None, **static: Any) -> OnMesh:  # fmt: skip
     """``OnMesh`` for batches holding ``batch_keys`` (``category`` and the row arrays). mesh None: one
     device; rules None: ``fsdp_tp``. static: beta, invert_loss, chunk, response_len, attention."""
+    from tracealign_jax.config import MeshConfig
     from tracealign_jax.model import param_shardings
 
     if mesh is None:
-        mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+        mesh = sharding.build_mesh(MeshConfig(data=1), jax.devices()[:1])
     rules = sharding.resolve_rules("fsdp_tp" if rules is None else rules)
     p_sh = param_shardings(params, mesh, rules)
     rows = sharding.named_sharding(mesh, rules, ("batch", "length"))
